@@ -1,0 +1,281 @@
+"""The transformer behind every supported family, written once and switched by ModelConfig flags.
+
+Reading order: RMSNorm, rotary embeddings, the attention mask, attention, MLP, decoder block, KV cache, model.
+Module and parameter names are the Hugging Face checkpoint names (model.layers.3.self_attn.q_proj.weight, ...),
+so a checkpoint loads with a strict load_state_dict. The numbers (casts, epsilon placement, RoPE layout) follow
+transformers, which the parity tests hold this file to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minisafe.config import SLIDING, ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; Gemma's form (unit_offset) scales by (1 + w) in float32 before casting back."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, long_context: bool = False) -> Tensor:
+    """Inverse frequencies of one rotary embedding, with its scaling applied (computed once, in float32)."""
+    dim = int(head_dim * rope.partial_rotary_factor)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if rope.kind == "longrope":  # Phi-3: per-frequency factors, the long set beyond the original context
+        factors = torch.tensor(rope.long_factor if long_context else rope.short_factor, dtype=torch.float32)
+        return 1.0 / (factors * rope.theta**exponents)
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
+        context = rope.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > context / rope.low_freq_factor, inv_freq / rope.factor, inv_freq)
+        smooth = (context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        ramp = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= context / rope.high_freq_factor) & (wavelen <= context / rope.low_freq_factor)
+        return torch.where(medium, ramp, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, attention_factor: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [B, T, rotary_dim] for integer positions [B, T]; the two halves repeat (Hugging Face layout)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * attention_factor).to(dtype), (angles.sin() * attention_factor).to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, H, T, head_dim]; only the first rotary_dim channels turn when RoPE is partial."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
+    half = rot.shape[-1] // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos + rotated * sin
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def attention_mask_4d(padding_mask: Tensor | None, past: int, length: int, window: int | None) -> Tensor | None:
+    """Boolean [B|1, 1, T, S] mask (True = may attend) over cache slots, or None when plain causal attention is exact.
+
+    Query t sits in slot past + t. It sees earlier slots that hold real tokens, and within `window` slots when the
+    layer slides. A padding query is let see itself, so that no softmax row is empty (its output is never used).
+    """
+    total = past + length
+    if padding_mask is None and past == 0 and (window is None or window >= total):
+        return None
+    device = padding_mask.device if padding_mask is not None else None
+    q = torch.arange(past, total, device=device)[:, None]
+    k = torch.arange(total, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    if padding_mask is not None:
+        allowed = (allowed[None] & padding_mask[:, None, :].bool()) | (k == q)
+    else:
+        allowed = allowed[None]
+    return allowed[:, None]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float | None) -> Tensor:
+    """Softmax attention of q [B, H, T, d] over k, v [B, Hkv, S, d]; grouped-query heads share k and v."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    # Gemma 2 squashes the attention logits with tanh before the softmax, which SDPA cannot do.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ k.transpose(-2, -1)) * scale / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if cfg.fused_qkv:  # Phi-3 keeps q, k and v as row blocks of one matrix
+            self.qkv_proj = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.cfg.fused_qkv:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_dim = self.cfg.num_kv_heads * self.cfg.head_dim
+        return self.qkv_proj(x).split([self.cfg.num_heads * self.cfg.head_dim, kv_dim, kv_dim], dim=-1)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        batch, length, _ = x.shape
+        q, k, v = (t.view(batch, length, -1, self.cfg.head_dim).transpose(1, 2) for t in self.project_qkv(x))
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = attend(q, k, v, mask, self.cfg.attn_scale, self.cfg.attn_softcap)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), with SiLU or tanh-approximate GELU."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fused = cfg.fused_gate_up
+        if self.fused:  # Phi-3: gate rows first, then up rows
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gelu = cfg.activation == "gelu_tanh"
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer. With sandwich norms (Gemma 2/3) the attention and MLP outputs are normed too."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        eps, offset = cfg.rms_norm_eps, cfg.norm_unit_offset
+        self.sandwich = cfg.sandwich_norms
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+        self.self_attn = Attention(cfg, layer)
+        # In Llama-style checkpoints "post_attention_layernorm" is the norm before the MLP; in Gemma 2/3 it norms
+        # the attention output and "pre_feedforward_layernorm" comes before the MLP.
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if not self.sandwich:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class KVCache:
+    """Keys and values of every layer in preallocated buffers [B, Hkv, max_len, head_dim], filled left to right."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.length, self.max_len = 0, max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k, v for `layer`; return all of the layer's keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset),
+        ))
+        # A tied head has no weight of its own: the checkpoint has no lm_head.weight and neither does the model.
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Plain float32 CPU tensors, not buffers: model.to(bfloat16) must not round the frequencies, and a model
+        # built on the meta device (as the loader does) still needs real ones.
+        with torch.device("cpu"):
+            self.inv_freq = {kind: rope_inv_freq(rope, cfg.head_dim) for kind, rope in cfg.rope.items()}
+            self.long_inv_freq = {kind: rope_inv_freq(rope, cfg.head_dim, long_context=True)
+                                  for kind, rope in cfg.rope.items() if rope.kind == "longrope"}
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False, last_logits_only: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Logits [B, T, V] in float32 (T = 1 with last_logits_only).
+
+        attention_mask [B, past + T]: 1 = real token, 0 = padding (left padding); with a cache it covers the cached
+        slots too. Positions count real tokens only, so a left-padded row gives the logits of the unpadded row.
+        With return_hidden, also the output of every decoder layer (hidden[i] = output of layer i, before the
+        final norm; the embedding output is not a layer).
+        """
+        cfg = self.config
+        past = cache.length if cache is not None else 0
+        length = input_ids.shape[1]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the fast causal path is exact
+        if attention_mask is None:
+            positions = torch.arange(past, past + length, device=input_ids.device)[None]
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+
+        x = self.model.embed_tokens(input_ids)
+        if cfg.scale_embeddings:  # Gemma; the factor is rounded to the activation dtype, as in transformers
+            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+        rope, masks = {}, {}
+        for kind in set(cfg.layer_types):
+            rope[kind] = self.rope(kind, positions, x.dtype)
+            window = cfg.sliding_window if kind == SLIDING else None
+            masks[kind] = attention_mask_4d(attention_mask, past, length, window)
+
+        hidden = []
+        for layer, kind in zip(self.model.layers, cfg.layer_types):
+            x = layer(x, *rope[kind], masks[kind], cache)
+            if return_hidden:
+                hidden.append(x)
+        if cache is not None:
+            cache.length += length
+
+        x = self.model.norm(x[:, -1:] if last_logits_only else x)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight).float()
+        if cfg.final_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return (logits, hidden) if return_hidden else logits
+
+    def rope(self, kind: str, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin for one layer type; longrope switches to its long factors past the original context."""
+        settings = self.config.rope[kind]
+        inv_freq = self.inv_freq[kind]
+        if settings.kind == "longrope" and int(positions.max()) + 1 > settings.original_max_position_embeddings:
+            inv_freq = self.long_inv_freq[kind]
+        return rope_cos_sin(inv_freq, positions, settings.attention_factor, dtype)
