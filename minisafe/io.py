@@ -6,9 +6,13 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +74,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's weight, tokenizer and config files (names and contents, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".jinja")):
+        h.update(file.name.encode() + b"\0" + sha256_file(file).encode())
+    return h.hexdigest()
+
+
+def run_record(seed: int, inputs: dict[str, str | Path | None], **settings: Any) -> dict[str, Any]:
+    """What a run decided, to be written beside its results: command line, seed, versions, input hashes, settings."""
+    return {
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+        "versions": {"python": platform.python_version(),
+                     **{pkg: version(pkg) for pkg in ("torch", "numpy", "tokenizers", "safetensors")}},
+        "inputs": {name: {"path": str(p), "sha256": content_hash(p)} for name, p in inputs.items() if p is not None},
+        "settings": settings,
+    }

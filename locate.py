@@ -1,0 +1,65 @@
+"""Find the safety layers of a checkpoint: per-layer cosine analysis, then the over-rejection scaling search."""
+
+import argparse
+import sys
+
+from minisafe.errors import MinisafeError
+from minisafe.freeze import parse_layer_range
+from minisafe.locate import LocateConfig, run_locate
+
+
+def parse_args(argv: list[str] | None = None) -> LocateConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
+    p.add_argument("--out", required=True, help="output directory for cosine.json/png, safety_layers.json, report.md")
+    p.add_argument("--normal", help="normal prompts (txt/csv/json/jsonl); default: the bundled normal instructions")
+    p.add_argument("--malicious", help="malicious prompts (AdvBench CSV works as is); default: fetched HarmBench")
+    p.add_argument("--over-rejection", help="benign prompts with dangerous-sounding words; default: the bundled set")
+    p.add_argument("--n-prompts", type=int, default=100, help="P = Q: normal and malicious prompts sampled (seeded)")
+    p.add_argument("--pairs", type=int, default=500, help="random pairs drawn per type (N-N, N-M, M-M)")
+    p.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
+                   help="prompt format: the paper's Alpaca template or the model's own chat template")
+    p.add_argument("--center", action="store_true",
+                   help="also analyse after subtracting each layer's mean vector; the range is read off that curve")
+    p.add_argument("--initial", metavar="I:J", help="initial range (0-based, inclusive) instead of the gap-curve rule")
+    p.add_argument("--alpha", default="auto",
+                   help="scaling factor, or 'auto' (step by 0.05 above 1 until R_o moves clearly), or 'auto-down'")
+    p.add_argument("--sweep", type=int, default=2, help="each bound is swept over +-SWEEP layers")
+    p.add_argument("--skip-scaling", action="store_true", help="cosine analysis only; no over-rejection search")
+    p.add_argument("--no-scale-o-proj", action="store_true",
+                   help="leave o_proj unscaled, as the paper-era script effectively did")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens generated per over-rejection prompt")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and activations")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt sample and the pairs")
+    p.add_argument("--judge", default="keywords", help="refusal judge: 'keywords' or a judge model directory")
+    a = p.parse_args(argv)
+    alpha = None if a.alpha.startswith("auto") else float(a.alpha)
+    return LocateConfig(
+        model=a.model, out=a.out, normal=a.normal, malicious=a.malicious, over_rejection=a.over_rejection,
+        n_prompts=a.n_prompts, pairs=a.pairs, template=a.template, center=a.center,
+        initial=parse_layer_range(a.initial) if a.initial else None, alpha=alpha, alpha_down=a.alpha == "auto-down",
+        sweep=a.sweep, skip_scaling=a.skip_scaling, scale_o_proj=not a.no_scale_o_proj,
+        max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, device=a.device, dtype=a.dtype, seed=a.seed,
+        judge=a.judge)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        result = run_locate(cfg)
+    except MinisafeError as e:
+        print(f"locate.py: error: {e}", file=sys.stderr)
+        return 2
+    if result.get("first") is None:
+        print(f"No gap in the cosine analysis; see {cfg.out}/report.md")
+    else:
+        searched = f" (alpha {result['alpha']}, baseline R_o {result['baseline_refusals']})" if result.get("alpha") else ""
+        print(f"Safety layers: {result['first']}:{result['last']}{searched}; initial {result['initial']} "
+              f"from {result['initial_from']}. Report: {cfg.out}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

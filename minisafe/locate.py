@@ -1,0 +1,361 @@
+"""Locating the safety layers (Li et al., sections 3.3-3.5): per-layer cosine analysis, then the scaling search.
+
+1. Cosine analysis. Every prompt's last-token output of every layer is read once. Random pairs of normal-normal
+   (N-N), normal-malicious (N-M) and malicious-malicious (M-M) prompts give, per layer, the mean and std of the
+   cosine similarity; the angle gap is arccos(mean N-M) - arccos(mean N-N), in degrees. With `center`, the mean
+   vector of all prompts is subtracted per layer first (raw cosines of small models sit near 0.99 because every
+   prompt shares one large component).
+2. Initial range, read off the gap curve ("from the appearance of the gap to the first smoothing"), see
+   `initial_range`.
+3. Over-rejection search. R_o = refusals on benign prompts with dangerous-sounding words. Scaling the safety layers
+   up (alpha > 1) makes the model refuse more; so sweep the upper bound, then the lower bound, keeping the range
+   with the most refusals (the fewest when alpha < 1), see `search_bounds`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from minisafe.generate import generate
+from minisafe.hooks import check_layer_range, record_layers, scaled_layers
+from minisafe.model import Transformer
+from minisafe.tokenizer import Tokenizer
+
+PAIR_TYPES = ("N-N", "N-M", "M-M")
+
+
+@torch.inference_mode()
+def last_token_vectors(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], template: str,
+                       batch_size: int = 16, progress: bool = True) -> Tensor:
+    """Output of every layer at each prompt's last token: [N, L, D] float32 (prompt pass only, no generation)."""
+    ids = [tokenizer.prompt_ids(p, template) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
+    out = torch.empty(len(ids), model.config.num_layers, model.config.hidden_size)
+    with record_layers(model) as records:
+        for start in tqdm(range(0, len(order), batch_size), desc="layer vectors", disable=not progress):
+            rows = order[start:start + batch_size]
+            input_ids, mask = tokenizer.pad_left([ids[i] for i in rows])
+            model(input_ids, mask, last_logits_only=True)
+            out[rows] = torch.stack([records[layer].pop() for layer in range(model.config.num_layers)], dim=1)
+    return out
+
+
+def random_pairs(n_a: int, n_b: int, count: int, distinct: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`count` random index pairs (a, b); with `distinct` (same set) a != b."""
+    a = rng.integers(0, n_a, count)
+    if not distinct:
+        return a, rng.integers(0, n_b, count)
+    b = rng.integers(0, n_a - 1, count)
+    return a, b + (b >= a)  # skip a itself, uniformly over the others
+
+
+def cosine_analysis(normal: Tensor, malicious: Tensor, pairs: int = 500, seed: int = 0, center: bool = False) -> dict:
+    """Per-layer mean / std of pair cosines for N-N, N-M, M-M, and the angle gap in degrees.
+
+    normal [P, L, D], malicious [Q, L, D]. Returns lists indexed by layer: {"N-N": {"mean", "std"}, ..., "gap"}.
+    """
+    if center:
+        mean = torch.cat([normal, malicious]).mean(dim=0, keepdim=True)
+        normal, malicious = normal - mean, malicious - mean
+    rng = np.random.default_rng(seed)
+    sets = {"N": normal, "M": malicious}
+    result: dict = {}
+    for kind in PAIR_TYPES:
+        x, y = sets[kind[0]], sets[kind[2]]
+        i, j = random_pairs(len(x), len(y), pairs, distinct=kind[0] == kind[2], rng=rng)
+        cos = torch.nn.functional.cosine_similarity(x[i], y[j], dim=-1)  # [pairs, L]
+        result[kind] = {"mean": cos.mean(0).tolist(), "std": cos.std(0).tolist()}
+    result["gap"] = [angle(nm) - angle(nn) for nm, nn in zip(result["N-M"]["mean"], result["N-N"]["mean"])]
+    return result
+
+
+def angle(cosine: float) -> float:
+    """Degrees of arccos, clipped so that rounding just past +-1 stays defined."""
+    return math.degrees(math.acos(max(-1.0, min(1.0, cosine))))
+
+
+@dataclass
+class RangeRule:
+    """The documented rule that reads the initial range off a gap curve."""
+
+    min_gap: float = 2.0  # degrees the gap must rise by, or there is no gap
+    appear: float = 0.1  # the gap has appeared once it has covered this share of its rise
+    smooth: float = 0.25  # the rise has smoothed once a layer adds less than this share of the steepest step
+
+
+def initial_range(gap: Sequence[float], rule: RangeRule = RangeRule()) -> tuple[int, int] | None:
+    """[i, j] "from the appearance of the gap to the first smoothing", or None when the curve has no gap.
+
+    With peak = the layer of the largest gap and base = the smallest gap up to it:
+    - no gap when gap[peak] - base < rule.min_gap degrees;
+    - i = the first layer whose gap exceeds base by rule.appear of the rise (the gap appears);
+    - the steepest step is the largest gap[l] - gap[l-1] for l in (i, peak];
+    - j = the first layer from the steepest step on after which the next step is smaller than rule.smooth times
+      the steepest one (the curve levels off, or falls), or the peak.
+    """
+    g = np.asarray(gap, dtype=float)
+    peak = int(g.argmax())
+    base = float(g[: peak + 1].min())
+    rise = g[peak] - base
+    if rise < rule.min_gap:
+        return None
+    i = int(np.argmax(g[: peak + 1] - base >= rule.appear * rise))
+    if i == peak:
+        return i, i
+    steps = np.diff(g)  # steps[l - 1] = g[l] - g[l - 1]
+    steepest = i + 1 + int(np.argmax(steps[i: peak]))  # a layer l in (i, peak]
+    j = steepest
+    while j < peak and steps[j] >= rule.smooth * steps[steepest - 1]:
+        j += 1
+    return i, j
+
+
+@dataclass
+class Search:
+    """The outcome of the over-rejection scaling search."""
+
+    first: int
+    last: int
+    alpha: float
+    baseline: int
+    trace: list[dict] = field(default_factory=list)
+
+
+def search_bounds(refusals: Callable[[int, int], int], initial: tuple[int, int], num_layers: int, alpha: float,
+                  sweep: int = 2, baseline: int = 0) -> Search:
+    """The paper's two sweeps: the upper bound over j-sweep..j+sweep with i fixed, then the lower bound with that j.
+
+    `refusals(first, last)` counts refusals with layers first..last scaled by alpha. The best range has the most
+    refusals for alpha > 1 and the fewest for alpha < 1; ties go to the candidate nearest the initial bound, then
+    to the smaller one. Each range is counted once.
+    """
+    i0, j0 = initial
+    better = (lambda a, b: a > b) if alpha > 1 else (lambda a, b: a < b)
+    seen: dict[tuple[int, int], int] = {}
+    trace: list[dict] = []
+
+    def count(first: int, last: int, phase: str) -> int:
+        if (first, last) not in seen:
+            seen[first, last] = refusals(first, last)
+        trace.append({"phase": phase, "first": first, "last": last, "refusals": seen[first, last]})
+        return seen[first, last]
+
+    def best_of(candidates: list[int], make: Callable[[int], tuple[int, int]], centre: int, phase: str) -> int:
+        candidates = sorted(candidates, key=lambda c: (abs(c - centre), c))
+        scores = {c: count(*make(c), phase) for c in candidates}
+        best = candidates[0]
+        for c in candidates[1:]:
+            if better(scores[c], scores[best]):
+                best = c
+        return best
+
+    uppers = [j for j in range(j0 - sweep, j0 + sweep + 1) if i0 <= j < num_layers]
+    j = best_of(uppers, lambda c: (i0, c), j0, "upper")
+    lowers = [i for i in range(i0 - sweep, i0 + sweep + 1) if 0 <= i <= j]
+    i = best_of(lowers, lambda c: (c, j), i0, "lower")
+    trace.sort(key=lambda t: (t["phase"] != "upper", t["first"] if t["phase"] == "lower" else t["last"]))
+    return Search(first=i, last=j, alpha=alpha, baseline=baseline, trace=trace)
+
+
+def choose_alpha(refusals_at: Callable[[float], int], baseline: int, n_prompts: int, upward: bool = True,
+                 step: float = 0.05, max_steps: int = 6, noise: float = 0.02) -> tuple[float, list[dict]]:
+    """The paper's rule: step alpha away from 1 by `step` until R_o on the initial range moves clearly.
+
+    "Clearly" = by at least max(3, noise * n_prompts) refusals (the paper's noise was 15-20 of 721, about 2-3%).
+    If no alpha within max_steps moves it that far, the one that moved it most is used; the trace says so.
+    """
+    threshold = max(3.0, noise * n_prompts)
+    trace = []
+    for k in range(1, max_steps + 1):
+        alpha = round(1 + k * step if upward else 1 - k * step, 4)
+        count = refusals_at(alpha)
+        trace.append({"alpha": alpha, "refusals": count, "moved": abs(count - baseline), "threshold": threshold})
+        if abs(count - baseline) >= threshold:
+            return alpha, trace
+    return max(trace, key=lambda t: t["moved"])["alpha"], trace
+
+
+class RefusalCounter:
+    """R_o of a model with a layer range scaled; generations are made once per (range, alpha) and kept."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], judge, template: str,
+                 max_new_tokens: int = 16, batch_size: int = 32, scale_o_proj: bool = True, progress: bool = True):
+        self.model, self.tokenizer, self.prompts, self.judge = model, tokenizer, list(prompts), judge
+        self.ids = [tokenizer.prompt_ids(p, template) for p in self.prompts]
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.scale_o_proj, self.progress = scale_o_proj, progress
+        self.responses: dict[tuple, list[str]] = {}
+
+    def __call__(self, first: int | None = None, last: int | None = None, alpha: float = 1.0) -> int:
+        key = (None, None, 1.0) if first is None or alpha == 1.0 else (first, last, alpha)
+        if key not in self.responses:
+            self.responses[key] = self._generate(*key)
+        return sum(self.judge.refusals(self.prompts, self.responses[key]))
+
+    def _generate(self, first: int | None, last: int | None, alpha: float) -> list[str]:
+        def run() -> list[str]:
+            return generate(self.model, self.tokenizer, self.ids, self.max_new_tokens, self.batch_size,
+                            progress=self.progress).texts
+        if first is None:
+            return run()
+        check_layer_range(self.model, first, last)
+        with scaled_layers(self.model, first, last, alpha, self.scale_o_proj):
+            return run()
+
+
+def pick(prompts: Sequence[str], n: int | None, seed: int) -> list[str]:
+    """A seeded sample of n prompts (all of them, in file order, when n is None or covers the set)."""
+    if n is None or n >= len(prompts):
+        return list(prompts)
+    keep = np.random.default_rng(seed).choice(len(prompts), n, replace=False)
+    return [prompts[i] for i in sorted(keep)]
+
+
+def format_table1(search: Search, initial: tuple[int, int]) -> list[str]:
+    """The localisation as the paper's Table 1 reads: baseline R_o, the two sweeps, the result."""
+    ups = [t for t in search.trace if t["phase"] == "upper"]
+    lows = [t for t in search.trace if t["phase"] == "lower"]
+    sweep = lambda rows, key: ", ".join(f"[{r['first']},{r['last']}]: {r['refusals']}" for r in rows)  # noqa: E731
+    return [
+        "| alpha | initial | baseline R_o | upper-bound sweep | lower-bound sweep | safety layers |",
+        "|---|---|---|---|---|---|",
+        f"| {search.alpha} | [{initial[0]},{initial[1]}] | {search.baseline} | {sweep(ups, 'last')} | "
+        f"{sweep(lows, 'first')} | [{search.first},{search.last}] |",
+    ]
+
+
+@dataclass
+class LocateConfig:
+    model: str
+    out: str
+    normal: str | None = None  # default: the bundled normal instructions
+    malicious: str | None = None  # default: the fetched HarmBench prompts
+    over_rejection: str | None = None  # default: the bundled over-rejection set
+    n_prompts: int = 100  # P = Q
+    pairs: int = 500
+    template: str = "alpaca"
+    center: bool = False
+    initial: tuple[int, int] | None = None
+    alpha: float | None = None  # None = automatic (the paper's stepping rule)
+    alpha_down: bool = False  # automatic alpha steps below 1 (look for the fewest refusals)
+    sweep: int = 2
+    skip_scaling: bool = False
+    scale_o_proj: bool = True
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    judge: str = "keywords"
+    progress: bool = True
+
+
+def run_locate(cfg: LocateConfig) -> dict:
+    """The whole procedure; writes cosine.json, cosine.png, safety_layers.json, report.md and run.json into cfg.out."""
+    from minisafe import checkpoint, data, judge as judges
+    from minisafe.io import atomic_write_json, atomic_write_text, run_record
+    from minisafe.plots import plot_cosine
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    model, tok = checkpoint.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    if cfg.initial is not None:
+        check_layer_range(model, *cfg.initial)
+    normal = pick(data.read_prompts(cfg.normal) if cfg.normal else data.bundled_prompts("normal"), cfg.n_prompts, cfg.seed)
+    malicious = pick(data.read_prompts(cfg.malicious or data.default_malicious_path()), cfg.n_prompts, cfg.seed)
+
+    start = time.perf_counter()
+    vectors_n = last_token_vectors(model, tok, normal, cfg.template, cfg.batch_size, cfg.progress)
+    vectors_m = last_token_vectors(model, tok, malicious, cfg.template, cfg.batch_size, cfg.progress)
+    analyses = {"raw": cosine_analysis(vectors_n, vectors_m, cfg.pairs, cfg.seed)}
+    if cfg.center:
+        analyses["centred"] = cosine_analysis(vectors_n, vectors_m, cfg.pairs, cfg.seed, center=True)
+    timings["cosine_s"] = time.perf_counter() - start
+    # The range is read off the paper's raw metric unless centring was asked for.
+    gap = analyses["centred" if cfg.center else "raw"]["gap"]
+    found = initial_range(gap)
+    initial = cfg.initial or found
+    cosine = {"layers": model.config.num_layers, "template": cfg.template, "n_normal": len(normal),
+              "n_malicious": len(malicious), "pairs": cfg.pairs, **analyses}
+    atomic_write_json(out / "cosine.json", cosine)
+
+    result: dict = {"initial": list(initial) if initial else None, "initial_from": "--initial" if cfg.initial else
+                    ("gap curve" if found else "none: the gap curve shows no gap"),
+                    "gap_metric": "centred" if cfg.center else "raw"}
+    search = None
+    if initial and not cfg.skip_scaling:
+        start = time.perf_counter()
+        over = data.read_prompts(cfg.over_rejection) if cfg.over_rejection else data.bundled_prompts("over_rejection")
+        counter = RefusalCounter(model, tok, over, judges.load_judge(cfg.judge), cfg.template, cfg.max_new_tokens,
+                                 cfg.batch_size, cfg.scale_o_proj, cfg.progress)
+        baseline = counter()
+        alpha, alpha_trace = cfg.alpha, []
+        if alpha is None:
+            alpha, alpha_trace = choose_alpha(lambda a: counter(*initial, a), baseline, len(over),
+                                              upward=not cfg.alpha_down)
+        search = search_bounds(lambda i, j: counter(i, j, alpha), initial, model.config.num_layers, alpha, cfg.sweep,
+                               baseline)
+        timings["search_s"] = time.perf_counter() - start
+        result.update(first=search.first, last=search.last, alpha=alpha, baseline_refusals=baseline,
+                      n_over_rejection=len(over), trace=search.trace, alpha_trace=alpha_trace,
+                      scale_o_proj=cfg.scale_o_proj, max_new_tokens=cfg.max_new_tokens, judge=cfg.judge)
+        atomic_write_json(out / "responses.json", [
+            {"first": k[0], "last": k[1], "alpha": k[2], "responses": v} for k, v in counter.responses.items()])
+    elif initial:
+        result.update(first=initial[0], last=initial[1], alpha=None, baseline_refusals=None, trace=[])
+    result["timings"] = timings
+    atomic_write_json(out / "safety_layers.json", result)
+
+    located = (search.first, search.last) if search else None
+    plot_cosine(analyses, out / "cosine.png", Path(cfg.model).name, located, initial)
+    atomic_write_text(out / "report.md", locate_report(cfg, cosine, result, search, initial))
+    atomic_write_json(out / "run.json", run_record(cfg.seed, {"model": cfg.model, "normal": cfg.normal,
+                                                              "malicious": cfg.malicious,
+                                                              "over_rejection": cfg.over_rejection},
+                                                   **{k: v for k, v in vars(cfg).items() if k != "progress"}))
+    return result
+
+
+def locate_report(cfg: LocateConfig, cosine: dict, result: dict, search: Search | None,
+                  initial: tuple[int, int] | None) -> str:
+    """report.md: the setting, the gap per layer, and the Table 1 row."""
+    lines = [f"# Safety layers of {Path(cfg.model).name}", "",
+             f"Template: {cfg.template}; {cosine['n_normal']} normal and {cosine['n_malicious']} malicious prompts; "
+             f"{cfg.pairs} pairs per type; seed {cfg.seed}.", "", "![cosine](cosine.png)", "",
+             "| layer | N-N | N-M | M-M | gap (deg) |" + (" centred gap (deg) |" if "centred" in cosine else ""),
+             "|---|---|---|---|---|" + ("---|" if "centred" in cosine else "")]
+    raw = cosine["raw"]
+    for layer in range(cosine["layers"]):
+        row = f"| {layer} | " + " | ".join(f"{raw[k]['mean'][layer]:.4f}" for k in PAIR_TYPES)
+        row += f" | {raw['gap'][layer]:.2f} |"
+        if "centred" in cosine:
+            row += f" {cosine['centred']['gap'][layer]:.2f} |"
+        lines.append(row)
+    lines.append("")
+    if initial is None:
+        lines.append("The gap curve shows no gap (it rises by less than "
+                     f"{RangeRule().min_gap} degrees); pass --initial I:J to run the scaling search anyway.")
+    else:
+        lines.append(f"Initial range [{initial[0]},{initial[1]}] ({result['initial_from']}).")
+    if search is not None:
+        lines += ["", f"Over-rejection search: {result['n_over_rejection']} prompts, greedy, "
+                  f"{cfg.max_new_tokens} new tokens, judge {cfg.judge}, o_proj "
+                  f"{'scaled' if cfg.scale_o_proj else 'not scaled (paper-era script)'}.", ""]
+        lines += format_table1(search, initial)
+        if result["alpha_trace"]:
+            lines += ["", "Automatic alpha: " + ", ".join(
+                f"{t['alpha']}: {t['refusals']} (moved {t['moved']})" for t in result["alpha_trace"])
+                + f"; threshold {result['alpha_trace'][0]['threshold']:.1f} refusals."]
+    timings = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in result["timings"].items())
+    lines += ["", f"Time: {timings}.", ""]
+    return "\n".join(lines)
