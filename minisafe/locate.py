@@ -97,7 +97,8 @@ def initial_range(gap: Sequence[float], rule: RangeRule = RangeRule()) -> tuple[
 
     With peak = the layer of the largest gap and base = the smallest gap up to it:
     - no gap when gap[peak] - base < rule.min_gap degrees;
-    - i = the first layer whose gap exceeds base by rule.appear of the rise (the gap appears);
+    - i = the layer after the last one (up to the peak) whose gap is within rule.appear of the rise above base:
+      from i on the gap has appeared and stays;
     - the steepest step is the largest gap[l] - gap[l-1] for l in (i, peak];
     - j = the first layer from the steepest step on after which the next step is smaller than rule.smooth times
       the steepest one (the curve levels off, or falls), or the peak.
@@ -108,7 +109,8 @@ def initial_range(gap: Sequence[float], rule: RangeRule = RangeRule()) -> tuple[
     rise = g[peak] - base
     if rise < rule.min_gap:
         return None
-    i = int(np.argmax(g[: peak + 1] - base >= rule.appear * rise))
+    below = np.flatnonzero(g[: peak + 1] - base < rule.appear * rise)
+    i = int(below[-1]) + 1
     if i == peak:
         return i, i
     steps = np.diff(g)  # steps[l - 1] = g[l] - g[l - 1]
@@ -261,7 +263,7 @@ class LocateConfig:
 
 def run_locate(cfg: LocateConfig) -> dict:
     """The whole procedure; writes cosine.json, cosine.png, safety_layers.json, report.md and run.json into cfg.out."""
-    from minisafe import checkpoint, data, judge as judges
+    from minisafe import checkpoint, data
     from minisafe.io import atomic_write_json, atomic_write_text, run_record
     from minisafe.plots import plot_cosine
 
@@ -295,8 +297,10 @@ def run_locate(cfg: LocateConfig) -> dict:
     search = None
     if initial and not cfg.skip_scaling:
         start = time.perf_counter()
+        from minisafe.judge import load_judge
+
         over = data.read_prompts(cfg.over_rejection) if cfg.over_rejection else data.bundled_prompts("over_rejection")
-        counter = RefusalCounter(model, tok, over, judges.load_judge(cfg.judge), cfg.template, cfg.max_new_tokens,
+        counter = RefusalCounter(model, tok, over, load_judge(cfg.judge), cfg.template, cfg.max_new_tokens,
                                  cfg.batch_size, cfg.scale_o_proj, cfg.progress)
         baseline = counter()
         alpha, alpha_trace = cfg.alpha, []
@@ -322,7 +326,7 @@ def run_locate(cfg: LocateConfig) -> dict:
     atomic_write_json(out / "run.json", run_record(cfg.seed, {"model": cfg.model, "normal": cfg.normal,
                                                               "malicious": cfg.malicious,
                                                               "over_rejection": cfg.over_rejection},
-                                                   **{k: v for k, v in vars(cfg).items() if k != "progress"}))
+                                                   **{k: v for k, v in vars(cfg).items() if k not in ("progress", "seed")}))
     return result
 
 

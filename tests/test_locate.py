@@ -172,3 +172,9 @@ def test_automatic_alpha_steps_until_refusals_move_clearly():
     assert alpha == 1.15 and [t["alpha"] for t in trace] == [1.05, 1.1, 1.15]
     alpha, trace = choose_alpha(lambda a: 100 + int(a * 10 % 3), baseline=100, n_prompts=500)
     assert len(trace) == 6 and alpha == max(trace, key=lambda t: t["moved"])["alpha"]
+
+
+def test_range_rule_ignores_early_bumps_and_starts_where_the_gap_appears_for_good():
+    g = [4.7, 5.2, 3.6, 3.2, 5.4, 5.9, 5.2, 5.6, 5.3, 6.5, 6.5, 6.5, 5.9, 5.7, 3.6, 3.4, 3.8, 4.3, 5.2, 5.5, 6.6,
+         7.7, 8.8, 8.3, 8.1]
+    assert initial_range(g) == (16, 22)
