@@ -1,0 +1,163 @@
+"""Which parameters a fine-tune may change: a layer range (SPPFT), name patterns, and a table of the result.
+
+A freeze is nothing but requires_grad = False on some parameters; the training loop hands the optimizer only the
+trainable ones, so frozen tensors get no gradient and no optimizer state. The rules, in order:
+1. every parameter starts trainable;
+2. --trainable REGEX: only parameters whose name matches stay trainable;
+3. --freeze FIRST:LAST (or a safety_layers.json): the layers' attention and MLP tensors (scope attn_mlp, the paper's
+   code: every name under model.layers.N.self_attn. or model.layers.N.mlp., Gemma 3's q_norm/k_norm included),
+   or every tensor of those layers (scope all, norms included), are frozen;
+4. --frozen REGEX: parameters whose name matches are frozen too.
+Patterns are Python regular expressions searched in the Hugging Face parameter names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from minisafe.errors import ConfigError
+from minisafe.io import read_json
+
+SCOPES = ("attn_mlp", "all")
+ATTN_MLP = ("self_attn", "mlp")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.([^.]+)\.")
+ADAMW_STATE_BYTES = 2 * 4  # exp_avg and exp_avg_sq, float32, per trainable parameter
+
+
+@dataclass
+class FreezeSpec:
+    layers: tuple[int, int] | None = None  # FIRST, LAST: 0-based, both inclusive
+    scope: str = "attn_mlp"
+    trainable: str | None = None
+    frozen: str | None = None
+
+
+def parse_layer_range(text: str) -> tuple[int, int]:
+    """'FIRST:LAST' (0-based, both inclusive) as a pair of ints."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not match:
+        raise ConfigError(f"layer range {text!r} is not FIRST:LAST (0-based, both inclusive, e.g. 6:11)")
+    first, last = int(match[1]), int(match[2])
+    if first > last:
+        raise ConfigError(f"layer range {text!r}: FIRST ({first}) is after LAST ({last})")
+    return first, last
+
+
+def read_layer_spec(spec: str | None) -> tuple[int, int] | None:
+    """--freeze: None or 'none', FIRST:LAST, or a safety_layers.json written by locate.py ({"first": .., "last": ..})."""
+    if spec is None or spec.strip().lower() == "none":
+        return None
+    if re.fullmatch(r"[\d\s:]+", spec):
+        return parse_layer_range(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--freeze {spec!r}: neither FIRST:LAST, 'none', nor an existing safety_layers.json file")
+    found = read_json(path, ConfigError)
+    if not isinstance(found, dict) or not all(isinstance(found.get(k), int) for k in ("first", "last")):
+        raise ConfigError(f"{path}: expected integer 'first' and 'last' fields (as locate.py writes them); "
+                          f"got first={found.get('first') if isinstance(found, dict) else None!r}, "
+                          f"last={found.get('last') if isinstance(found, dict) else None!r}")
+    return parse_layer_range(f"{found['first']}:{found['last']}")
+
+
+def check_layers(num_layers: int, first: int, last: int) -> None:
+    """Raise a ConfigError naming the first layer of first..last that the model does not have."""
+    for layer in (first, last):
+        if not 0 <= layer < num_layers:
+            raise ConfigError(f"layer {layer} is outside this {num_layers}-layer model (0..{num_layers - 1})")
+
+
+def layer_of(name: str) -> int | None:
+    """Decoder layer index of a parameter name, or None for embeddings, final norm and head."""
+    match = _LAYER.match(name)
+    return int(match[1]) if match else None
+
+
+def _compile(pattern: str, flag: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def trainable_names(names: list[str], num_layers: int, spec: FreezeSpec) -> list[str]:
+    """The names that stay trainable under spec (the rules in the module docstring); checks the spec first."""
+    if spec.scope not in SCOPES:
+        raise ConfigError(f"--freeze-scope must be one of {', '.join(SCOPES)}, got {spec.scope!r}")
+    keep = set(names)
+    if spec.trainable is not None:
+        pattern = _compile(spec.trainable, "--trainable")
+        keep = {n for n in names if pattern.search(n)}
+        if not keep:
+            raise ConfigError(f"--trainable {spec.trainable!r} matches no parameter name "
+                              f"(names look like {names[0]}, model.layers.0.mlp.down_proj.weight)")
+    if spec.layers is not None:
+        first, last = spec.layers
+        check_layers(num_layers, first, last)
+        for name in names:
+            match = _LAYER.match(name)
+            if match and first <= int(match[1]) <= last and (spec.scope == "all" or match[2] in ATTN_MLP):
+                keep.discard(name)
+    if spec.frozen is not None:
+        pattern = _compile(spec.frozen, "--frozen")
+        matched = {n for n in names if pattern.search(n)}
+        if not matched:
+            raise ConfigError(f"--frozen {spec.frozen!r} matches no parameter name "
+                              f"(names look like {names[0]}, model.layers.0.mlp.down_proj.weight)")
+        keep -= matched
+    if not keep:
+        raise ConfigError("these freeze settings leave no parameter to train")
+    return [n for n in names if n in keep]
+
+
+def apply_freeze(model: nn.Module, spec: FreezeSpec) -> list[str]:
+    """Set requires_grad on every parameter of model according to spec; return the trainable names."""
+    names = [n for n, _ in model.named_parameters()]
+    keep = set(trainable_names(names, model.config.num_layers, spec))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+    return [n for n in names if n in keep]
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def freeze_rows(model: nn.Module) -> list[dict]:
+    """Per decoder layer (plus 'other': embeddings, final norm, head, and 'total'): tensor and parameter counts."""
+    rows: dict[str, dict] = {str(i): {} for i in range(model.config.num_layers)}
+    rows["other"], rows["total"] = {}, {}
+    for name, param in model.named_parameters():
+        layer = layer_of(name)
+        for key in (str(layer) if layer is not None else "other", "total"):
+            row = rows[key]
+            kind = "trainable" if param.requires_grad else "frozen"
+            row[f"{kind}_tensors"] = row.get(f"{kind}_tensors", 0) + 1
+            row[f"{kind}_params"] = row.get(f"{kind}_params", 0) + param.numel()
+    out = []
+    for key, row in rows.items():
+        row = {k: row.get(k, 0) for k in ("trainable_tensors", "frozen_tensors", "trainable_params", "frozen_params")}
+        total = row["trainable_params"] + row["frozen_params"]
+        out.append({"layer": key, **row, "share_trainable": row["trainable_params"] / total if total else 0.0,
+                    "optimizer_state_bytes": ADAMW_STATE_BYTES * row["trainable_params"]})
+    return out
+
+
+def freeze_table(model: nn.Module) -> str:
+    """The per-layer table printed before training (optimizer state = AdamW's two float32 moments)."""
+    header = ("layer", "trainable", "frozen", "trainable params", "frozen params", "share trainable", "optimizer state")
+    lines = [header]
+    for row in freeze_rows(model):
+        lines.append((row["layer"], str(row["trainable_tensors"]), str(row["frozen_tensors"]),
+                      f"{row['trainable_params']:,}", f"{row['frozen_params']:,}", f"{row['share_trainable']:.1%}",
+                      _bytes(row["optimizer_state_bytes"])))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)

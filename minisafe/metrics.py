@@ -1,0 +1,97 @@
+"""Utility metrics: ROUGE-L F1 of generated answers against references, and teacher-forced perplexity.
+
+ROUGE-L here: both texts lower-cased and split into runs of letters and digits (everything else separates
+tokens), LCS = the longest common subsequence of the two token lists, precision = LCS / candidate tokens,
+recall = LCS / reference tokens, F1 = their harmonic mean (0 when either text has no tokens). No stemming.
+
+Perplexity: exp of the mean negative log-likelihood over every reference-response token and the EOS after it,
+each predicted from the prompt (formatted with the template) and the response tokens before it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from minisafe.model import Transformer
+from minisafe.tokenizer import Tokenizer
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Lower-cased runs of ASCII letters and digits."""
+    return _WORD.findall(text.lower())
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming, one row at a time)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 of one candidate against one reference (see the module docstring)."""
+    cand, ref = rouge_tokens(candidate), rouge_tokens(reference)
+    lcs = lcs_length(cand, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 over pairs."""
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError(f"need one candidate per reference, at least one: got {len(candidates)} and {len(references)}")
+    return sum(rouge_l(c, r) for c, r in zip(candidates, references)) / len(candidates)
+
+
+def response_ids(tokenizer: Tokenizer, response: str) -> list[int]:
+    """Token ids a model should produce for a response: its text, then the tokenizer's EOS."""
+    return tokenizer.encode(response, add_special_tokens=False) + tokenizer.eos_token_ids[:1]
+
+
+@torch.inference_mode()
+def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                 template: str = "chat", batch_size: int = 8, progress: bool = True) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of the response tokens (+ EOS) given their prompts, and their count.
+
+    Batched with left padding; batches group examples of similar length.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    examples = [(tokenizer.prompt_ids(p, template), response_ids(tokenizer, r)) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(examples)), key=lambda i: sum(map(len, examples[i])))
+    device = model.model.embed_tokens.weight.device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress):
+        batch = [examples[i] for i in order[start:start + batch_size]]
+        input_ids, mask = tokenizer.pad_left([p + r for p, r in batch])
+        input_ids = input_ids.to(device)
+        logits = model(input_ids, mask.to(device))
+        for row, (_, response) in enumerate(batch):
+            n = len(response)  # left padding: the response is the last n tokens, predicted from the n before them
+            if n == 0:  # an empty response and a tokenizer without EOS: nothing to score
+                continue
+            nll = F.cross_entropy(logits[row, -n - 1:-1].float(), input_ids[row, -n:], reduction="sum")
+            total += float(nll)
+            count += n
+    return total, count
+
+
+def perplexity(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],
+               template: str = "chat", batch_size: int = 8, progress: bool = True) -> float:
+    """exp(mean NLL per response token), teacher-forced over all the responses."""
+    total, count = response_nll(model, tokenizer, prompts, responses, template, batch_size, progress)
+    return math.exp(total / count)

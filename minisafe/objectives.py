@@ -1,0 +1,79 @@
+"""Training objectives as small pure functions of logits and labels.
+
+Conventions: logits [B, T, V] come from input_ids [B, T]; labels [B, T] hold the token at each position that should be
+predicted (the input token itself) or IGNORE. Position t's logits predict token t + 1, so every function shifts once.
+Losses are returned as SUMS (with the count they sum over where it matters): the training loop divides by the count
+of the whole global batch, which makes gradient accumulation and data-parallel sharding give the same update as one
+big batch.
+
+- sft: cross-entropy of the target tokens.
+- dpo (Rafailov et al.): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), with pi / ref the summed
+  log-probabilities of the chosen (c) and rejected (r) responses under the policy and the frozen reference.
+- unlearn (Jain et al.): per example, mean NLL of the preferred response minus weight * mean NLL of the rejected one:
+  gradient descent on the first, weighted gradient ascent on the second. The ascent is unbounded; keep weight small.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100
+OBJECTIVES = ("sft", "dpo", "unlearn")
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Negative log-likelihood [B, T-1] of each next token (0 where the label is IGNORE), in float32."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                          reduction="none")
+    return nll.view(labels.shape)
+
+
+def target_counts(labels: Tensor) -> Tensor:
+    """Number of predicted tokens [B] per row (labels after the shift that are not IGNORE)."""
+    return (labels[:, 1:] != IGNORE).sum(-1)
+
+
+def sft_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed cross-entropy over every target token of the batch (a scalar)."""
+    return token_nll(logits, labels).sum()
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed log-probability [B] of each row's target tokens."""
+    return -token_nll(logits, labels).sum(-1)
+
+
+def mean_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean NLL [B] per row over its target tokens (0 for a row with none)."""
+    return token_nll(logits, labels).sum(-1) / target_counts(labels).clamp(min=1)
+
+
+def dpo_losses(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+               beta: float) -> Tensor:
+    """DPO loss [B] from summed response log-probabilities; log 2 per example when policy = reference."""
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin)
+
+
+def unlearn_losses(nll_chosen: Tensor, nll_rejected: Tensor, weight: float) -> Tensor:
+    """Unlearning loss [B]: NLL of the preferred response minus weight * NLL of the rejected one."""
+    return nll_chosen - weight * nll_rejected
+
+
+def pair_loss_sum(objective: str, logits: Tensor, labels: Tensor, reference: Tensor | None, beta: float,
+                  unlearn_weight: float) -> Tensor:
+    """Summed dpo / unlearn loss of B pairs whose chosen rows come first, then the rejected rows (2B rows).
+
+    reference [B, 2]: the reference model's summed log-probabilities of (chosen, rejected); dpo only.
+    """
+    half = labels.shape[0] // 2
+    if objective == "dpo":
+        logps = sequence_logps(logits, labels)
+        return dpo_losses(logps[:half], logps[half:], reference[:, 0], reference[:, 1], beta).sum()
+    if objective == "unlearn":
+        nll = mean_nll(logits, labels)
+        return unlearn_losses(nll[:half], nll[half:], unlearn_weight).sum()
+    raise ValueError(f"objective must be dpo or unlearn here, got {objective!r}")
+
