@@ -4,20 +4,36 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 (CPU build) lies on this machine's disk; pointing pip there keeps it from fetching a CUDA build.
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP := $(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND)
 
-.PHONY: setup test bench clean-venv
+.PHONY: setup setup-test demo reproduce test bench clean-venv
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND) -r requirements.txt -r requirements-test.txt
+	$(PIP) -r requirements.txt
 	touch $@
 
-setup: $(VENV)/.installed
+# The test-only oracle (transformers) on top of the runtime; torch is already pinned there, so nothing pulls another.
+$(VENV)/.installed: $(VENV)/.runtime requirements-test.txt
+	$(PIP) -r requirements.txt -r requirements-test.txt
+	touch $@
 
-test: setup
+setup: $(VENV)/.runtime
+
+setup-test: $(VENV)/.installed
+
+# Quick profile: align SmolLM2-135M-Instruct, locate its safety layers, attack with and without SPPFT, evaluate.
+demo: setup
+	$(PY) -m minisafe.pipeline --profile quick --out runs/demo
+
+# Full profile: larger sets, all four attacks (D_I, D_N, D_B, harmful mix).
+reproduce: setup
+	$(PY) -m minisafe.pipeline --profile full --out runs/full
+
+test: setup-test
 	$(PY) -m pytest
 
-bench: setup
+bench: setup-test
 	$(PY) -m minisafe.bench
 
 clean-venv:

@@ -1,6 +1,6 @@
 """Speed of minisafe against transformers on the same checkpoint, in the same run (a benchmark, not a test).
 
-    python -m minisafe.bench --model weights/smollm2-135m-instruct [--only prefill,generate,eval,train]
+    python -m minisafe.bench --model weights/smollm2-135m-instruct [--only prefill,generate,eval,train,sppft]
 
 Reports tokens/s for each side, the ratio, and the share of this machine's matmul peak reached by the prefill.
 transformers is imported here only as the yardstick; nothing in the library depends on it.
@@ -20,7 +20,7 @@ import minisafe
 from minisafe.generate import generate_ids
 from minisafe.io import atomic_write_json
 
-PARTS = ("prefill", "generate", "eval", "train")
+PARTS = ("prefill", "generate", "eval", "train", "sppft")
 
 
 def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -109,11 +109,54 @@ def bench_train(ours, theirs, batch: int = 4, length: int = 128, steps: int = 3)
             "transformers_tok_s": batch * length / t_theirs, "ratio": t_theirs / t_ours}
 
 
+def _freeze_step(path: str, freeze: str | None, threads: int, batch: int, length: int, steps: int) -> dict:
+    """One configuration of bench_sppft, run in a fresh process: step time, peak RSS, optimizer-state bytes."""
+    from minisafe.freeze import FreezeSpec, apply_freeze, parse_layer_range
+
+    torch.set_num_threads(threads)
+    model, _ = minisafe.load(path)
+    model.train()
+    apply_freeze(model, FreezeSpec(layers=parse_layer_range(freeze) if freeze else None))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    ids = random_batch(model.config.vocab_size, batch, length)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = best_time(step, repeat=steps)
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return {"freeze": freeze or "none", "step_s": seconds, "tok_s": batch * length / seconds,
+            "trainable_params": sum(p.numel() for p in params), "optimizer_state_bytes": state,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_sppft(path: str, freeze: str, threads: int, batch: int = 8, length: int = 128, steps: int = 3) -> dict:
+    """Full fine-tuning against SPPFT (the layers of `freeze` frozen): bfloat16 autocast training steps, each
+    configuration in its own process so that peak memory is its own."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        runs = [pool.apply(_freeze_step, (path, spec, threads, batch, length, steps)) for spec in (None, freeze)]
+    full, sppft = runs
+    return {"batch": batch, "length": length, "full": full, "sppft": sppft,
+            "step_time_ratio": sppft["step_s"] / full["step_s"],
+            "optimizer_state_ratio": sppft["optimizer_state_bytes"] / full["optimizer_state_bytes"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="weights/smollm2-135m-instruct", help="Hugging Face model directory")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, of {','.join(PARTS)}")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    p.add_argument("--freeze", default="11:17",
+                   help="sppft part: the layers to freeze, FIRST:LAST (default: 7 of SmolLM2's 30, the paper's Llama-3 "
+                        "share)")
     p.add_argument("--out", help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -135,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         results["eval"] = bench_generate(ours, theirs, tok, batch=len(prompts), new=64, prompts=prompts)
     if "train" in parts:
         results["train"] = bench_train(ours, theirs)
+    if "sppft" in parts:
+        results["sppft"] = bench_sppft(a.model, a.freeze, a.threads)
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(results, indent=2))
     if a.out:
