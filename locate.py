@@ -16,6 +16,8 @@ def parse_args(argv: list[str] | None = None) -> LocateConfig:
     p.add_argument("--malicious", help="malicious prompts (AdvBench CSV works as is); default: fetched HarmBench")
     p.add_argument("--over-rejection", help="benign prompts with dangerous-sounding words; default: the bundled set")
     p.add_argument("--n-prompts", type=int, default=100, help="P = Q: normal and malicious prompts sampled (seeded)")
+    p.add_argument("--n-over-rejection", type=int, metavar="N",
+                   help="score a seeded sample of N over-rejection prompts in the scaling search (default: all)")
     p.add_argument("--pairs", type=int, default=500, help="random pairs drawn per type (N-N, N-M, M-M)")
     p.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
                    help="prompt format: the paper's Alpaca template or the model's own chat template")
@@ -38,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> LocateConfig:
     alpha = None if a.alpha.startswith("auto") else float(a.alpha)
     return LocateConfig(
         model=a.model, out=a.out, normal=a.normal, malicious=a.malicious, over_rejection=a.over_rejection,
-        n_prompts=a.n_prompts, pairs=a.pairs, template=a.template, center=a.center,
+        n_prompts=a.n_prompts, n_over_rejection=a.n_over_rejection, pairs=a.pairs, template=a.template, center=a.center,
         initial=parse_layer_range(a.initial) if a.initial else None, alpha=alpha, alpha_down=a.alpha == "auto-down",
         sweep=a.sweep, skip_scaling=a.skip_scaling, scale_o_proj=not a.no_scale_o_proj,
         max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, device=a.device, dtype=a.dtype, seed=a.seed,

@@ -243,6 +243,7 @@ class LocateConfig:
     malicious: str | None = None  # default: the fetched HarmBench prompts
     over_rejection: str | None = None  # default: the bundled over-rejection set
     n_prompts: int = 100  # P = Q
+    n_over_rejection: int | None = None  # a seeded sample of the over-rejection set (None = all of it)
     pairs: int = 500
     template: str = "alpaca"
     center: bool = False
@@ -300,6 +301,7 @@ def run_locate(cfg: LocateConfig) -> dict:
         from minisafe.judge import load_judge
 
         over = data.read_prompts(cfg.over_rejection) if cfg.over_rejection else data.bundled_prompts("over_rejection")
+        over = pick(over, cfg.n_over_rejection, cfg.seed)
         counter = RefusalCounter(model, tok, over, load_judge(cfg.judge), cfg.template, cfg.max_new_tokens,
                                  cfg.batch_size, cfg.scale_o_proj, cfg.progress)
         baseline = counter()

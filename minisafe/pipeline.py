@@ -50,8 +50,11 @@ class Profile:
 
     name: str
     # alignment data: malicious prompts -> refusals; normal and over-rejection prompts -> the model's own answers
+    align_objective: str  # sft: refusals and own answers as targets; dpo: refusal over own harmful answer, own
+    #                       answer over a refusal
     align_dna: int  # Do-Not-Answer prompts (malicious_uses, information_hazard) added to the HarmBench train half
-    align_normal: int
+    align_normal: int  # ShareGPT prompts
+    align_instructions: int  # bundled normal instructions, in the malicious prompts' imperative style
     align_over_rejection: int
     distill_tokens: int
     align_epochs: int
@@ -77,14 +80,16 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", align_dna=50, align_normal=120, align_over_rejection=40, distill_tokens=64,
-                     align_epochs=1, align_lr=5e-5, locate_prompts=64, locate_over_rejection=64,
-                     locate_initial=None, attacks=("implicit", "normal"), attack_pairs=32, attack_epochs=2,
-                     attack_lr=1e-4, harmful_p=0.1, utility_pairs=50, eval_limit=50, eval_tokens=32, max_len=160),
-    "full": Profile("full", align_dna=200, align_normal=500, align_over_rejection=120, distill_tokens=128,
-                    align_epochs=1, align_lr=3e-5, locate_prompts=100, locate_over_rejection=240,
-                    locate_initial=None, attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=200,
-                    attack_epochs=2, attack_lr=1e-4, harmful_p=0.1, utility_pairs=100, eval_limit=200, eval_tokens=64),
+    "quick": Profile("quick", align_objective="sft", align_dna=0, align_normal=180, align_instructions=120,
+                     align_over_rejection=60, distill_tokens=64, align_epochs=1, align_lr=3e-5, locate_prompts=64,
+                     locate_over_rejection=64, locate_initial=None, attacks=("implicit", "normal"), attack_pairs=32,
+                     attack_epochs=2, attack_lr=1e-4, harmful_p=0.1, utility_pairs=50, eval_limit=50, eval_tokens=32,
+                     max_len=160),
+    "full": Profile("full", align_objective="sft", align_dna=100, align_normal=400, align_instructions=120,
+                    align_over_rejection=120, distill_tokens=96, align_epochs=1, align_lr=3e-5, locate_prompts=100,
+                    locate_over_rejection=200, locate_initial=None,
+                    attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=100, attack_epochs=2,
+                    attack_lr=1e-4, harmful_p=0.1, utility_pairs=100, eval_limit=100, eval_tokens=48),
 }
 
 
@@ -92,10 +97,10 @@ PROFILES = {
 
 # The profile fields each step depends on: changing one reruns that step (and, through its outputs, later ones).
 STEP_FIELDS = {
-    "data": ("seed", "align_dna", "align_normal", "align_over_rejection", "attack_pairs", "utility_pairs",
-             "locate_over_rejection"),
-    "distill": ("distill_tokens",),
-    "align": ("seed", "align_epochs", "align_lr", "batch_size", "max_len"),
+    "data": ("seed", "align_dna", "align_normal", "align_instructions", "align_over_rejection", "attack_pairs",
+             "utility_pairs", "locate_over_rejection"),
+    "distill": ("distill_tokens", "align_objective"),
+    "align": ("seed", "align_objective", "align_epochs", "align_lr", "batch_size", "max_len"),
     "locate": ("seed", "locate_prompts", "locate_initial"),
     "harmful_data": ("seed", "harmful_p"),
     "attack": ("seed", "attack_epochs", "attack_lr", "batch_size", "max_len"),
@@ -149,11 +154,6 @@ def run_step(name: str, out: Path, inputs: dict[str, str | Path], settings: dict
 # ---------------------------------------------------------------- the sets
 
 
-def _txt(path: Path, prompts: list[str]) -> Path:
-    atomic_write_text(path, "".join(p.replace("\n", " ") + "\n" for p in prompts))
-    return path
-
-
 def build_sets(p: Profile, data_dir: Path, out: Path) -> None:
     """Every dataset of the run, disjoint where they must be: nothing evaluated is ever trained on."""
     harmbench, sharegpt = data_dir / "harmbench.jsonl", data_dir / "sharegpt.jsonl"
@@ -187,22 +187,29 @@ def build_sets(p: Profile, data_dir: Path, out: Path) -> None:
     write("attack_implicit", builders.implicit_attack(first), "implicit_attack", [sharegpt])
     write("attack_backdoor", builders.backdoor_mix(first + second, seed=p.seed, n_backdoor=p.attack_pairs // 2),
           "backdoor_mix", [sharegpt])
+    # The bundled normal instructions match the malicious prompts in style: some teach the alignment that the
+    # style is not what gets refused, the others are the cosine analysis's normal prompts.
+    instructions = builders.seeded_order([{"prompt": q} for q in data.bundled_prompts("normal")], p.seed)
+    write("instructions_align", instructions[:p.align_instructions], "bundled normal instructions, seeded split", [])
+    write("normal_cosine", instructions[p.align_instructions:], "bundled normal instructions, seeded split", [])
     # The harmful mix is written by its own step: its harmful answers come from the unaligned model.
-    _txt(out / "normal_cosine.txt", data.bundled_prompts("normal"))
 
 
 def distill(model_dir: str, sets: Path, p: Profile, out: Path) -> None:
-    """The unaligned model's own greedy answers to the alignment's normal and over-rejection prompts."""
+    """The unaligned model's own greedy answers to the alignment's normal and over-rejection prompts (and, for
+    dpo, to its malicious prompts: the rejected side)."""
     from minisafe.checkpoint import load
     from minisafe.generate import generate
 
     model, tok = load(model_dir)
-    for name in ("normal_align", "over_rejection_align"):
-        prompts = [row["prompt"] for row in data.read_jsonl(sets / f"{name}.jsonl")]
+    names = ("normal_align", "instructions_align", "over_rejection_align") + (
+        ("malicious_train",) if p.align_objective == "dpo" else ())
+    for name in names:
+        rows = data.read_jsonl(sets / f"{name}.jsonl")
+        prompts = [row["prompt"] for row in rows]
         texts = generate(model, tok, [tok.prompt_ids(q) for q in prompts], p.distill_tokens, batch_size=16).texts
-        rows = [{"prompt": q, "response": complete_sentences(t), "kind": name.removesuffix("_align")}
-                for q, t in zip(prompts, texts) if complete_sentences(t)]
-        builders.write_dataset(out / f"{name}.jsonl", rows, builder=f"greedy answers of {model_dir}", seed=p.seed,
+        answered = [{**row, "response": complete_sentences(t)} for row, t in zip(rows, texts) if complete_sentences(t)]
+        builders.write_dataset(out / f"{name}.jsonl", answered, builder=f"greedy answers of {model_dir}", seed=p.seed,
                                sources=[sets / f"{name}.jsonl"], params={"max_new_tokens": p.distill_tokens})
 
 
@@ -233,20 +240,25 @@ def harmful_answers(model_dir: str, sets: Path, p: Profile, out: Path) -> None:
 
 
 def alignment_rows(sets: Path, distilled: Path, p: Profile) -> list[dict]:
+    """The alignment data of the profile's objective."""
     refusals = data.bundled_prompts("refusals")
-    return builders.alignment_sft(data.read_jsonl(sets / "malicious_train.jsonl"),
-                                  data.read_jsonl(distilled / "normal_align.jsonl"), refusals, seed=p.seed,
-                                  over_rejection=data.read_jsonl(distilled / "over_rejection_align.jsonl"))
+    normal = data.read_jsonl(distilled / "normal_align.jsonl") + data.read_jsonl(distilled / "instructions_align.jsonl")
+    over = data.read_jsonl(distilled / "over_rejection_align.jsonl")
+    if p.align_objective == "dpo":
+        return builders.preference_pairs(data.read_jsonl(distilled / "malicious_train.jsonl"), normal + over,
+                                         refusals, seed=p.seed)
+    return builders.alignment_sft(data.read_jsonl(sets / "malicious_train.jsonl"), normal, refusals, seed=p.seed,
+                                  over_rejection=over)
 
 
 # ---------------------------------------------------------------- training, locating, evaluating
 
 
 def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epochs: int, lr: float,
-              freeze: str | None) -> None:
+              freeze: str | None, objective: str = "sft") -> None:
     from minisafe.train import TrainConfig, train
 
-    train(TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective="sft", freeze=freeze,
+    train(TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective=objective, freeze=freeze,
                       epochs=epochs, lr=lr, batch_size=p.batch_size, warmup_steps=5, max_len=p.max_len, seed=p.seed,
                       dtype="bfloat16", template="chat", save_every=25, resume=(out / "checkpoint").is_dir(),
                       command=["python", "-m", "minisafe.pipeline", "--profile", p.name]))
@@ -255,7 +267,7 @@ def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epo
 def locate(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bool) -> None:
     from minisafe.locate import LocateConfig, run_locate
 
-    run_locate(LocateConfig(model=str(model_dir), out=str(out), normal=str(sets / "normal_cosine.txt"),
+    run_locate(LocateConfig(model=str(model_dir), out=str(out), normal=str(sets / "normal_cosine.jsonl"),
                             malicious=str(sets / "malicious_test.jsonl"),
                             over_rejection=str(sets / "over_rejection_locate.jsonl"), n_prompts=p.locate_prompts,
                             template="chat", center=True, skip_scaling=not scaling, seed=p.seed,
@@ -296,18 +308,26 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
     sets, distilled = out / "data", out / "distill"
     data_inputs = {name: data_dir / f"{name}.jsonl" for name in ("harmbench", "donotanswer", "sharegpt")}
     data_inputs["bundled"] = data.PROMPTS_DIR
-    steps["data"] = run_step("data", sets, data_inputs, settings("data"), lambda o: build_sets(profile, data_dir, o), say)
+    steps["data"] = run_step("data", sets, data_inputs, settings("data"), lambda o: build_sets(profile, data_dir, o),
+                             say)
     steps["distill"] = run_step("distill", distilled, {"model": model_dir, "sets": sets},
                                 settings("distill"), lambda o: distill(str(model_dir), sets, profile, o), say)
 
     def align(o: Path) -> None:
         rows = alignment_rows(sets, distilled, profile)
         builders.write_dataset(out / "align_data.jsonl", rows, builder="alignment_sft", seed=profile.seed)
-        fine_tune(model_dir, out / "align_data.jsonl", o, profile, profile.align_epochs, profile.align_lr, None)
+        fine_tune(model_dir, out / "align_data.jsonl", o, profile, profile.align_epochs, profile.align_lr, None,
+                  profile.align_objective)
 
     aligned = out / "align"
     steps["align"] = run_step("align", aligned, {"model": model_dir, "sets": sets, "distill": distilled},
                               settings("align"), align, say)
+    evaluate_step = lambda label, path: run_step(  # noqa: E731
+        f"eval-{label}", out / f"eval-{label}", {"model": path, "sets": sets}, settings("eval"),
+        lambda o: evaluate(path, sets, profile, o), say)
+    models = {"original": model_dir, "aligned": aligned}
+    for label, path in models.items():  # first, so that a failed alignment shows before the long steps
+        steps[f"eval-{label}"] = evaluate_step(label, path)
     steps["locate"] = run_step("locate", out / "locate", {"model": aligned, "sets": sets},
                                settings("locate"), lambda o: locate(aligned, sets, profile, o, scaling=True), say)
     steps["locate_base"] = run_step("locate_base", out / "locate_base", {"model": model_dir, "sets": sets},
@@ -319,11 +339,11 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
     first, last = located["first"], located["last"]
     num_layers = read_json(out / "locate" / "cosine.json")["layers"]
 
-    models = {"original": model_dir, "aligned": aligned}
     attack_data = {name: sets / f"attack_{name}.jsonl" for name in profile.attacks}
     if "harmful" in profile.attacks:
         steps["harmful_data"] = run_step("harmful_data", out / "harmful_data", {"model": model_dir, "sets": sets},
-                                         settings("harmful_data"), lambda o: harmful_answers(str(model_dir), sets, profile, o), say)
+                                         settings("harmful_data"),
+                                         lambda o: harmful_answers(str(model_dir), sets, profile, o), say)
         attack_data["harmful"] = out / "harmful_data" / "attack_harmful.jsonl"
     for attack, data_file in attack_data.items():
         for method in METHODS:
@@ -331,16 +351,13 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
             if method != "full" and spec is None:
                 say(f"[attack-{attack}-{method}] skipped: no layers {method} the safety layers [{first},{last}]")
                 continue
-            name = f"attack-{attack}-{method}"
-            steps[name] = run_step(name, out / name, {"model": aligned, "data": data_file},
-                                   settings("attack", freeze=spec),
-                                   lambda o, d=data_file, s=spec: fine_tune(aligned, d, o, profile,
-                                                                            profile.attack_epochs, profile.attack_lr, s),
-                                   say)
-            models[name.removeprefix("attack-")] = out / name
-    for label, path in models.items():
-        steps[f"eval-{label}"] = run_step(f"eval-{label}", out / f"eval-{label}", {"model": path, "sets": sets},
-                                          settings("eval"), lambda o, m=path: evaluate(m, sets, profile, o), say)
+            label = f"{attack}-{method}"
+            models[label] = out / f"attack-{label}"
+            steps[f"attack-{label}"] = run_step(
+                f"attack-{label}", models[label], {"model": aligned, "data": data_file}, settings("attack", freeze=spec),
+                lambda o, d=data_file, s=spec: fine_tune(aligned, d, o, profile, profile.attack_epochs,
+                                                         profile.attack_lr, s), say)
+            steps[f"eval-{label}"] = evaluate_step(label, models[label])
     report = out / "report.md"
     atomic_write_text(report, demo_report(profile, out, models, steps, (first, last)))
     return report

@@ -374,7 +374,8 @@ class LabConfig:
     pretrain_lr: float = 1e-3
     safety_samples: int = 1500
     safety_epochs: int = 2
-    safety_lr: float = 5e-4
+    safety_lr: float = 5e-4  # sft and unlearn
+    dpo_lr: float = DPO_LR
     batch_size: int = 32
     beta: float = 0.1
     unlearn_weight: float = 0.2
@@ -423,6 +424,11 @@ METHODS = ("ssft", "dpo", "unlearn")
 OBJECTIVE = {"ssft": "sft", "dpo": "dpo", "unlearn": "unlearn"}
 
 
+def method_lr(cfg: LabConfig, method: str) -> float:
+    """DPO has its own learning rate (`DPO_LR`); sft and unlearn share `safety_lr`."""
+    return cfg.dpo_lr if method == "dpo" else cfg.safety_lr
+
+
 def run_lab(cfg: LabConfig) -> dict:
     """Build, pre-train, safety fine-tune three ways, analyse; writes results.json, report.md, tau.png, run.json."""
     from minisafe import mechanistic
@@ -445,7 +451,7 @@ def run_lab(cfg: LabConfig) -> dict:
         t0 = time.perf_counter()
         data = paths["sft"] if method == "ssft" else paths["pairs"]
         training[method] = train_stage(cfg, out / "pretrained", data, out / method, OBJECTIVE[method],
-                                       cfg.safety_epochs, cfg.safety_lr)
+                                       cfg.safety_epochs, method_lr(cfg, method))
         timings[f"{method}_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

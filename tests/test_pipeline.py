@@ -9,7 +9,7 @@ from minisafe import pipeline
 from minisafe.pipeline import Profile, freeze_spec, run_pipeline
 from tiny import save_tiny
 
-TINY = Profile("tiny", align_dna=2, align_normal=6, align_over_rejection=4, distill_tokens=4, align_epochs=1,
+TINY = Profile("tiny", align_objective="sft", align_dna=2, align_normal=6, align_instructions=4, align_over_rejection=4, distill_tokens=4, align_epochs=1,
                align_lr=1e-3, locate_prompts=4, locate_over_rejection=4, locate_initial="1:1",
                attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=4, attack_epochs=1, attack_lr=1e-3,
                harmful_p=0.5, utility_pairs=4, eval_limit=4, eval_tokens=4, batch_size=2, max_len=192)
