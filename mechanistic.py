@@ -57,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr, help="pre-training peak learning rate")
     s.add_argument("--safety-samples", type=int, default=d.safety_samples, help="safety fine-tuning samples")
     s.add_argument("--safety-epochs", type=int, default=d.safety_epochs, help="safety fine-tuning epochs")
-    s.add_argument("--safety-lr", type=float, default=d.safety_lr, help="safety fine-tuning peak learning rate")
+    s.add_argument("--safety-lr", type=float, default=d.safety_lr,
+                   help="safety fine-tuning peak learning rate of sft and unlearn")
+    s.add_argument("--dpo-lr", type=float, default=d.dpo_lr,
+                   help="DPO peak learning rate (own default, picked on a validation draw: at the shared --safety-lr "
+                        "DPO diverged)")
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per optimizer step")
     s.add_argument("--beta", type=float, default=d.beta, help="DPO beta")
     s.add_argument("--unlearn-weight", type=float, default=d.unlearn_weight,
@@ -86,7 +90,7 @@ def run_synthetic(a: argparse.Namespace) -> None:
     cfg = LabConfig(out=a.out, seed=a.seed, size=ModelSize(a.n_layers, a.heads, a.width, a.mlp),
                     pretrain_samples=a.pretrain_samples, pretrain_epochs=a.pretrain_epochs, pretrain_lr=a.pretrain_lr,
                     safety_samples=a.safety_samples, safety_epochs=a.safety_epochs, safety_lr=a.safety_lr,
-                    batch_size=a.batch_size, beta=a.beta, unlearn_weight=a.unlearn_weight,
+                    dpo_lr=a.dpo_lr, batch_size=a.batch_size, beta=a.beta, unlearn_weight=a.unlearn_weight,
                     eval_samples=a.eval_samples, reference_samples=a.reference_samples, dtype=a.dtype,
                     progress=not a.no_progress)
     results = run_lab(cfg)

@@ -23,9 +23,10 @@ from minisafe.io import atomic_write_json
 PARTS = ("prefill", "generate", "eval", "train", "sppft")
 
 
-def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
-    """Fastest of `repeat` runs after one warm-up, in seconds."""
-    fn()
+def best_time(fn: Callable[[], object], repeat: int = 3, warmup: bool = True) -> float:
+    """Fastest of `repeat` runs (after one warm-up run unless warmup=False), in seconds."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -71,16 +72,17 @@ def bench_prefill(ours, theirs, batch: int = 32, length: int = 64) -> dict:
 
 
 @torch.inference_mode()
-def bench_generate(ours, theirs, tok, batch: int = 32, new: int = 32, prompts: list[str] | None = None) -> dict:
+def bench_generate(ours, theirs, tok, batch: int = 32, new: int = 32, prompts: list[str] | None = None,
+                   repeat: int = 2, warmup: bool = True) -> dict:
     """Greedy generation of `new` tokens per prompt, EOS ignored so both sides make the same number of tokens."""
     if prompts is None:
         ids, mask = random_batch(ours.config.vocab_size, batch, 64), torch.ones(batch, 64, dtype=torch.long)
     else:
         ids, mask = tok.pad_left([tok.prompt_ids(p, "chat") for p in prompts[:batch]])
-    t_ours = best_time(lambda: generate_ids(ours, ids, mask, new, eos_ids=[], pad_id=tok.pad_token_id), repeat=2)
+    t_ours = best_time(lambda: generate_ids(ours, ids, mask, new, eos_ids=[], pad_id=tok.pad_token_id), repeat, warmup)
     t_theirs = best_time(lambda: theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                                  min_new_tokens=new, do_sample=False,
-                                                 pad_token_id=tok.pad_token_id), repeat=2)
+                                                 pad_token_id=tok.pad_token_id), repeat, warmup)
     made = ids.shape[0] * new
     return {"batch": ids.shape[0], "new_tokens": new, "prompt_width": ids.shape[1],
             "minisafe_tok_s": made / t_ours, "transformers_tok_s": made / t_theirs, "ratio": t_theirs / t_ours}
@@ -175,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         from minisafe.data import default_malicious_path, read_prompts
 
         prompts = read_prompts(default_malicious_path())[:200]
-        results["eval"] = bench_generate(ours, theirs, tok, batch=len(prompts), new=64, prompts=prompts)
+        # Minutes per run: timed once each, after the generate part has warmed both sides up.
+        results["eval"] = bench_generate(ours, theirs, tok, batch=len(prompts), new=64, prompts=prompts, repeat=1,
+                                         warmup=False)
     if "train" in parts:
         results["train"] = bench_train(ours, theirs)
     if "sppft" in parts:

@@ -36,10 +36,10 @@ The world, top to bottom:
 
 The run (`run_lab`): build the tokenizer and a randomly initialised llama-type model (gated tanh-GELU MLP, the
 closest minisafe family to the paper's GELU GPT), pre-train it on the safe + unsafe mixture with train.py (sft on
-the correct outputs), then safety fine-tune three copies with train.py's sft, dpo and unlearn objectives, then
-measure accuracy, null rate and jailbreak success (greedy decoding, checked exactly by one teacher-forced pass:
-greedy decoding writes the target iff every target token is the argmax given the target before it), the clustering
-score tau per layer, and the weight changes (minisafe.mechanistic).
+the correct outputs), then safety fine-tune three copies with train.py's sft, dpo and unlearn objectives (DPO at its
+own learning rate, `DPO_LR`), then measure accuracy, null rate and jailbreak success (greedy decoding, checked exactly
+by one teacher-forced pass: greedy decoding writes the target iff every target token is the argmax given the target
+before it), the clustering score tau per layer, and the weight changes (minisafe.mechanistic).
 """
 
 from __future__ import annotations
@@ -101,6 +101,15 @@ SECOND_OPERATORS = (0, 1)  # what the second slot holds: the identity or op01, b
 IDENTITY_SHARE = 0.5  # how often the second operator is the identity
 TASK_IDENTITY_SHARE = 0.2  # extra identity task operators in pre-training: plain copies teach the alignment first
 JAILBREAKS = ("competing_operator", "competing_text", "mismatched_operator", "mismatched_text")
+# DPO's own peak learning rate. DPO does not anchor the chosen output's likelihood, and at the shared safety lr 5e-4
+# (beta 0.1, 94 steps) it diverged. Picked from 2e-5, 5e-5, 1e-4, 2e-4 (beta 0.1), each fine-tuned from the default
+# run's pre-trained model and scored on a validation draw (evaluation_sets with seed + 3; the lab evaluates on seed + 1
+# and takes tau's reference means from seed + 2): no setting wrote the null output on unsafe inputs, so the pick is the
+# best accuracy on safe inputs among those that still suppress the unsafe output (validation, safe accuracy / unsafe
+# compliance: 2e-5 0.935 / 0.08, 5e-5 0.84 / 0, 1e-4 0.735 / 0, 2e-4 0.42 / 0; 5e-4 0 / 0).
+DPO_LR = 5e-5
+DPO_LR_NOTE = ("DPO has its own learning rate: at the shared safety lr 5e-4 (beta 0.1, 94 steps) it diverged in the "
+               "first default run (loss 0.001, yet accuracy on safe inputs and null rate on unsafe inputs both 0.000).")
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %} {{ m['content'] }} <sep>"
                  "{% else %} {{ m['content'] }} <eos>{% endif %}{% endfor %}")
@@ -503,9 +512,10 @@ def lab_report(results: dict) -> str:
              f"Model: {size['layers']} layers, {size['heads']} heads, width {size['width']}, MLP {size['mlp']} "
              f"(llama-type, gated tanh-GELU). Pre-training: {s['pretrain_samples']} samples x {s['pretrain_epochs']} "
              f"epoch(s), lr {s['pretrain_lr']}; safety fine-tuning: {s['safety_samples']} samples x "
-             f"{s['safety_epochs']} epoch(s), lr {s['safety_lr']}, DPO beta {s['beta']}, unlearning weight "
-             f"{s['unlearn_weight']}; batch {s['batch_size']}; seed {s['seed']}; {s['eval_samples']} samples per "
-             "evaluation set.", "",
+             f"{s['safety_epochs']} epoch(s), lr {s['safety_lr']} (SSFT, unlearning; unlearning weight "
+             f"{s['unlearn_weight']}), DPO lr {s['dpo_lr']} and beta {s['beta']} "
+             f"({results['models']['dpo']['training']['step']} steps each); batch {s['batch_size']}; seed "
+             f"{s['seed']}; {s['eval_samples']} samples per evaluation set.", "", DPO_LR_NOTE, "",
              "Accuracy = greedy decoding writes the exact output; null rate = it writes the exact null output; "
              "jailbreak success = it writes the exact (unsafe) output.", ""]
     lines += summary_rows(results)

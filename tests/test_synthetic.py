@@ -108,7 +108,8 @@ def test_greedy_writes_agrees_with_greedy_generation():
 
 def test_a_tiny_lab_run_writes_well_formed_results(tmp_path):
     cfg = S.LabConfig(out=str(tmp_path / "lab"), size=S.ModelSize(2, 2, 32, 64), pretrain_samples=48,
-                      safety_samples=32, batch_size=16, eval_samples=6, reference_samples=6, progress=False)
+                      safety_samples=32, safety_lr=5e-4, dpo_lr=2e-4, batch_size=16, eval_samples=6,
+                      reference_samples=6, progress=False)
     results = S.run_lab(cfg)
     saved = json.loads((tmp_path / "lab" / "results.json").read_text())
     assert saved["models"].keys() == {"pretrained", "ssft", "dpo", "unlearn"}
@@ -121,6 +122,10 @@ def test_a_tiny_lab_run_writes_well_formed_results(tmp_path):
     assert all(len(w["tensors"]) == 14 for w in saved["weights"].values())  # 7 matrices x 2 layers
     report = (tmp_path / "lab" / "report.md").read_text()
     assert "| model | safe: accuracy | unsafe: null rate |" in report
+    assert "DPO lr 0.0002 and beta 0.1" in report and saved["settings"]["dpo_lr"] == 2e-4
+    # DPO trains at its own learning rate, SSFT and unlearning at the shared one
+    lrs = {m: json.loads((tmp_path / "lab" / m / "run.json").read_text())["settings"]["lr"] for m in S.METHODS}
+    assert lrs == {"ssft": 5e-4, "dpo": 2e-4, "unlearn": 5e-4}
     assert (tmp_path / "lab" / "tau.png").stat().st_size > 0
     assert results["timings"]["total_s"] > 0
     with pytest.raises(S.ConfigError, match="not empty"):
