@@ -84,17 +84,23 @@ def _compile(pattern: str, flag: str) -> re.Pattern:
         raise ConfigError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
 
 
+def _matching(names: list[str], pattern: str, flag: str) -> set[str]:
+    """The names the regex of `flag` finds; matching none is an error (a typo would silently change nothing)."""
+    regex = _compile(pattern, flag)
+    matched = {n for n in names if regex.search(n)}
+    if not matched:
+        raise ConfigError(f"{flag} {pattern!r} matches no parameter name "
+                          f"(names look like {names[0]}, model.layers.0.mlp.down_proj.weight)")
+    return matched
+
+
 def trainable_names(names: list[str], num_layers: int, spec: FreezeSpec) -> list[str]:
     """The names that stay trainable under spec (the rules in the module docstring); checks the spec first."""
     if spec.scope not in SCOPES:
         raise ConfigError(f"--freeze-scope must be one of {', '.join(SCOPES)}, got {spec.scope!r}")
     keep = set(names)
     if spec.trainable is not None:
-        pattern = _compile(spec.trainable, "--trainable")
-        keep = {n for n in names if pattern.search(n)}
-        if not keep:
-            raise ConfigError(f"--trainable {spec.trainable!r} matches no parameter name "
-                              f"(names look like {names[0]}, model.layers.0.mlp.down_proj.weight)")
+        keep = _matching(names, spec.trainable, "--trainable")
     if spec.layers is not None:
         first, last = spec.layers
         check_layers(num_layers, first, last)
@@ -103,12 +109,7 @@ def trainable_names(names: list[str], num_layers: int, spec: FreezeSpec) -> list
             if match and first <= int(match[1]) <= last and (spec.scope == "all" or match[2] in ATTN_MLP):
                 keep.discard(name)
     if spec.frozen is not None:
-        pattern = _compile(spec.frozen, "--frozen")
-        matched = {n for n in names if pattern.search(n)}
-        if not matched:
-            raise ConfigError(f"--frozen {spec.frozen!r} matches no parameter name "
-                              f"(names look like {names[0]}, model.layers.0.mlp.down_proj.weight)")
-        keep -= matched
+        keep -= _matching(names, spec.frozen, "--frozen")
     if not keep:
         raise ConfigError("these freeze settings leave no parameter to train")
     return [n for n in names if n in keep]

@@ -85,11 +85,11 @@ PROFILES = {
                      locate_over_rejection=64, locate_initial=None, attacks=("implicit", "normal"), attack_pairs=32,
                      attack_epochs=2, attack_lr=1e-4, harmful_p=0.1, utility_pairs=50, eval_limit=50, eval_tokens=32,
                      max_len=160),
-    "full": Profile("full", align_objective="sft", align_dna=100, align_normal=400, align_instructions=120,
-                    align_over_rejection=120, distill_tokens=96, align_epochs=1, align_lr=3e-5, locate_prompts=100,
-                    locate_over_rejection=200, locate_initial=None,
-                    attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=100, attack_epochs=2,
-                    attack_lr=1e-4, harmful_p=0.1, utility_pairs=100, eval_limit=100, eval_tokens=48),
+    "full": Profile("full", align_objective="sft", align_dna=0, align_normal=180, align_instructions=120,
+                    align_over_rejection=60, distill_tokens=64, align_epochs=1, align_lr=3e-5, locate_prompts=100,
+                    locate_over_rejection=128, locate_initial=None,
+                    attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=64, attack_epochs=2,
+                    attack_lr=1e-4, harmful_p=0.1, utility_pairs=100, eval_limit=100, eval_tokens=32, max_len=160),
 }
 
 
