@@ -172,7 +172,9 @@ def choose_alpha(refusals_at: Callable[[float], int], baseline: int, n_prompts: 
                  step: float = 0.05, max_steps: int = 6, noise: float = 0.02) -> tuple[float, list[dict]]:
     """The paper's rule: step alpha away from 1 by `step` until R_o on the initial range moves clearly.
 
-    "Clearly" = by at least max(3, noise * n_prompts) refusals (the paper's noise was 15-20 of 721, about 2-3%).
+    "Clearly" = by at least max(3, noise * n_prompts) refusals (the paper's noise was 15-20 of 721, about 2-3%), and
+    in the direction the method expects: scaling safety layers up (alpha > 1) should add refusals, scaling them
+    down remove them; a move the other way says nothing about the range and does not count ("moved" is signed).
     If no alpha within max_steps moves it that far, the one that moved it most is used; the trace says so.
     """
     threshold = max(3.0, noise * n_prompts)
@@ -180,8 +182,9 @@ def choose_alpha(refusals_at: Callable[[float], int], baseline: int, n_prompts: 
     for k in range(1, max_steps + 1):
         alpha = round(1 + k * step if upward else 1 - k * step, 4)
         count = refusals_at(alpha)
-        trace.append({"alpha": alpha, "refusals": count, "moved": abs(count - baseline), "threshold": threshold})
-        if abs(count - baseline) >= threshold:
+        moved = count - baseline if upward else baseline - count
+        trace.append({"alpha": alpha, "refusals": count, "moved": moved, "threshold": threshold})
+        if moved >= threshold:
             return alpha, trace
     return max(trace, key=lambda t: t["moved"])["alpha"], trace
 

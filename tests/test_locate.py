@@ -174,6 +174,16 @@ def test_automatic_alpha_steps_until_refusals_move_clearly():
     assert len(trace) == 6 and alpha == max(trace, key=lambda t: t["moved"])["alpha"]
 
 
+def test_automatic_alpha_ignores_refusals_moving_against_the_scaling():
+    # Scaling up that removes refusals is not the effect the search looks for; nor is scaling down that adds them.
+    up = {1.05: 80, 1.1: 75, 1.15: 112}
+    alpha, trace = choose_alpha(lambda a: up[round(a, 2)], baseline=100, n_prompts=200)
+    assert alpha == 1.15 and [t["moved"] for t in trace] == [-20, -25, 12]
+    down = {0.95: 130, 0.9: 90}
+    alpha, _ = choose_alpha(lambda a: down[round(a, 2)], baseline=100, n_prompts=200, upward=False)
+    assert alpha == 0.9
+
+
 def test_range_rule_ignores_early_bumps_and_starts_where_the_gap_appears_for_good():
     g = [4.7, 5.2, 3.6, 3.2, 5.4, 5.9, 5.2, 5.6, 5.3, 6.5, 6.5, 6.5, 5.9, 5.7, 3.6, 3.4, 3.8, 4.3, 5.2, 5.5, 6.6,
          7.7, 8.8, 8.3, 8.1]
