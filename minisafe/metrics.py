@@ -62,12 +62,29 @@ def response_ids(tokenizer: Tokenizer, response: str) -> list[int]:
     return tokenizer.encode(response, add_special_tokens=False) + tokenizer.eos_token_ids[:1]
 
 
+LOGITS_BUDGET = 1 << 28  # logits one scoring batch may hold: 1 GiB in float32
+
+
+def length_batches(widths: Sequence[int], batch_size: int, max_tokens: int) -> list[range]:
+    """Consecutive index ranges over sequences sorted by width: at most batch_size sequences and, padded to the
+    widest, at most max_tokens tokens (but always at least one sequence)."""
+    batches, start = [], 0
+    while start < len(widths):
+        end = start + 1
+        while end < len(widths) and end - start < batch_size and (end + 1 - start) * widths[end] <= max_tokens:
+            end += 1
+        batches.append(range(start, end))
+        start = end
+    return batches
+
+
 @torch.inference_mode()
 def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],
                  template: str = "chat", batch_size: int = 8, progress: bool = True) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of the response tokens (+ EOS) given their prompts, and their count.
 
-    Batched with left padding; batches group examples of similar length.
+    Batched with left padding; batches group examples of similar length, and hold at most batch_size examples and
+    LOGITS_BUDGET logits (a 262k-word vocabulary makes [B, T, V] float32 logits gigabytes at an ordinary batch size).
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -75,8 +92,10 @@ def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str
     order = sorted(range(len(examples)), key=lambda i: sum(map(len, examples[i])))
     device = model.model.embed_tokens.weight.device
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress):
-        batch = [examples[i] for i in order[start:start + batch_size]]
+    widths = [sum(map(len, examples[i])) for i in order]
+    for rows in tqdm(length_batches(widths, batch_size, LOGITS_BUDGET // model.config.vocab_size), desc="perplexity",
+                     disable=not progress):
+        batch = [examples[order[i]] for i in rows]
         input_ids, mask = tokenizer.pad_left([p + r for p, r in batch])
         input_ids = input_ids.to(device)
         logits = model(input_ids, mask.to(device))

@@ -10,7 +10,8 @@ import minisafe
 from eval import main
 from minisafe.errors import ConfigError, DataError
 from minisafe.evaluate import EvalConfig, report, run_eval, sample
-from minisafe.metrics import lcs_length, perplexity, response_nll, rouge_l
+from minisafe import metrics
+from minisafe.metrics import lcs_length, length_batches, perplexity, response_nll, rouge_l
 from tiny import save_tiny
 
 # ---------------------------------------------------------------- ROUGE-L
@@ -67,6 +68,20 @@ def test_perplexity_is_exp_of_mean_response_token_loss(tiny, template):
     expected = math.exp(sum(losses) / len(losses))
     assert perplexity(model, tok, PROMPTS, RESPONSES, template, batch_size=3, progress=False) == pytest.approx(
         expected, rel=1e-5)
+
+
+def test_perplexity_is_the_same_when_a_logits_budget_forces_one_example_per_batch(tiny, monkeypatch):
+    model, tok = tiny
+    expected = perplexity(model, tok, PROMPTS, RESPONSES, "chat", batch_size=3, progress=False)
+    monkeypatch.setattr(metrics, "LOGITS_BUDGET", model.config.vocab_size)  # room for one token's logits
+    assert perplexity(model, tok, PROMPTS, RESPONSES, "chat", batch_size=3, progress=False) == pytest.approx(
+        expected, rel=1e-5)
+
+
+def test_length_batches_respect_the_batch_size_and_the_token_budget():
+    assert length_batches([5, 6, 7, 8], batch_size=3, max_tokens=100) == [range(0, 3), range(3, 4)]
+    assert length_batches([5, 6, 7, 8], batch_size=8, max_tokens=14) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert length_batches([50], batch_size=8, max_tokens=10) == [range(0, 1)]  # one sequence always fits
 
 
 def test_perplexity_counts_every_response_token_and_the_eos(tiny):
