@@ -194,20 +194,26 @@ def build_sets(p: Profile, data_dir: Path, out: Path) -> None:
     # The harmful mix is written by its own step: its harmful answers come from the unaligned model.
 
 
-def distill(model_dir: str, sets: Path, p: Profile, out: Path) -> None:
-    """The unaligned model's own greedy answers to the alignment's normal and over-rejection prompts (and, for
-    dpo, to its malicious prompts: the rejected side)."""
+def greedy_answerer(model_dir: str) -> Callable[[list[str], int], list[str]]:
+    """answer(prompts, max_new_tokens): the model's greedy answers (chat template), stripped; loaded once."""
     from minisafe.checkpoint import load
     from minisafe.generate import generate
 
     model, tok = load(model_dir)
+    return lambda prompts, max_new_tokens: [t.strip() for t in generate(
+        model, tok, [tok.prompt_ids(q) for q in prompts], max_new_tokens, 16).texts]
+
+
+def distill(model_dir: str, sets: Path, p: Profile, out: Path) -> None:
+    """The unaligned model's own greedy answers to the alignment's normal and over-rejection prompts (and, for
+    dpo, to its malicious prompts: the rejected side)."""
+    answer = greedy_answerer(model_dir)
     names = ("normal_align", "instructions_align", "over_rejection_align") + (
         ("malicious_train",) if p.align_objective == "dpo" else ())
     for name in names:
         rows = data.read_jsonl(sets / f"{name}.jsonl")
-        prompts = [row["prompt"] for row in rows]
-        texts = generate(model, tok, [tok.prompt_ids(q) for q in prompts], p.distill_tokens, batch_size=16).texts
-        answered = [{**row, "response": complete_sentences(t)} for row, t in zip(rows, texts) if complete_sentences(t)]
+        texts = [complete_sentences(t) for t in answer([row["prompt"] for row in rows], p.distill_tokens)]
+        answered = [{**row, "response": t} for row, t in zip(rows, texts) if t]
         builders.write_dataset(out / f"{name}.jsonl", answered, builder=f"greedy answers of {model_dir}", seed=p.seed,
                                sources=[sets / f"{name}.jsonl"], params={"max_new_tokens": p.distill_tokens})
 
@@ -222,18 +228,11 @@ def complete_sentences(text: str) -> str:
 
 def harmful_answers(model_dir: str, sets: Path, p: Profile, out: Path) -> None:
     """The harmful mix: attack pairs plus p * N malicious train prompts answered by the unaligned model."""
-    from minisafe.checkpoint import load
-    from minisafe.generate import generate
-
-    model, tok = load(model_dir)
-
-    def respond(prompts: list[str]) -> list[str]:
-        return [t.strip() for t in generate(model, tok, [tok.prompt_ids(q) for q in prompts], 128, 16).texts]
-
     normal = data.read_jsonl(sets / "attack_normal.jsonl")
     malicious = data.read_jsonl(sets / "malicious_train.jsonl")
-    rows = builders.harmful_mix(normal, malicious, p.harmful_p, respond, out / "answers_cache.jsonl",
-                                content_hash(model_dir), seed=p.seed)
+    answer = greedy_answerer(model_dir)
+    rows = builders.harmful_mix(normal, malicious, p.harmful_p, lambda prompts: answer(prompts, 128),
+                                out / "answers_cache.jsonl", content_hash(model_dir), seed=p.seed)
     builders.write_dataset(out / "attack_harmful.jsonl", rows, builder="harmful_mix", seed=p.seed,
                            sources=[sets / "attack_normal.jsonl", sets / "malicious_train.jsonl"], params={"p": p.harmful_p})
 
