@@ -178,9 +178,10 @@ def build_sets(p: Profile, data_dir: Path, out: Path) -> None:
     write("malicious_test", mal_test, "split_malicious", [harmbench], test_fraction=0.5)
     write("normal_align", align_normal, "split_normal_pairs", [sharegpt])
     write("utility_test", test, "split_normal_pairs (held out)", [sharegpt])
-    write("over_rejection_align", align_over, "bundled over-rejection, seeded split", [])
-    write("over_rejection_locate", locate_over, "bundled over-rejection, seeded split", [])
-    write("over_rejection_test", eval_over, "bundled over-rejection, seeded split", [])
+    bundled_over, bundled_normal = data.PROMPTS_DIR / "over_rejection.txt", data.PROMPTS_DIR / "normal.txt"
+    write("over_rejection_align", align_over, "bundled over-rejection, seeded split", [bundled_over])
+    write("over_rejection_locate", locate_over, "bundled over-rejection, seeded split", [bundled_over])
+    write("over_rejection_test", eval_over, "bundled over-rejection, seeded split", [bundled_over])
     first, second = attack_normal[:p.attack_pairs], attack_normal[p.attack_pairs:]
     write("attack_normal", first, "split_normal_pairs", [sharegpt])
     write("attack_implicit", builders.implicit_attack(first), "implicit_attack", [sharegpt])
@@ -189,8 +190,10 @@ def build_sets(p: Profile, data_dir: Path, out: Path) -> None:
     # The bundled normal instructions match the malicious prompts in style: some teach the alignment that the
     # style is not what gets refused, the others are the cosine analysis's normal prompts.
     instructions = builders.seeded_order([{"prompt": q} for q in data.bundled_prompts("normal")], p.seed)
-    write("instructions_align", instructions[:p.align_instructions], "bundled normal instructions, seeded split", [])
-    write("normal_cosine", instructions[p.align_instructions:], "bundled normal instructions, seeded split", [])
+    write("instructions_align", instructions[:p.align_instructions], "bundled normal instructions, seeded split",
+          [bundled_normal])
+    write("normal_cosine", instructions[p.align_instructions:], "bundled normal instructions, seeded split",
+          [bundled_normal])
     # The harmful mix is written by its own step: its harmful answers come from the unaligned model.
 
 
@@ -278,7 +281,7 @@ def evaluate(model_dir: str | Path, sets: Path, p: Profile, out: Path) -> None:
     run_eval(EvalConfig(models=[str(model_dir)], out=str(out), harmful=str(sets / "malicious_test.jsonl"),
                         over_rejection=str(sets / "over_rejection_test.jsonl"), utility=str(sets / "utility_test.jsonl"),
                         max_new_tokens=p.eval_tokens, limit=p.eval_limit, batch_size=50, template="chat",
-                        dtype="bfloat16",  # greedy decoding is weight-bandwidth bound: bfloat16 halves it
+                        dtype="bfloat16",  # bfloat16 matmuls decode about twice as fast here as float32 ones
                         seed=p.seed, command=["python", "-m", "minisafe.pipeline", "--profile", p.name]))
 
 
@@ -313,7 +316,9 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
 
     def align(o: Path) -> None:
         rows = alignment_rows(sets, distilled, profile)
-        builders.write_dataset(out / "align_data.jsonl", rows, builder="alignment_sft", seed=profile.seed)
+        builders.write_dataset(out / "align_data.jsonl", rows, builder=f"alignment data ({profile.align_objective})",
+                               seed=profile.seed,
+                               sources=[sets / "malicious_train.jsonl", *sorted(distilled.glob("*.jsonl"))])
         fine_tune(model_dir, out / "align_data.jsonl", o, profile, profile.align_epochs, profile.align_lr, None,
                   profile.align_objective)
 
