@@ -2,7 +2,9 @@
 
     python -m minisafe.bench --model weights/smollm2-135m-instruct [--only prefill,generate,eval,train,sppft]
 
-Reports tokens/s for each side, the ratio, and the share of this machine's matmul peak reached by the prefill.
+Prefill, generation and the eval workload run once per --dtypes entry, both sides in that dtype; training runs in
+float32, SPPFT in bfloat16 autocast. Reports tokens/s for each side, the ratio, and the share of this machine's
+matmul peak (for the same dtype) reached by the prefill.
 transformers is imported here only as the yardstick; nothing in the library depends on it.
 """
 
@@ -10,29 +12,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from collections.abc import Callable
 
 import torch
 
 import minisafe
-from minisafe.generate import generate_ids
+from minisafe.generate import generate, generate_ids
 from minisafe.io import atomic_write_json
 
 PARTS = ("prefill", "generate", "eval", "train", "sppft")
+DTYPE_PARTS = ("prefill", "generate", "eval")
 
 
-def best_time(fn: Callable[[], object], repeat: int = 3, warmup: bool = True) -> float:
-    """Fastest of `repeat` runs (after one warm-up run unless warmup=False), in seconds."""
-    if warmup:
-        fn()
+def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Fastest of `repeat` runs after one warm-up run, in seconds."""
+    fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def best_times(a: Callable[[], object], b: Callable[[], object], repeat: int = 3) -> tuple[float, float]:
+    """Fastest of `repeat` runs of each of two rivals, run in turn (a, b, a, b, ...) after one warm-up run each, so
+    that a slow spell of the machine falls on both sides alike."""
+    a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for fn, spent in zip((a, b), times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Read from /proc: ru_maxrss survives exec, so a spawned child would
+    report its parent's peak if that was higher."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
@@ -54,17 +75,17 @@ def random_batch(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Te
     return torch.randint(100, vocab - 100, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def load_transformers(path: str):
+def load_transformers(path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
 
 
 @torch.inference_mode()
 def bench_prefill(ours, theirs, batch: int = 32, length: int = 64) -> dict:
+    """One forward pass over every position; both sides hand back float32 logits, as minisafe's forward does."""
     ids = random_batch(ours.config.vocab_size, batch, length)
-    t_ours = best_time(lambda: ours(ids))
-    t_theirs = best_time(lambda: theirs(input_ids=ids).logits)
+    t_ours, t_theirs = best_times(lambda: ours(ids), lambda: theirs(input_ids=ids).logits.float(), repeat=5)
     flops = forward_flops(ours, batch, length)
     return {"batch": batch, "length": length, "minisafe_tok_s": batch * length / t_ours,
             "transformers_tok_s": batch * length / t_theirs, "ratio": t_theirs / t_ours,
@@ -72,20 +93,52 @@ def bench_prefill(ours, theirs, batch: int = 32, length: int = 64) -> dict:
 
 
 @torch.inference_mode()
-def bench_generate(ours, theirs, tok, batch: int = 32, new: int = 32, prompts: list[str] | None = None,
-                   repeat: int = 2, warmup: bool = True) -> dict:
-    """Greedy generation of `new` tokens per prompt, EOS ignored so both sides make the same number of tokens."""
-    if prompts is None:
-        ids, mask = random_batch(ours.config.vocab_size, batch, 64), torch.ones(batch, 64, dtype=torch.long)
-    else:
-        ids, mask = tok.pad_left([tok.prompt_ids(p, "chat") for p in prompts[:batch]])
-    t_ours = best_time(lambda: generate_ids(ours, ids, mask, new, eos_ids=[], pad_id=tok.pad_token_id), repeat, warmup)
-    t_theirs = best_time(lambda: theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
-                                                 min_new_tokens=new, do_sample=False,
-                                                 pad_token_id=tok.pad_token_id), repeat, warmup)
-    made = ids.shape[0] * new
-    return {"batch": ids.shape[0], "new_tokens": new, "prompt_width": ids.shape[1],
+def bench_generate(ours, theirs, tok, batch: int = 32, new: int = 32, length: int = 64, repeat: int = 3) -> dict:
+    """Greedy generation of `new` tokens for random prompts, EOS ignored so both sides make the same number of tokens."""
+    ids, mask = random_batch(ours.config.vocab_size, batch, length), torch.ones(batch, length, dtype=torch.long)
+    t_ours, t_theirs = best_times(
+        lambda: generate_ids(ours, ids, mask, new, eos_ids=[], pad_id=tok.pad_token_id),
+        lambda: theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, pad_token_id=tok.pad_token_id), repeat)
+    made = batch * new
+    return {"batch": batch, "new_tokens": new, "prompt_length": length,
             "minisafe_tok_s": made / t_ours, "transformers_tok_s": made / t_theirs, "ratio": t_theirs / t_ours}
+
+
+@torch.inference_mode()
+def bench_eval(ours, theirs, tok, prompts: list[str], new: int = 64, batch_size: int = 50) -> dict:
+    """The eval workload: chat prompts answered greedily up to EOS or `new` tokens, in batches of similar length.
+
+    minisafe runs its generate() as eval.py does; transformers' generate gets the same batches. Each side is timed
+    once (a few minutes of work) after a small warm-up; tokens/s counts the tokens each side made, EOS included.
+    """
+    ids = [tok.prompt_ids(p, "chat") for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+
+    def transformers_generate(rows: list[int]) -> list[list[int]]:
+        x, mask = tok.pad_left([ids[i] for i in rows])
+        out = theirs.generate(input_ids=x, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                              eos_token_id=tok.eos_token_ids, pad_token_id=tok.pad_token_id)[:, x.shape[1]:]
+        return [row[: next((i + 1 for i, t in enumerate(row) if t in tok.eos_token_ids), len(row))]
+                for row in out.tolist()]
+
+    generate(ours, tok, ids[:2], 4, progress=False)
+    transformers_generate(order[:2])
+    start = time.perf_counter()
+    answers = generate(ours, tok, ids, new, batch_size, progress=False).ids
+    t_ours = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs_answers = {}
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        theirs_answers.update(zip(rows, transformers_generate(rows)))
+    t_theirs = time.perf_counter() - start
+    made_ours, made_theirs = sum(map(len, answers)), sum(map(len, theirs_answers.values()))
+    same = sum(answers[i] == theirs_answers[i] for i in range(len(ids))) / len(ids)
+    return {"prompts": len(ids), "new_tokens": new, "batch_size": batch_size, "minisafe_s": t_ours,
+            "transformers_s": t_theirs, "minisafe_tokens": made_ours, "transformers_tokens": made_theirs,
+            "minisafe_tok_s": made_ours / t_ours, "transformers_tok_s": made_theirs / t_theirs,
+            "ratio": (made_ours / t_ours) / (made_theirs / t_theirs), "same_answers": same}
 
 
 def bench_train(ours, theirs, batch: int = 4, length: int = 128, steps: int = 3) -> dict:
@@ -104,8 +157,8 @@ def bench_train(ours, theirs, batch: int = 4, length: int = 128, steps: int = 3)
         return step
 
     ours.train(), theirs.train()
-    t_ours = best_time(step_fn(ours, lambda m: m(ids)), repeat=steps)
-    t_theirs = best_time(step_fn(theirs, lambda m: m(input_ids=ids).logits), repeat=steps)
+    t_ours, t_theirs = best_times(step_fn(ours, lambda m: m(ids)), step_fn(theirs, lambda m: m(input_ids=ids).logits),
+                                  repeat=steps)
     ours.eval(), theirs.eval()
     return {"batch": batch, "length": length, "minisafe_tok_s": batch * length / t_ours,
             "transformers_tok_s": batch * length / t_theirs, "ratio": t_theirs / t_ours}
@@ -135,7 +188,7 @@ def _freeze_step(path: str, freeze: str | None, threads: int, batch: int, length
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     return {"freeze": freeze or "none", "step_s": seconds, "tok_s": batch * length / seconds,
             "trainable_params": sum(p.numel() for p in params), "optimizer_state_bytes": state,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def bench_sppft(path: str, freeze: str, threads: int, batch: int = 8, length: int = 128, steps: int = 3) -> dict:
@@ -155,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="weights/smollm2-135m-instruct", help="Hugging Face model directory")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, of {','.join(PARTS)}")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="dtypes for the prefill, generate and eval parts, both sides loaded in each (default: both)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    p.add_argument("--eval-prompts", type=int, default=200, help="eval part: HarmBench test prompts (default: 200)")
+    p.add_argument("--eval-batch", type=int, default=50, help="eval part: batch size (default: 50, the pipeline's)")
     p.add_argument("--freeze", default="11:17",
                    help="sppft part: the layers to freeze, FIRST:LAST (default: 7 of SmolLM2's 30, the paper's Llama-3 "
                         "share)")
@@ -163,28 +220,34 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    ours, tok = minisafe.load(a.model)
-    theirs = load_transformers(a.model)
-    results: dict = {"model": a.model, "threads": a.threads, "torch": torch.__version__,
-                     "peak_gflop_s": {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}}
-    parts = a.only.split(",")
-    if "prefill" in parts:
-        results["prefill"] = bench_prefill(ours, theirs)
-        results["prefill"]["share_of_fp32_peak"] = results["prefill"]["minisafe_gflop_s"] / results["peak_gflop_s"]["float32"]
-    if "generate" in parts:
-        results["generate"] = bench_generate(ours, theirs, tok)
-    if "eval" in parts:
-        from minisafe.data import default_malicious_path, read_prompts
+    import transformers
 
-        prompts = read_prompts(default_malicious_path())[:200]
-        # Minutes per run: timed once each, after the generate part has warmed both sides up.
-        results["eval"] = bench_generate(ours, theirs, tok, batch=len(prompts), new=64, prompts=prompts, repeat=1,
-                                         warmup=False)
+    parts = a.only.split(",")
+    results: dict = {"model": a.model, "threads": a.threads, "torch": torch.__version__,
+                     "transformers": transformers.__version__,
+                     "peak_gflop_s": {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}}
+    for name in a.dtypes.split(",") if any(part in parts for part in DTYPE_PARTS) else ():
+        dtype = getattr(torch, name)
+        ours, tok = minisafe.load(a.model, dtype=dtype)
+        theirs = load_transformers(a.model, dtype)
+        runs = results[name] = {}
+        if "prefill" in parts:
+            runs["prefill"] = bench_prefill(ours, theirs)
+            runs["prefill"]["share_of_peak"] = runs["prefill"]["minisafe_gflop_s"] / results["peak_gflop_s"][name]
+        if "generate" in parts:
+            runs["generate"] = bench_generate(ours, theirs, tok)
+        if "eval" in parts:
+            from minisafe.data import default_malicious_path, read_prompts
+
+            prompts = read_prompts(default_malicious_path())[: a.eval_prompts]
+            runs["eval"] = bench_eval(ours, theirs, tok, prompts, batch_size=a.eval_batch)
+        del ours, theirs
     if "train" in parts:
-        results["train"] = bench_train(ours, theirs)
+        ours, _ = minisafe.load(a.model)
+        results["train"] = bench_train(ours, load_transformers(a.model))
     if "sppft" in parts:
         results["sppft"] = bench_sppft(a.model, a.freeze, a.threads)
-    results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["max_rss_mb"] = peak_rss_mb()
     print(json.dumps(results, indent=2))
     if a.out:
         atomic_write_json(a.out, results)

@@ -35,34 +35,51 @@ def next_token(logits: Tensor, temperature: float, top_p: float, generator: torc
 @torch.inference_mode()
 def generate_ids(model: Transformer, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, stop: Callable[[Tensor], Tensor] | None = None
-                 ) -> tuple[Tensor, Tensor]:
+                 generator: torch.Generator | None = None, stop: Callable[[Tensor], Tensor] | None = None,
+                 prefix_ids: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
     """New tokens [B, <= max_new_tokens] for a left-padded batch, and each row's length up to and including its end.
 
+    prefix_ids: tokens every row starts with, before its own input_ids; their keys and values are computed once
+    and shared (chat templates open every prompt with the same system turn).
     A row ends at an EOS id or when `stop(new_ids) -> BoolTensor [B]` says so (stop strings); after that it holds pad_id.
     """
     batch, length = input_ids.shape
-    device = model.model.embed_tokens.weight.device
+    dtype, device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    cache = KVCache(model.config, batch, length + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
+    cache = KVCache(model.config, batch, len(prefix_ids) + length + max_new_tokens, dtype, device)
+    if prefix_ids:
+        shared = KVCache(model.config, 1, len(prefix_ids), dtype, device)
+        model(torch.tensor([list(prefix_ids)], device=device), cache=shared, last_logits_only=True)
+        cache.share(shared)
+        # The prefix sits before each row's left padding: positions count real tokens, so the row reads as unpadded.
+        attention_mask = torch.cat([attention_mask.new_ones(batch, len(prefix_ids)), attention_mask], dim=1)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    new: list[Tensor] = []
+    rows = torch.arange(batch, device=device)  # the batch row of each row still being decoded
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # of those rows
     logits = model(input_ids, attention_mask, cache=cache, last_logits_only=True)
-    for _ in range(max_new_tokens):
+    steps = 0
+    while steps < max_new_tokens:
         token = next_token(logits[:, -1], temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
-        new.append(token)
-        lengths += ~finished
+        out[rows, steps] = token
+        lengths[rows] += ~finished
         finished |= torch.isin(token, eos)
+        steps += 1
         if stop is not None:
-            finished |= stop(torch.stack(new, dim=1)).to(device)
-        if bool(finished.all()) or len(new) == max_new_tokens:
+            finished |= stop(out[rows, :steps]).to(device)
+        if bool(finished.all()) or steps == max_new_tokens:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        # Finished rows would keep costing a full row per step; once a quarter of the batch is done, drop them
+        # (copying the cache costs less than a step).
+        if finished.sum() * 4 >= len(rows):
+            keep = (~finished).nonzero().squeeze(1)
+            rows, finished, token, attention_mask = rows[keep], finished[keep], token[keep], attention_mask[keep]
+            cache.keep_rows(keep)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         logits = model(token[:, None], attention_mask, cache=cache)
-    return (torch.stack(new, dim=1) if new else input_ids.new_zeros(batch, 0)), lengths
+    return out[:, :steps], lengths
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int = 64,
@@ -76,15 +93,25 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        input_ids, mask = tokenizer.pad_left([prompts[i] for i in rows])
+        prefix = shared_prefix([prompts[i] for i in rows])
+        input_ids, mask = tokenizer.pad_left([prompts[i][len(prefix):] for i in rows])
         new, lengths = generate_ids(model, input_ids, mask, max_new_tokens, tokenizer.eos_token_ids,
-                                    tokenizer.pad_token_id, temperature, top_p, generator, stop)
+                                    tokenizer.pad_token_id, temperature, top_p, generator, stop, prefix)
         for row, tokens, n in zip(rows, new.tolist(), lengths.tolist()):
             ids[row] = tokens[:n]
         bar.update(len(rows))
     bar.close()
     texts = [_cut_at_stop(tokenizer.decode(t), stop_strings) for t in ids]
     return Generation(texts=texts, ids=ids)
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The leading tokens all prompts have in common, leaving each at least one token of its own to continue from."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return list(prompts[0][:n])
 
 
 def _stop_checker(tokenizer: Tokenizer, stop_strings: Sequence[str]):

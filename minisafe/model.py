@@ -71,41 +71,51 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
-def attention_mask_4d(padding_mask: Tensor | None, past: int, length: int, window: int | None) -> Tensor | None:
-    """Boolean [B|1, 1, T, S] mask (True = may attend) over cache slots, or None when plain causal attention is exact.
+def attention_mask_4d(padding_mask: Tensor | None, past: int, length: int, slots: int, window: int | None
+                      ) -> Tensor | None:
+    """Boolean [B|1, 1, T, slots] mask (True = may attend) over key slots, or None when plain causal attention is exact.
 
-    Query t sits in slot past + t. It sees earlier slots that hold real tokens, and within `window` slots when the
-    layer slides. A padding query is let see itself, so that no softmax row is empty (its output is never used).
+    Query t sits in slot past + t. It sees earlier slots that hold real tokens, and when the layer slides only those
+    fewer than `window` real tokens back; slots after it (a KV cache's unfilled tail) are hidden by causality. A
+    padding query is let see itself, so that no softmax row is empty (its output is never used). padding_mask
+    covers the first past + T slots; padding may sit anywhere in it, not only on the left.
     """
-    total = past + length
-    if padding_mask is None and past == 0 and (window is None or window >= total):
+    if padding_mask is None and past == 0 and slots == length and (window is None or window >= length):
         return None
     device = padding_mask.device if padding_mask is not None else None
-    q = torch.arange(past, total, device=device)[:, None]
-    k = torch.arange(total, device=device)[None, :]
+    q = torch.arange(past, past + length, device=device)[:, None]
+    k = torch.arange(slots, device=device)[None, :]
     allowed = k <= q
-    if window is not None:
-        allowed = allowed & (q - k < window)
-    if padding_mask is not None:
-        allowed = (allowed[None] & padding_mask[:, None, :].bool()) | (k == q)
-    else:
-        allowed = allowed[None]
-    return allowed[:, None]
+    if padding_mask is None:
+        if window is not None:
+            allowed = allowed & (q - k < window)
+        return allowed[None, None]
+    real = F.pad(padding_mask.bool(), (0, slots - padding_mask.shape[1]), value=True)
+    allowed = allowed[None] & real[:, None, :]
+    if window is not None:  # measured in positions, which skip padding, so a gap inside a row does not count
+        position = real.long().cumsum(-1)
+        allowed = allowed & (position[:, past : past + length, None] - position[:, None, :] < window)
+    return (allowed | (k == q))[:, None]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float | None) -> Tensor:
     """Softmax attention of q [B, H, T, d] over k, v [B, Hkv, S, d]; grouped-query heads share k and v."""
-    if softcap is None:
+    batch, heads, length, dim = q.shape
+    if softcap is None and length > 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                              enable_gqa=k.shape[1] != q.shape[1])
-    # Gemma 2 squashes the attention logits with tanh before the softmax, which SDPA cannot do.
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.tanh((q @ k.transpose(-2, -1)) * scale / softcap) * softcap
-    if mask is None:
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+                                              enable_gqa=k.shape[1] != heads)
+    # Written out for Gemma 2, whose tanh softcap SDPA cannot apply, and for one-token decoding steps, where the
+    # CPU flash kernel's fixed cost per call is several times these two small matmuls (10x in bfloat16).
+    kv_heads, slots = k.shape[1], k.shape[2]
+    q = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)  # query head h reads kv head h // groups
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:  # plain causal attention over as many slots as queries
+        mask = torch.ones(1, 1, length, slots, dtype=torch.bool, device=q.device).tril()
+    scores = scores.view(batch, kv_heads, -1, length, slots).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs.view(batch, kv_heads, -1, slots) @ v).view(batch, heads, length, dim)
 
 
 class Attention(nn.Module):
@@ -189,7 +199,12 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer in preallocated buffers [B, Hkv, max_len, head_dim], filled left to right."""
+    """Keys and values of every layer in preallocated buffers [B, Hkv, max_len, head_dim], filled left to right.
+
+    Attention reads a layer's whole buffer and the mask hides the slots not filled yet (as gpt-fast does): a slice
+    of the filled slots would be strided, and CPU bfloat16 matmuls copy strided operands, which cost more than
+    the masked tail.
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -198,13 +213,24 @@ class KVCache:
         self.length, self.max_len = 0, max_len
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's k, v for `layer`; return all of the layer's keys and values so far."""
+        """Store this step's k, v for `layer` after the filled slots; return the layer's whole buffers."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return self.keys[layer], self.values[layer]
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only these batch rows (rows that finished generating are dropped)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+    def share(self, prefix: KVCache) -> None:
+        """Start every row with the filled slots of a one-row cache (a prompt prefix the whole batch has in common)."""
+        for mine, theirs in zip(self.keys + self.values, prefix.keys + prefix.values):
+            mine[:, :, : prefix.length] = theirs[:, :, : prefix.length]
+        self.length = prefix.length
 
 
 class Transformer(nn.Module):
@@ -251,11 +277,12 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if cfg.scale_embeddings:  # Gemma; the factor is rounded to the activation dtype, as in transformers
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+        slots = cache.max_len if cache is not None else length
         rope, masks = {}, {}
         for kind in set(cfg.layer_types):
             rope[kind] = self.rope(kind, positions, x.dtype)
             window = cfg.sliding_window if kind == SLIDING else None
-            masks[kind] = attention_mask_4d(attention_mask, past, length, window)
+            masks[kind] = attention_mask_4d(attention_mask, past, length, slots, window)
 
         hidden = []
         for layer, kind in zip(self.model.layers, cfg.layer_types):

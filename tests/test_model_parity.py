@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import minisafe
-from minisafe.generate import generate_ids
+from minisafe.generate import generate, generate_ids, shared_prefix
+from minisafe.model import KVCache
 from tiny import FAMILIES, save_tiny
 
 TOL = 1e-4
@@ -73,6 +74,89 @@ def test_greedy_generation_matches_transformers_generate(pair):
     got, lengths = generate_ids(model, ids, mask, max_new_tokens=20, eos_ids=[], pad_id=0)
     assert lengths.tolist() == [20, 20, 20]
     assert got.tolist() == expected.tolist()
+
+
+@torch.no_grad()
+def test_padding_inside_a_row_gives_the_logits_of_the_unpadded_row(pair):
+    """A gap between a shared prefix and a row's own tokens is invisible, sliding windows included."""
+    _, _, model, _ = pair
+    ids, mask, _ = left_padded_batch()
+    gapped = torch.cat([ids[:, :4], torch.zeros_like(ids[:, :5]), ids[:, 4:]], dim=1)
+    gapped_mask = torch.cat([torch.ones_like(mask[:, :4]), torch.zeros_like(mask[:, :5]), mask[:, 4:]], dim=1)
+    row = 2  # the longest row: its first four tokens are real, so the gap splits it
+    alone = model(ids[row : row + 1])[0]
+    got = model(gapped, gapped_mask)[row, gapped_mask[row].bool()]
+    assert (got - alone).abs().max() <= TOL
+
+
+def random_prompts(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 250, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def test_generation_from_a_shared_prefix_matches_transformers_on_the_whole_prompts(pair):
+    _, hf, model, tok = pair
+    [prefix] = random_prompts([7], seed=2)
+    own = random_prompts([6, 11, 3], seed=3)
+    whole, whole_mask = tok.pad_left([prefix + o for o in own])
+    expected = hf.generate(input_ids=whole, attention_mask=whole_mask, max_new_tokens=20, do_sample=False,
+                           eos_token_id=None, pad_token_id=tok.pad_token_id)[:, whole.shape[1]:]
+    ids, mask = tok.pad_left(own)
+    got, _ = generate_ids(model, ids, mask, max_new_tokens=20, eos_ids=[], pad_id=tok.pad_token_id, prefix_ids=prefix)
+    assert got.tolist() == expected.tolist()
+
+
+@torch.no_grad()
+def test_generate_shares_the_common_prefix_and_matches_each_prompt_alone(pair, monkeypatch):
+    _, _, model, tok = pair
+    [prefix] = random_prompts([5], seed=4)
+    prompts = [prefix + o for o in random_prompts([3, 8, 1, 6], seed=5)]
+    monkeypatch.setattr(tok, "eos_token_ids", [])
+    together = generate(model, tok, prompts, max_new_tokens=12, batch_size=4, progress=False).ids
+    alone = [generate_ids(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), max_new_tokens=12,
+                          eos_ids=[], pad_id=tok.pad_token_id)[0][0].tolist() for p in prompts]
+    assert together == alone
+
+
+def early_end_token(rows: list[list[int]]) -> int:
+    """A token that ends at least two rows within four steps while some row runs on past it."""
+    def end(row, t):
+        return row.index(t) + 1 if t in row else len(row) + 1
+    for t in dict.fromkeys(t for row in rows for t in row[:4]):
+        ends = sorted(end(row, t) for row in rows)
+        if ends[1] <= 4 and ends[-1] > ends[1] + 1:
+            return t
+    raise AssertionError("no token ends two rows early here; change the seed")
+
+
+@torch.no_grad()
+def test_rows_that_end_early_are_dropped_without_changing_the_others(tmp_path, monkeypatch):
+    """With an EOS id that some rows reach early, every row equals its EOS-free continuation cut after that EOS.
+
+    Dropping rows is the same code for every family; phi3's tiny model is one whose rows do not all repeat a token.
+    """
+    save_tiny(tmp_path, "phi3")
+    model, tok = minisafe.load(tmp_path)
+    ids, mask = tok.pad_left(random_prompts([6, 11, 3, 8, 5, 9, 4, 7], seed=6))
+    pad = tok.pad_token_id
+    free = generate_ids(model, ids, mask, max_new_tokens=16, eos_ids=[], pad_id=pad)[0].tolist()
+    eos = early_end_token(free)
+    kept = []
+    keep_rows = KVCache.keep_rows
+    monkeypatch.setattr(KVCache, "keep_rows", lambda cache, rows: kept.append(len(rows)) or keep_rows(cache, rows))
+    got, lengths = generate_ids(model, ids, mask, max_new_tokens=16, eos_ids=[eos], pad_id=pad)
+    assert kept, "no row was dropped"
+    for row, full, n in zip(got.tolist(), free, lengths.tolist()):
+        end = full.index(eos) + 1 if eos in full else len(full)
+        assert n == end and row[:n] == full[:n] and set(row[n:]) <= {pad}
+
+
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 3, 4, 5]]) == [1, 2, 3]
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]
+    assert shared_prefix([[7, 1], [8, 1]]) == []
+    assert shared_prefix([[5]]) == []
 
 
 @torch.no_grad()

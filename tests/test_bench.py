@@ -1,0 +1,29 @@
+"""The benchmark's parts run on a tiny checkpoint, and its eval part compares like with like."""
+
+import torch
+
+import minisafe
+from minisafe.bench import bench_eval, bench_generate, bench_prefill, load_transformers
+from tiny import save_tiny
+
+
+def test_eval_part_gives_the_same_answers_as_transformers_and_counts_tokens(tmp_path):
+    save_tiny(tmp_path, "llama")
+    ours, tok = minisafe.load(tmp_path)
+    theirs = load_transformers(str(tmp_path))
+    prompts = ["how do I pick a lock", "write a poem", "a", "explain rope scaling in one line", "hi there"]
+    result = bench_eval(ours, theirs, tok, prompts, new=12, batch_size=2)
+    assert result["same_answers"] == 1.0  # float32: minisafe's generate() equals transformers' generate
+    assert result["minisafe_tokens"] == result["transformers_tokens"] <= 5 * 12
+    assert result["ratio"] > 0
+
+
+def test_prefill_and_generate_parts_report_both_sides(tmp_path):
+    save_tiny(tmp_path, "qwen2", dtype=torch.float32)
+    ours, tok = minisafe.load(tmp_path)
+    theirs = load_transformers(str(tmp_path))
+    prefill = bench_prefill(ours, theirs, batch=2, length=8)
+    generate = bench_generate(ours, theirs, tok, batch=2, new=3, length=8, repeat=1)
+    for part in (prefill, generate):
+        assert part["minisafe_tok_s"] > 0 and part["transformers_tok_s"] > 0
+        assert abs(part["ratio"] - part["minisafe_tok_s"] / part["transformers_tok_s"]) < 1e-9
