@@ -71,8 +71,8 @@ def generate_ids(model: Transformer, input_ids: Tensor, attention_mask: Tensor, 
             finished |= stop(out[rows, :steps]).to(device)
         if bool(finished.all()) or steps == max_new_tokens:
             break
-        # Finished rows would keep costing a full row per step; once a quarter of the batch is done, drop them
-        # (copying the cache costs less than a step).
+        # Finished rows would keep costing a full row per step; once a quarter of the batch is done, drop them at the
+        # price of one copy of the cache.
         if finished.sum() * 4 >= len(rows):
             keep = (~finished).nonzero().squeeze(1)
             rows, finished, token, attention_mask = rows[keep], finished[keep], token[keep], attention_mask[keep]
