@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 import minisafe
-from minisafe.generate import generate, generate_ids
+from minisafe.generate import generate, generate_ids, similar_length_batches
 from minisafe.io import atomic_write_json
 
 PARTS = ("prefill", "generate", "eval", "train", "sppft")
@@ -113,7 +113,6 @@ def bench_eval(ours, theirs, tok, prompts: list[str], new: int = 64, batch_size:
     once (a few minutes of work) after a small warm-up; tokens/s counts the tokens each side made, EOS included.
     """
     ids = [tok.prompt_ids(p, "chat") for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
 
     def transformers_generate(rows: list[int]) -> list[list[int]]:
         x, mask = tok.pad_left([ids[i] for i in rows])
@@ -123,14 +122,13 @@ def bench_eval(ours, theirs, tok, prompts: list[str], new: int = 64, batch_size:
                 for row in out.tolist()]
 
     generate(ours, tok, ids[:2], 4, progress=False)
-    transformers_generate(order[:2])
+    transformers_generate([0, 1])
     start = time.perf_counter()
     answers = generate(ours, tok, ids, new, batch_size, progress=False).ids
     t_ours = time.perf_counter() - start
     start = time.perf_counter()
     theirs_answers = {}
-    for first in range(0, len(order), batch_size):
-        rows = order[first:first + batch_size]
+    for rows in similar_length_batches(ids, batch_size):
         theirs_answers.update(zip(rows, transformers_generate(rows)))
     t_theirs = time.perf_counter() - start
     made_ours, made_theirs = sum(map(len, answers)), sum(map(len, theirs_answers.values()))

@@ -86,13 +86,11 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
              batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              stop_strings: Sequence[str] = (), progress: bool = True) -> Generation:
     """Continue every prompt (token ids, e.g. from tokenizer.prompt_ids); batches group prompts of similar length."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     generator = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
     ids: list[list[int]] = [[] for _ in prompts]
     stop = _stop_checker(tokenizer, stop_strings) if stop_strings else None
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    for rows in similar_length_batches(prompts, batch_size):
         prefix = shared_prefix([prompts[i] for i in rows])
         input_ids, mask = tokenizer.pad_left([prompts[i][len(prefix):] for i in rows])
         new, lengths = generate_ids(model, input_ids, mask, max_new_tokens, tokenizer.eos_token_ids,
@@ -103,6 +101,12 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
     bar.close()
     texts = [_cut_at_stop(tokenizer.decode(t), stop_strings) for t in ids]
     return Generation(texts=texts, ids=ids)
+
+
+def similar_length_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of at most batch_size, shortest prompts first, so that a batch needs little padding."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from minisafe.generate import generate
+from minisafe.generate import generate, similar_length_batches
 from minisafe.hooks import check_layer_range, record_layers, scaled_layers
 from minisafe.model import Transformer
 from minisafe.tokenizer import Tokenizer
@@ -38,11 +38,9 @@ def last_token_vectors(model: Transformer, tokenizer: Tokenizer, prompts: Sequen
                        batch_size: int = 16, progress: bool = True) -> Tensor:
     """Output of every layer at each prompt's last token: [N, L, D] float32 (prompt pass only, no generation)."""
     ids = [tokenizer.prompt_ids(p, template) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
     out = torch.empty(len(ids), model.config.num_layers, model.config.hidden_size)
     with record_layers(model) as records:
-        for start in tqdm(range(0, len(order), batch_size), desc="layer vectors", disable=not progress):
-            rows = order[start:start + batch_size]
+        for rows in tqdm(similar_length_batches(ids, batch_size), desc="layer vectors", disable=not progress):
             input_ids, mask = tokenizer.pad_left([ids[i] for i in rows])
             model(input_ids, mask, last_logits_only=True)
             out[rows] = torch.stack([records[layer].pop() for layer in range(model.config.num_layers)], dim=1)

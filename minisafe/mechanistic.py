@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from minisafe.errors import ConfigError, DataError
+from minisafe.generate import similar_length_batches
 from minisafe.hooks import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 from minisafe.model import Transformer
 from minisafe.tokenizer import Tokenizer
@@ -185,12 +186,10 @@ def mlp_activations(model: Transformer, tok: Tokenizer, prompts: Sequence[str], 
     if not prompts:
         raise DataError("no prompts to read activations from")
     ids = [tok.prompt_ids(p, template) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
     device = model.model.embed_tokens.weight.device
     out = None
     with record_mlp_inputs(model) as records:
-        for start in tqdm(range(0, len(order), batch_size), desc="MLP activations", disable=not progress):
-            rows = order[start:start + batch_size]
+        for rows in tqdm(similar_length_batches(ids, batch_size), desc="MLP activations", disable=not progress):
             input_ids, mask = tok.pad_left([ids[i] for i in rows])
             model(input_ids.to(device), mask.to(device), last_logits_only=True)
             batch = torch.stack([records[layer].pop() for layer in range(len(model.layers))], dim=1)
