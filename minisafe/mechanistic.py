@@ -51,7 +51,7 @@ from tqdm import tqdm
 from minisafe.errors import ConfigError, DataError
 from minisafe.generate import similar_length_batches
 from minisafe.hooks import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
-from minisafe.model import Transformer
+from minisafe.model import Transformer, packed_weights
 from minisafe.tokenizer import Tokenizer
 
 TOP_K = 8  # singular vectors of dW whose null-space share is weighed
@@ -188,7 +188,7 @@ def mlp_activations(model: Transformer, tok: Tokenizer, prompts: Sequence[str], 
     ids = [tok.prompt_ids(p, template) for p in prompts]
     device = model.model.embed_tokens.weight.device
     out = None
-    with record_mlp_inputs(model) as records:
+    with record_mlp_inputs(model) as records, packed_weights(model):
         for rows in tqdm(similar_length_batches(ids, batch_size), desc="MLP activations", disable=not progress):
             input_ids, mask = tok.pad_left([ids[i] for i in rows])
             model(input_ids.to(device), mask.to(device), last_logits_only=True)

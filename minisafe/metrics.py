@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minisafe.model import Transformer
+from minisafe.model import Transformer, packed_weights
 from minisafe.tokenizer import Tokenizer
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -93,19 +93,20 @@ def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str
     device = model.model.embed_tokens.weight.device
     total, count = 0.0, 0
     widths = [sum(map(len, examples[i])) for i in order]
-    for rows in tqdm(length_batches(widths, batch_size, LOGITS_BUDGET // model.config.vocab_size), desc="perplexity",
-                     disable=not progress):
-        batch = [examples[order[i]] for i in rows]
-        input_ids, mask = tokenizer.pad_left([p + r for p, r in batch])
-        input_ids = input_ids.to(device)
-        logits = model(input_ids, mask.to(device))
-        for row, (_, response) in enumerate(batch):
-            n = len(response)  # left padding: the response is the last n tokens, predicted from the n before them
-            if n == 0:  # an empty response and a tokenizer without EOS: nothing to score
-                continue
-            nll = F.cross_entropy(logits[row, -n - 1:-1].float(), input_ids[row, -n:], reduction="sum")
-            total += float(nll)
-            count += n
+    with packed_weights(model):
+        batches = length_batches(widths, batch_size, LOGITS_BUDGET // model.config.vocab_size)
+        for rows in tqdm(batches, desc="perplexity", disable=not progress):
+            batch = [examples[order[i]] for i in rows]
+            input_ids, mask = tokenizer.pad_left([p + r for p, r in batch])
+            input_ids = input_ids.to(device)
+            logits = model(input_ids, mask.to(device))
+            for row, (_, response) in enumerate(batch):
+                n = len(response)  # left padding: the response is the last n tokens, predicted from the n before them
+                if n == 0:  # an empty response and a tokenizer without EOS: nothing to score
+                    continue
+                nll = F.cross_entropy(logits[row, -n - 1:-1].float(), input_ids[row, -n:], reduction="sum")
+                total += float(nll)
+                count += n
     return total, count
 
 

@@ -5,7 +5,8 @@ import torch
 
 import minisafe
 from minisafe.generate import generate, generate_ids, shared_prefix
-from minisafe.model import KVCache
+from minisafe.hooks import scaled_layers
+from minisafe.model import KVCache, Linear, packed_weights
 from tiny import FAMILIES, save_tiny
 
 TOL = 1e-4
@@ -40,6 +41,28 @@ def test_logits_match_transformers_on_left_padded_batch(pair):
     got = model(ids, mask)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert (got - expected)[mask.bool()].abs().max() <= TOL
+
+
+def count_packed_matmuls(monkeypatch) -> list[int]:
+    """Count the calls of the packed-weight kernel from here on."""
+    calls = []
+    kernel = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
+@torch.no_grad()
+def test_logits_with_packed_weights_match_transformers(pair, monkeypatch):
+    _, hf, model, _ = pair
+    ids, mask, pos = left_padded_batch()
+    expected = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    calls = count_packed_matmuls(monkeypatch)
+    with packed_weights(model):
+        got = model(ids, mask)
+    linears = sum(isinstance(m, Linear) for m in model.modules())
+    assert len(calls) == linears + (model.lm_head is None)  # every matmul, the tied head too, ran packed
+    assert (got - expected)[mask.bool()].abs().max() <= TOL
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear)) and model.packed_embedding is None
 
 
 @torch.no_grad()
@@ -208,3 +231,57 @@ def test_saved_model_loads_in_transformers_with_the_same_logits(tmp_path):
     assert hf_tok(text)["input_ids"] == tok.encode(text)
     chat = [{"role": "user", "content": "Hi there"}]
     assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tok.render_chat(chat)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "qwen2_tied_sliding"])
+def test_packed_weights_are_bit_identical_in_bfloat16(tmp_path, family):
+    save_tiny(tmp_path, family)
+    model, _ = minisafe.load(tmp_path, dtype=torch.bfloat16)
+    ids, mask, _ = left_padded_batch()
+    plain = model(ids, mask)
+    with packed_weights(model):
+        assert torch.equal(model(ids, mask), plain)
+
+
+def test_packed_weights_never_use_a_stale_or_gradless_copy(tmp_path, monkeypatch):
+    """Weights changed inside the block (scaling, an optimizer step) and training passes take the weights themselves."""
+    save_tiny(tmp_path, "llama_tied_bias_linear")
+    model, _ = minisafe.load(tmp_path)
+    ids, mask, _ = left_padded_batch()
+    with torch.no_grad(), scaled_layers(model, 0, 1, 1.7):
+        scaled = model(ids, mask)
+    with torch.no_grad(), packed_weights(model), scaled_layers(model, 0, 1, 1.7):  # scaled after packing
+        assert (model(ids, mask) - scaled).abs().max() <= TOL
+    with torch.no_grad(), packed_weights(model):
+        model.model.embed_tokens.weight.mul_(0.5)  # also the tied head's weight
+        changed = model(ids, mask)
+    with torch.no_grad():
+        assert (changed - model(ids, mask)).abs().max() <= TOL
+        model.model.embed_tokens.weight.mul_(2.0)
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    expected = gradients()
+    calls = count_packed_matmuls(monkeypatch)
+    with packed_weights(model):
+        got = gradients()
+    assert not calls and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@torch.no_grad()
+def test_nested_packed_blocks_share_one_copy_dropped_by_the_outer_block(tmp_path):
+    save_tiny(tmp_path, "qwen2")
+    model, _ = minisafe.load(tmp_path)
+    head = model.lm_head
+    with pytest.raises(RuntimeError, match="inside"):
+        with packed_weights(model):
+            outer = head.packed
+            with packed_weights(model):
+                assert head.packed is outer
+            assert head.packed is outer  # the inner block leaves the outer one's copy in place
+            raise RuntimeError("inside")
+    assert head.packed is None
