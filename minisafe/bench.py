@@ -37,10 +37,12 @@ def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
-def best_times(a: Callable[[], object], b: Callable[[], object], repeat: int = 3) -> tuple[float, float]:
-    """Fastest of `repeat` runs of each of two rivals, run in turn (a, b, a, b, ...) after one warm-up run each, so
-    that a slow spell of the machine falls on both sides alike."""
-    a(), b()
+def best_times(a: Callable[[], object], b: Callable[[], object], repeat: int = 3, warm_up: bool = True
+               ) -> tuple[float, float]:
+    """Fastest of `repeat` runs of each of two rivals, run in turn (a, b, a, b, ...) after one warm-up run each (unless
+    the caller warmed them up), so that a slow spell of the machine falls on both sides alike."""
+    if warm_up:
+        a(), b()
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeat):
         for fn, spent in zip((a, b), times):
@@ -117,10 +119,13 @@ def bench_generate(ours, theirs, tok, batch: int = 32, new: int = 32, length: in
 def bench_eval(ours, theirs, tok, prompts: list[str], new: int = 64, batch_size: int = 50) -> dict:
     """The eval workload: chat prompts answered greedily up to EOS or `new` tokens, in batches of similar length.
 
-    minisafe runs its generate() as eval.py does; transformers' generate gets the same batches. Each side is timed
-    once (a few minutes of work) after a small warm-up; tokens/s counts the tokens each side made, EOS included.
+    minisafe runs its generate() as eval.py does; transformers' generate gets the same batches. After a small
+    warm-up, each side runs the whole workload twice, in turn, and its faster run counts; tokens/s counts the tokens
+    each side made, EOS included.
     """
     ids = [tok.prompt_ids(p, "chat") for p in prompts]
+    answers: list[list[int]] = []
+    theirs_answers: dict[int, list[int]] = {}
 
     def transformers_generate(rows: list[int]) -> list[list[int]]:
         x, mask = tok.pad_left([ids[i] for i in rows])
@@ -129,16 +134,16 @@ def bench_eval(ours, theirs, tok, prompts: list[str], new: int = 64, batch_size:
         return [row[: next((i + 1 for i, t in enumerate(row) if t in tok.eos_token_ids), len(row))]
                 for row in out.tolist()]
 
+    def run_ours() -> None:
+        answers[:] = generate(ours, tok, ids, new, batch_size, progress=False).ids
+
+    def run_theirs() -> None:
+        for rows in similar_length_batches(ids, batch_size):
+            theirs_answers.update(zip(rows, transformers_generate(rows)))
+
     generate(ours, tok, ids[:2], 4, progress=False)
     transformers_generate([0, 1])
-    start = time.perf_counter()
-    answers = generate(ours, tok, ids, new, batch_size, progress=False).ids
-    t_ours = time.perf_counter() - start
-    start = time.perf_counter()
-    theirs_answers = {}
-    for rows in similar_length_batches(ids, batch_size):
-        theirs_answers.update(zip(rows, transformers_generate(rows)))
-    t_theirs = time.perf_counter() - start
+    t_ours, t_theirs = best_times(run_ours, run_theirs, repeat=2, warm_up=False)
     made_ours, made_theirs = sum(map(len, answers)), sum(map(len, theirs_answers.values()))
     same = sum(answers[i] == theirs_answers[i] for i in range(len(ids))) / len(ids)
     return {"prompts": len(ids), "new_tokens": new, "batch_size": batch_size, "minisafe_s": t_ours,

@@ -130,9 +130,10 @@ class PackedWeight:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: PackedWeight | None = None) -> Tensor:
-    """x @ weight.T + bias, on the packed copy if there is one, the weight has not changed since and needs no grad."""
-    if packed is None or packed.version != weight._version or (torch.is_grad_enabled() and weight.requires_grad):
-        return F.linear(x, weight, bias)
+    """x @ weight.T + bias, on the packed copy when there is one that computes the same thing (see packed_weights)."""
+    stale = packed is None or packed.version != weight._version
+    if stale or (torch.is_grad_enabled() and weight.requires_grad) or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)  # the packed kernel has no backward and no autocast rule
     return torch.ops.mkldnn._linear_pointwise(x, packed.data, bias, "none", [], "")
 
 
@@ -341,17 +342,19 @@ class Transformer(nn.Module):
 def packed_weights(model: Transformer) -> Iterator[None]:
     """Inside this block, inference matmuls run on copies of the weights prepacked for oneDNN; on exit they are dropped.
 
-    Why: on this machine (AMD EPYC, AVX-512), MKL's float32 GEMM, which F.linear calls, reaches 40% of what oneDNN's
-    does, at prefill and at decoding sizes alike. In bfloat16 F.linear already uses oneDNN, but reorders the weight at
-    every call, 30% of a decoding step's matmul time. bfloat16 results are bit-identical to F.linear; float32
-    results differ in rounding only (a different summation order). The copies cost one more set of weights while
-    the block runs. A weight changed in place inside the block, or one that needs a gradient, takes F.linear again,
-    so a stale copy is never used. Nested blocks reuse the outer copies. Other devices and dtypes: a no-op.
+    Why: in float32, F.linear calls MKL's GEMM, which on an AMD EPYC with AVX-512 (where this was measured) reaches
+    40% of oneDNN's speed, at prefill and at decoding sizes alike. In bfloat16, F.linear already uses oneDNN but
+    reorders the weight at every call: 30% of the projections' time at decoding sizes. bfloat16 results are
+    bit-identical to F.linear's; float32 ones differ in rounding only (another summation order). The copies cost one
+    more set of weights while the block runs. A weight changed in place inside the block, one that needs a gradient,
+    and autocast take F.linear, so a stale copy is never used. Nested blocks reuse the outer block's copies.
+    Other devices and dtypes, or a CPU without oneDNN's bfloat16 kernels: a no-op.
     """
     weight = model.model.embed_tokens.weight
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    usable = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-              and torch.backends.mkldnn.is_available())
+    usable = (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+              and (weight.dtype == torch.float32
+                   or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     if not usable or any(m.packed is not None for m in linears):
         yield
         return

@@ -245,7 +245,7 @@ def test_packed_weights_are_bit_identical_in_bfloat16(tmp_path, family):
 
 
 def test_packed_weights_never_use_a_stale_or_gradless_copy(tmp_path, monkeypatch):
-    """Weights changed inside the block (scaling, an optimizer step) and training passes take the weights themselves."""
+    """Weights changed inside the block (scaling, an optimizer step), training passes and autocast take the weights."""
     save_tiny(tmp_path, "llama_tied_bias_linear")
     model, _ = minisafe.load(tmp_path)
     ids, mask, _ = left_padded_batch()
@@ -266,9 +266,13 @@ def test_packed_weights_never_use_a_stale_or_gradless_copy(tmp_path, monkeypatch
         return [p.grad.clone() for p in model.parameters()]
 
     expected = gradients()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(ids, mask)
     calls = count_packed_matmuls(monkeypatch)
     with packed_weights(model):
         got = gradients()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(ids, mask), autocast)
     assert not calls and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
