@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 import minisafe
+from minisafe import data
 from minisafe.generate import generate, generate_ids, similar_length_batches
 from minisafe.io import atomic_write_json
 from minisafe.model import packed_weights
@@ -215,6 +216,23 @@ def bench_sppft(path: str, freeze: str, threads: int, batch: int = 8, length: in
             "optimizer_state_ratio": sppft["optimizer_state_bytes"] / full["optimizer_state_bytes"]}
 
 
+def summarize(part: str, run: dict) -> None:
+    """One line per finished part, so that a long run shows its numbers as they come."""
+    peak = f", {run['share_of_peak']:.0%} of peak" if "share_of_peak" in run else ""
+    print(f"{part}: minisafe {run['minisafe_tok_s']:.0f} tok/s, transformers {run['transformers_tok_s']:.0f} tok/s, "
+          f"ratio {run['ratio']:.2f}x{peak}", flush=True)
+
+
+def fetch_bundled(model: str, need_data: bool) -> None:
+    """Fetch the model when it is a bundled one that is missing, and the datasets when the eval part needs them."""
+    from minisafe.weights import MODELS, fetch
+
+    if model.startswith("weights/") and model.removeprefix("weights/") in MODELS:
+        fetch(model.removeprefix("weights/"), "weights")
+    if need_data:
+        data.fetch("data")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="weights/smollm2-135m-instruct", help="Hugging Face model directory")
@@ -229,11 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                         "share)")
     p.add_argument("--out", help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
+    parts = a.only.split(",")
+    if unknown := sorted(set(parts) - set(PARTS)):
+        p.error(f"--only: unknown part(s) {', '.join(unknown)}; expected some of {','.join(PARTS)}")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     import transformers
 
-    parts = a.only.split(",")
+    fetch_bundled(a.model, need_data="eval" in parts)  # before any timing, so that a missing input fails early
+    prompts = data.read_prompts(data.default_malicious_path())[: a.eval_prompts] if "eval" in parts else []
     results: dict = {"model": a.model, "threads": a.threads, "torch": torch.__version__,
                      "transformers": transformers.__version__,
                      "peak_gflop_s": {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}}
@@ -246,23 +268,30 @@ def main(argv: list[str] | None = None) -> int:
             runs["prefill"] = bench_prefill(ours, theirs)
             peak = results["peak_gflop_s"][name]["peak"]
             runs["prefill"]["share_of_peak"] = runs["prefill"]["minisafe_gflop_s"] / peak
+            summarize(f"{name} prefill", runs["prefill"])
         if "generate" in parts:
             runs["generate"] = bench_generate(ours, theirs, tok)
+            summarize(f"{name} generate", runs["generate"])
         if "eval" in parts:
-            from minisafe.data import default_malicious_path, read_prompts
-
-            prompts = read_prompts(default_malicious_path())[: a.eval_prompts]
             runs["eval"] = bench_eval(ours, theirs, tok, prompts, batch_size=a.eval_batch)
+            summarize(f"{name} eval", runs["eval"])
         del ours, theirs
     if "train" in parts:
         ours, _ = minisafe.load(a.model)
         results["train"] = bench_train(ours, load_transformers(a.model))
+        summarize("float32 training step", results["train"])
     if "sppft" in parts:
         results["sppft"] = bench_sppft(a.model, a.freeze, a.threads)
+        sppft = results["sppft"]
+        print(f"sppft {a.freeze} against full fine-tuning: step time {sppft['step_time_ratio']:.2f}x, "
+              f"AdamW state {sppft['optimizer_state_ratio']:.2f}x, peak RSS {sppft['sppft']['peak_rss_mb']:.0f} / "
+              f"{sppft['full']['peak_rss_mb']:.0f} MB", flush=True)
     results["max_rss_mb"] = peak_rss_mb()
-    print(json.dumps(results, indent=2))
     if a.out:
         atomic_write_json(a.out, results)
+        print(f"every number: {a.out}")
+    else:
+        print(json.dumps(results, indent=2))
     return 0
 
 

@@ -10,7 +10,7 @@ transformers, which the parity tests hold this file to.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -124,17 +124,51 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, s
 
 @dataclass
 class PackedWeight:
-    """A weight copied into oneDNN's blocked layout, and the weight's version counter when it was copied."""
+    """Weights copied into oneDNN's blocked layout, and what to check that the copy is still theirs.
+
+    Linears that read the same input (q/k/v, gate/up) are stacked by rows into one matrix, their biases beside it:
+    one larger matmul instead of several small ones, with the same result for every output element.
+    """
     data: Tensor
-    version: int
+    bias: Tensor | None
+    sizes: list[int]  # output features of each stacked linear, in order
+    sources: list[Tensor]  # the weights and biases copied, and their version counters when they were
+    versions: list[int]
+
+    @classmethod
+    def of(cls, weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> PackedWeight:
+        with torch.no_grad():
+            data = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]))
+            present = [b for b in biases if b is not None]
+            bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0])
+                              for w, b in zip(weights, biases)]) if present else None
+        sources = [*weights, *present]
+        return cls(data, bias, [w.shape[0] for w in weights], sources, [t._version for t in sources])
+
+    def usable(self, x: Tensor) -> bool:
+        """True unless a source changed in place since the copy, a gradient must flow, or autocast is on: the packed
+        kernel has no backward and no autocast rule."""
+        if torch.is_autocast_enabled(x.device.type) or [t._version for t in self.sources] != self.versions:
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self.sources))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.data, self.bias, "none", [], "")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: PackedWeight | None = None) -> Tensor:
-    """x @ weight.T + bias, on the packed copy when there is one that computes the same thing (see packed_weights)."""
-    stale = packed is None or packed.version != weight._version
-    if stale or (torch.is_grad_enabled() and weight.requires_grad) or torch.is_autocast_enabled(x.device.type):
-        return F.linear(x, weight, bias)  # the packed kernel has no backward and no autocast rule
-    return torch.ops.mkldnn._linear_pointwise(x, packed.data, bias, "none", [], "")
+    """x @ weight.T + bias, on the packed copy when there is a usable one (see packed_weights)."""
+    if packed is not None and packed.usable(x):
+        return packed(x)
+    return F.linear(x, weight, bias)
+
+
+def stacked_linears(x: Tensor, linears: Sequence[nn.Linear], packed: PackedWeight | None) -> Sequence[Tensor]:
+    """Each of `linears` applied to x: one matmul on their stacked packed copy when it is usable and no hook waits
+    for one of them to run; otherwise one by one."""
+    if packed is not None and packed.usable(x) and not any(m._forward_hooks or m._forward_pre_hooks for m in linears):
+        return packed(x).split(packed.sizes, dim=-1)
+    return [m(x) for m in linears]
 
 
 class Linear(nn.Linear):
@@ -156,6 +190,7 @@ class Attention(nn.Module):
             self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
             self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
             self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.packed_qkv: PackedWeight | None = None  # q, k and v stacked, see packed_weights
         self.o_proj = Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
@@ -163,7 +198,7 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not self.cfg.fused_qkv:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return stacked_linears(x, (self.q_proj, self.k_proj, self.v_proj), self.packed_qkv)
         kv_dim = self.cfg.num_kv_heads * self.cfg.head_dim
         return self.qkv_proj(x).split([self.cfg.num_heads * self.cfg.head_dim, kv_dim, kv_dim], dim=-1)
 
@@ -190,11 +225,15 @@ class MLP(nn.Module):
         else:
             self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
             self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.packed_gate_up: PackedWeight | None = None  # gate and up stacked, see packed_weights
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gelu = cfg.activation == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = stacked_linears(x, (self.gate_proj, self.up_proj), self.packed_gate_up)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up)
 
@@ -338,38 +377,48 @@ class Transformer(nn.Module):
         return rope_cos_sin(inv_freq, positions, settings.attention_factor, dtype)
 
 
+def packing_plan(model: Transformer) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
+    """Where packed copies go, as (module, attribute, linears copied): each layer's q/k/v and gate/up stacked, every
+    other linear on its own."""
+    plan: list[tuple[nn.Module, str, list[nn.Linear]]] = []
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if not attn.cfg.fused_qkv:
+            plan.append((attn, "packed_qkv", [attn.q_proj, attn.k_proj, attn.v_proj]))
+        if not mlp.fused:
+            plan.append((mlp, "packed_gate_up", [mlp.gate_proj, mlp.up_proj]))
+    stacked = {id(m) for _, _, linears in plan for m in linears}
+    return plan + [(m, "packed", [m]) for m in model.modules() if isinstance(m, Linear) and id(m) not in stacked]
+
+
 @contextmanager
 def packed_weights(model: Transformer) -> Iterator[None]:
     """Inside this block, inference matmuls run on copies of the weights prepacked for oneDNN; on exit they are dropped.
 
-    Why: in float32, F.linear calls MKL's GEMM, which on an AMD EPYC with AVX-512 (where this was measured) reaches
-    40% of oneDNN's speed, at prefill and at decoding sizes alike. In bfloat16, F.linear already uses oneDNN but
-    reorders the weight at every call: 30% of the projections' time at decoding sizes. bfloat16 results are
-    bit-identical to F.linear's; float32 ones differ in rounding only (another summation order). The copies cost one
-    more set of weights while the block runs. A weight changed in place inside the block, one that needs a gradient,
-    and autocast take F.linear, so a stale copy is never used. Nested blocks reuse the outer block's copies.
-    Other devices and dtypes, or a CPU without oneDNN's bfloat16 kernels: a no-op.
+    Why: in float32, F.linear calls MKL's GEMM, which on some CPUs (an AMD EPYC with AVX-512, where this was measured)
+    reaches 40% of oneDNN's speed; on others the two are within 15%. In bfloat16, F.linear already uses oneDNN but
+    reorders the weight at every call: 30% of the projections' time at decoding sizes. q/k/v and gate/up are stacked,
+    so each layer makes four matmuls instead of seven. bfloat16 results are bit-identical to F.linear's; float32 ones
+    differ in rounding only (another summation order). The copies cost one more set of weights while the block runs.
+    A weight changed in place inside the block, one that needs a gradient, and autocast take F.linear, so a stale copy
+    is never used; a forward hook on q_proj (say) still sees its module run. Nested blocks reuse the outer block's
+    copies. Other devices and dtypes, or a CPU without oneDNN's bfloat16 kernels: a no-op.
     """
     weight = model.model.embed_tokens.weight
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    plan = packing_plan(model)
     usable = (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
               and (weight.dtype == torch.float32
                    or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-    if not usable or any(m.packed is not None for m in linears):
+    if not usable or any(getattr(owner, attribute) is not None for owner, attribute, _ in plan):
         yield
         return
-
-    def pack(w: Tensor) -> PackedWeight:
-        return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w.detach()), w._version)
-
     try:
-        with torch.no_grad():
-            for m in linears:
-                m.packed = pack(m.weight)
-            if model.lm_head is None:
-                model.packed_embedding = pack(weight)
+        for owner, attribute, linears in plan:
+            setattr(owner, attribute, PackedWeight.of([m.weight for m in linears], [m.bias for m in linears]))
+        if model.lm_head is None:
+            model.packed_embedding = PackedWeight.of([weight], [None])
         yield
     finally:
-        for m in linears:
-            m.packed = None
+        for owner, attribute, _ in plan:
+            setattr(owner, attribute, None)
         model.packed_embedding = None

@@ -1,9 +1,12 @@
 """The benchmark's parts run on a tiny checkpoint, and its eval part compares like with like."""
 
+import json
+
+import pytest
 import torch
 
 import minisafe
-from minisafe.bench import bench_eval, bench_generate, bench_prefill, load_transformers
+from minisafe.bench import bench_eval, bench_generate, bench_prefill, load_transformers, main
 from tiny import save_tiny
 
 
@@ -27,3 +30,20 @@ def test_prefill_and_generate_parts_report_both_sides(tmp_path):
     for part in (prefill, generate):
         assert part["minisafe_tok_s"] > 0 and part["transformers_tok_s"] > 0
         assert abs(part["ratio"] - part["minisafe_tok_s"] / part["transformers_tok_s"]) < 1e-9
+
+
+def test_command_line_reports_each_part_as_it_ends_and_writes_the_numbers(tmp_path, capsys):
+    save_tiny(tmp_path / "model", "llama")
+    out = tmp_path / "bench.json"
+    assert main(["--model", str(tmp_path / "model"), "--only", "prefill,generate", "--dtypes", "float32",
+                 "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["float32 prefill", "float32 generate"]
+    numbers = json.loads(out.read_text())
+    assert set(numbers["float32"]) == {"prefill", "generate"} and numbers["peak_gflop_s"]["float32"]["peak"] > 0
+
+
+def test_command_line_refuses_an_unknown_part(capsys):
+    with pytest.raises(SystemExit):
+        main(["--only", "prefill,decode"])
+    assert "unknown part(s) decode" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import torch
 import minisafe
 from minisafe.generate import generate, generate_ids, shared_prefix
 from minisafe.hooks import scaled_layers
-from minisafe.model import KVCache, Linear, packed_weights
+from minisafe.model import KVCache, packed_weights
 from tiny import FAMILIES, save_tiny
 
 TOL = 1e-4
@@ -57,12 +57,16 @@ def test_logits_with_packed_weights_match_transformers(pair, monkeypatch):
     ids, mask, pos = left_padded_batch()
     expected = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     calls = count_packed_matmuls(monkeypatch)
+    plain = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: plain.append(1) or linear(*args))
     with packed_weights(model):
         got = model(ids, mask)
-    linears = sum(isinstance(m, Linear) for m in model.modules())
-    assert len(calls) == linears + (model.lm_head is None)  # every matmul, the tied head too, ran packed
+    assert not plain  # every matmul ran packed: per layer q/k/v stacked, o, gate/up stacked, down; then the head
+    assert len(calls) == 4 * len(model.layers) + 1
     assert (got - expected)[mask.bool()].abs().max() <= TOL
-    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear)) and model.packed_embedding is None
+    assert all(getattr(m, name, None) is None for m in model.modules()
+               for name in ("packed", "packed_qkv", "packed_gate_up", "packed_embedding"))
 
 
 @torch.no_grad()
@@ -274,6 +278,22 @@ def test_packed_weights_never_use_a_stale_or_gradless_copy(tmp_path, monkeypatch
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(model(ids, mask), autocast)
     assert not calls and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@torch.no_grad()
+def test_a_hook_on_a_stacked_projection_still_sees_it_run(tmp_path):
+    save_tiny(tmp_path, "qwen2")
+    model, _ = minisafe.load(tmp_path)
+    ids, mask, _ = left_padded_batch()
+    seen = []
+    handle = model.layers[1].self_attn.k_proj.register_forward_hook(lambda m, args, out: seen.append(out))
+    try:
+        plain = model(ids, mask)
+        with packed_weights(model):
+            packed = model(ids, mask)
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and (seen[1] - seen[0]).abs().max() <= TOL and (packed - plain).abs().max() <= TOL
 
 
 @torch.no_grad()
