@@ -1,10 +1,11 @@
 """Speed of minisafe against transformers on the same checkpoint, in the same run (a benchmark, not a test).
 
-    python -m minisafe.bench --model weights/smollm2-135m-instruct [--only prefill,generate,eval,train,sppft]
+    python -m minisafe.bench --model weights/smollm2-135m-instruct [--only prefill,generate,eval,profile,train,sppft]
 
-Prefill, generation and the eval workload run once per --dtypes entry, both sides in that dtype; training runs in
-float32, SPPFT in bfloat16 autocast. Reports tokens/s for each side, the ratio, and the share of this machine's
-matmul peak (for the same dtype) reached by the prefill.
+Prefill, generation and the eval workload run once per --dtypes entry, both sides in that dtype, and so does a profile
+of minisafe's decoding steps (where a step's time goes); training runs in float32, SPPFT in bfloat16 autocast.
+Reports tokens/s for each side, the ratio, and the share of this machine's matmul peak (for the same dtype) reached
+by the prefill.
 transformers is imported here only as the yardstick; nothing in the library depends on it.
 """
 
@@ -21,10 +22,11 @@ import minisafe
 from minisafe import data
 from minisafe.generate import generate, generate_ids, similar_length_batches
 from minisafe.io import atomic_write_json
-from minisafe.model import packed_weights
+from minisafe.model import KVCache, packed_weights
 
-PARTS = ("prefill", "generate", "eval", "train", "sppft")
-DTYPE_PARTS = ("prefill", "generate", "eval")
+PARTS = ("prefill", "generate", "eval", "profile", "train", "sppft")
+DTYPE_PARTS = ("prefill", "generate", "eval", "profile")
+PROJECTION_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")  # packed, or F.linear's fallbacks
 
 
 def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -153,6 +155,45 @@ def bench_eval(ours, theirs, tok, prompts: list[str], new: int = 64, batch_size:
             "ratio": (made_ours / t_ours) / (made_theirs / t_theirs), "same_answers": same}
 
 
+@torch.inference_mode()
+def profile_decoding(ours, batch: int = 50, length: int = 48, warm: int = 16, steps: int = 8) -> dict:
+    """Where a greedy decoding step of minisafe spends its time (torch.profiler, self time per operator): the packed
+    projections and head, attention's matmuls over the KV cache, and everything else (top five named)."""
+    from torch.profiler import profile
+
+    cfg = ours.config
+    ids, mask = random_batch(cfg.vocab_size, batch, length), torch.ones(batch, length, dtype=torch.long)
+    dtype, slots = ours.model.embed_tokens.weight.dtype, length + warm + 2 * steps
+    with packed_weights(ours):
+        cache = KVCache(cfg, batch, slots, dtype, "cpu")
+        token = ours(ids, mask, cache=cache, last_logits_only=True)[:, -1].argmax(-1)
+
+        def step() -> None:
+            nonlocal mask, token
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            token = ours(token[:, None], mask, cache=cache)[:, -1].argmax(-1)
+
+        for _ in range(warm):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):  # timed without the profiler, whose own cost would count
+            step()
+        wall = (time.perf_counter() - start) / steps
+        with profile() as prof:
+            for _ in range(steps):
+                step()
+    self_ms = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+    projections = sum(ms for op, ms in self_ms.items() if op in PROJECTION_OPS)
+    attention = self_ms.get("aten::bmm", 0.0)
+    rest = {op: ms for op, ms in self_ms.items() if op not in PROJECTION_OPS and op != "aten::bmm" and ms > 0}
+    weights = sum(p.numel() for n, p in ours.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    head = cfg.vocab_size * cfg.hidden_size if ours.lm_head is None else 0
+    return {"batch": batch, "slots": slots, "step_ms": 1000 * wall, "profiled_ms": sum(self_ms.values()),
+            "projections_ms": projections, "projections_gflop_s": 2 * batch * (weights + head) / projections / 1e6,
+            "attention_matmuls_ms": attention, "rest_ms": sum(rest.values()),
+            "rest_top": dict(sorted(rest.items(), key=lambda kv: -kv[1])[:5])}
+
+
 def bench_train(ours, theirs, batch: int = 4, length: int = 128, steps: int = 3) -> dict:
     """Training tokens/s: forward, cross-entropy, backward, AdamW step; same batch, both in float32."""
     ids = random_batch(ours.config.vocab_size, batch, length)
@@ -275,6 +316,16 @@ def main(argv: list[str] | None = None) -> int:
         if "eval" in parts:
             runs["eval"] = bench_eval(ours, theirs, tok, prompts, batch_size=a.eval_batch)
             summarize(f"{name} eval", runs["eval"])
+        if "profile" in parts:
+            runs["profile"] = prof = profile_decoding(ours, batch=a.eval_batch)
+            peak = results["peak_gflop_s"][name]["peak"]
+            prof["projections_share_of_peak"] = prof["projections_gflop_s"] / peak
+            top = ", ".join(f"{op.removeprefix('aten::')} {ms:.1f}" for op, ms in prof["rest_top"].items())
+            print(f"{name} decoding step, batch {prof['batch']}, {prof['slots']} slots: {prof['step_ms']:.1f} ms; "
+                  f"projections {prof['projections_ms']:.1f} ms ({prof['projections_share_of_peak']:.0%} of peak), "
+                  f"attention matmuls {prof['attention_matmuls_ms']:.1f} ms, other operators {prof['rest_ms']:.1f} ms ({top}), "
+                  f"outside operators (Python) {max(0.0, prof['step_ms'] - prof['profiled_ms']):.1f} ms",
+                  flush=True)
         del ours, theirs
     if "train" in parts:
         ours, _ = minisafe.load(a.model)

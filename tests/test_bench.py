@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import minisafe
-from minisafe.bench import bench_eval, bench_generate, bench_prefill, load_transformers, main
+from minisafe.bench import (bench_eval, bench_generate, bench_prefill, load_transformers, main,
+                            profile_decoding)
 from tiny import save_tiny
 
 
@@ -47,3 +48,13 @@ def test_command_line_refuses_an_unknown_part(capsys):
     with pytest.raises(SystemExit):
         main(["--only", "prefill,decode"])
     assert "unknown part(s) decode" in capsys.readouterr().err
+
+
+def test_decoding_profile_splits_a_step_into_projections_attention_and_the_rest(tmp_path):
+    save_tiny(tmp_path, "qwen2")
+    ours, _ = minisafe.load(tmp_path)
+    prof = profile_decoding(ours, batch=3, length=6, warm=2, steps=2)
+    assert prof["projections_ms"] > 0 and prof["attention_matmuls_ms"] > 0 and prof["step_ms"] > 0
+    parts = prof["projections_ms"] + prof["attention_matmuls_ms"] + prof["rest_ms"]
+    assert abs(parts - prof["profiled_ms"]) < 1e-6 * max(1.0, parts)
+    assert len(prof["rest_top"]) <= 5 and all(ms <= prof["rest_ms"] for ms in prof["rest_top"].values())
