@@ -74,13 +74,18 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048) -> dict[str, float]:
     return {**rates, "peak": max(rates.values())}
 
 
+def projection_params(model: minisafe.model.Transformer) -> int:
+    """Weights multiplied once per token: every projection matrix and the head (the embedding, when tied)."""
+    linear = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    tied_head = model.config.vocab_size * model.config.hidden_size if model.lm_head is None else 0
+    return linear + tied_head
+
+
 def forward_flops(model: minisafe.model.Transformer, batch: int, length: int) -> float:
     """Matmul FLOPs of one causal forward pass: every projection and the head, plus attention's two products."""
     cfg = model.config
-    linear = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
-    head = cfg.vocab_size * cfg.hidden_size
     attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * length * (length + 1) / 2
-    return batch * (2 * length * (linear + (head if model.lm_head is None else 0)) + attention)
+    return batch * (2 * length * projection_params(model) + attention)
 
 
 def random_batch(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -186,10 +191,8 @@ def profile_decoding(ours, batch: int = 50, length: int = 48, warm: int = 16, st
     projections = sum(ms for op, ms in self_ms.items() if op in PROJECTION_OPS)
     attention = self_ms.get("aten::bmm", 0.0)
     rest = {op: ms for op, ms in self_ms.items() if op not in PROJECTION_OPS and op != "aten::bmm" and ms > 0}
-    weights = sum(p.numel() for n, p in ours.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
-    head = cfg.vocab_size * cfg.hidden_size if ours.lm_head is None else 0
     return {"batch": batch, "slots": slots, "step_ms": 1000 * wall, "profiled_ms": sum(self_ms.values()),
-            "projections_ms": projections, "projections_gflop_s": 2 * batch * (weights + head) / projections / 1e6,
+            "projections_ms": projections, "projections_gflop_s": 2 * batch * projection_params(ours) / projections / 1e6,
             "attention_matmuls_ms": attention, "rest_ms": sum(rest.values()),
             "rest_top": dict(sorted(rest.items(), key=lambda kv: -kv[1])[:5])}
 
@@ -264,6 +267,15 @@ def summarize(part: str, run: dict) -> None:
           f"ratio {run['ratio']:.2f}x{peak}", flush=True)
 
 
+def summarize_profile(dtype: str, prof: dict) -> None:
+    """The decoding profile's line: where a step's time went."""
+    top = ", ".join(f"{op.removeprefix('aten::')} {ms:.1f}" for op, ms in prof["rest_top"].items())
+    print(f"{dtype} decoding step, batch {prof['batch']}, {prof['slots']} slots: {prof['step_ms']:.1f} ms; "
+          f"projections {prof['projections_ms']:.1f} ms ({prof['projections_share_of_peak']:.0%} of peak), "
+          f"attention matmuls {prof['attention_matmuls_ms']:.1f} ms, other operators {prof['rest_ms']:.1f} ms "
+          f"({top}), outside operators (Python) {max(0.0, prof['step_ms'] - prof['profiled_ms']):.1f} ms", flush=True)
+
+
 def fetch_bundled(model: str, need_data: bool) -> None:
     """Fetch the model when it is a bundled one that is missing, and the datasets when the eval part needs them."""
     from minisafe.weights import MODELS, fetch
@@ -318,14 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             summarize(f"{name} eval", runs["eval"])
         if "profile" in parts:
             runs["profile"] = prof = profile_decoding(ours, batch=a.eval_batch)
-            peak = results["peak_gflop_s"][name]["peak"]
-            prof["projections_share_of_peak"] = prof["projections_gflop_s"] / peak
-            top = ", ".join(f"{op.removeprefix('aten::')} {ms:.1f}" for op, ms in prof["rest_top"].items())
-            print(f"{name} decoding step, batch {prof['batch']}, {prof['slots']} slots: {prof['step_ms']:.1f} ms; "
-                  f"projections {prof['projections_ms']:.1f} ms ({prof['projections_share_of_peak']:.0%} of peak), "
-                  f"attention matmuls {prof['attention_matmuls_ms']:.1f} ms, other operators {prof['rest_ms']:.1f} ms ({top}), "
-                  f"outside operators (Python) {max(0.0, prof['step_ms'] - prof['profiled_ms']):.1f} ms",
-                  flush=True)
+            prof["projections_share_of_peak"] = prof["projections_gflop_s"] / results["peak_gflop_s"][name]["peak"]
+            summarize_profile(name, prof)
         del ours, theirs
     if "train" in parts:
         ours, _ = minisafe.load(a.model)

@@ -190,7 +190,7 @@ class Attention(nn.Module):
             self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
             self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
             self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
-        self.packed_qkv: PackedWeight | None = None  # q, k and v stacked, see packed_weights
+            self.packed_qkv: PackedWeight | None = None  # q, k and v stacked, see packed_weights
         self.o_proj = Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
