@@ -59,19 +59,24 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, long_context: bool = False) -
 
 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, attention_factor: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin [B, T, rotary_dim] for integer positions [B, T]; the two halves repeat (Hugging Face layout)."""
+    """cos and signed sin [B, T, rotary_dim] for integer positions [B, T], as apply_rope takes them.
+
+    The two halves repeat (Hugging Face layout); the first half of sin is negated, which is the sign of rotate_half.
+    """
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return (angles.cos() * attention_factor).to(dtype), (angles.sin() * attention_factor).to(dtype)
+    cos, sin = (freqs.cos() * attention_factor).to(dtype), (freqs.sin() * attention_factor).to(dtype)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, H, T, head_dim]; only the first rotary_dim channels turn when RoPE is partial."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """Rotate x [B, T, H, head_dim]; only the first rotary_dim channels turn when RoPE is partial.
+
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1): with the sign in sin, a roll of x is all
+    that is left of it. The same numbers as transformers' form, in three operators fewer.
+    """
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
-    half = rot.shape[-1] // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos + rotated * sin
+    out = rot * cos + rot.roll(rot.shape[-1] // 2, dims=-1) * sin
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
@@ -112,14 +117,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, s
     # CPU flash kernel's fixed cost per call is several times these two small matmuls (10x in bfloat16).
     kv_heads, slots = k.shape[1], k.shape[2]
     q = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)  # query head h reads kv head h // groups
-    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = (q @ k.transpose(-2, -1)).mul_(scale)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is None:  # plain causal attention over as many slots as queries
         mask = torch.ones(1, 1, length, slots, dtype=torch.bool, device=q.device).tril()
-    scores = scores.view(batch, kv_heads, -1, length, slots).masked_fill(~mask.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return (probs.view(batch, kv_heads, -1, slots) @ v).view(batch, heads, length, dim)
+    scores.view(batch, kv_heads, -1, length, slots).masked_fill_(~mask.unsqueeze(2), float("-inf"))
+    # A bfloat16 softmax computes in float32 and rounds once, the same numbers as softmax(float32).to(bfloat16).
+    return (torch.softmax(scores, dim=-1) @ v).view(batch, heads, length, dim)
 
 
 @dataclass
@@ -131,7 +136,6 @@ class PackedWeight:
     """
     data: Tensor
     bias: Tensor | None
-    sizes: list[int]  # output features of each stacked linear, in order
     sources: list[Tensor]  # the weights and biases copied, and their version counters when they were
     versions: list[int]
 
@@ -143,7 +147,7 @@ class PackedWeight:
             bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0])
                               for w, b in zip(weights, biases)]) if present else None
         sources = [*weights, *present]
-        return cls(data, bias, [w.shape[0] for w in weights], sources, [t._version for t in sources])
+        return cls(data, bias, sources, [t._version for t in sources])
 
     def usable(self, x: Tensor) -> bool:
         """True unless a source changed in place since the copy, a gradient must flow, or autocast is on: the packed
@@ -163,12 +167,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Packed
     return F.linear(x, weight, bias)
 
 
-def stacked_linears(x: Tensor, linears: Sequence[nn.Linear], packed: PackedWeight | None) -> Sequence[Tensor]:
-    """Each of `linears` applied to x: one matmul on their stacked packed copy when it is usable and no hook waits
-    for one of them to run; otherwise one by one."""
-    if packed is not None and packed.usable(x) and not any(m._forward_hooks or m._forward_pre_hooks for m in linears):
-        return packed(x).split(packed.sizes, dim=-1)
-    return [m(x) for m in linears]
+def stackable(x: Tensor, linears: Sequence[nn.Linear], packed: PackedWeight | None) -> bool:
+    """Whether `linears` can run as one matmul on their stacked packed copy: it is usable and no hook waits for one
+    of them to run."""
+    return packed is not None and packed.usable(x) and not any(m._forward_hooks or m._forward_pre_hooks for m in linears)
 
 
 class Linear(nn.Linear):
@@ -196,18 +198,25 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
 
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if not self.cfg.fused_qkv:
-            return stacked_linears(x, (self.q_proj, self.k_proj, self.v_proj), self.packed_qkv)
-        kv_dim = self.cfg.num_kv_heads * self.cfg.head_dim
-        return self.qkv_proj(x).split([self.cfg.num_heads * self.cfg.head_dim, kv_dim, kv_dim], dim=-1)
+    def project_qkv(self, x: Tensor) -> Tensor:
+        """q, k and v side by side [B, T, (heads + 2 * kv_heads) * head_dim], as Phi-3 stores them."""
+        if self.cfg.fused_qkv:
+            return self.qkv_proj(x)
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if stackable(x, linears, self.packed_qkv):
+            return self.packed_qkv(x)
+        return torch.cat([m(x) for m in linears], dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         batch, length, _ = x.shape
-        q, k, v = (t.view(batch, length, -1, self.cfg.head_dim).transpose(1, 2) for t in self.project_qkv(x))
-        if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        heads, kv_heads = self.cfg.num_heads, self.cfg.num_kv_heads
+        qkv = self.project_qkv(x).view(batch, length, heads + 2 * kv_heads, self.cfg.head_dim)
+        if self.cfg.qk_norm:  # q and k have norms of their own, so they turn apart
+            q = apply_rope(self.q_norm(qkv[:, :, :heads]), cos, sin)
+            k = apply_rope(self.k_norm(qkv[:, :, heads : heads + kv_heads]), cos, sin)
+        else:  # side by side, q and k turn in one go
+            q, k = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, heads + kv_heads :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         y = attend(q, k, v, mask, self.cfg.attn_scale, self.cfg.attn_softcap)
@@ -232,8 +241,10 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        elif stackable(x, (self.gate_proj, self.up_proj), self.packed_gate_up):
+            gate, up = self.packed_gate_up(x).chunk(2, dim=-1)
         else:
-            gate, up = stacked_linears(x, (self.gate_proj, self.up_proj), self.packed_gate_up)
+            gate, up = self.gate_proj(x), self.up_proj(x)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up)
 
@@ -267,9 +278,9 @@ class Block(nn.Module):
 class KVCache:
     """Keys and values of every layer in preallocated buffers [B, Hkv, max_len, head_dim], filled left to right.
 
-    Attention reads a layer's whole buffer and the mask hides the slots not filled yet (as gpt-fast does): a slice
-    of the filled slots would be strided, and CPU bfloat16 matmuls copy strided operands, which cost more than
-    the masked tail.
+    A one-token step reads a layer's whole buffer and the mask hides the slots not filled yet (as gpt-fast does): a
+    slice of the filled slots would be strided, and CPU bfloat16 matmuls copy strided operands, which cost more than
+    the masked tail. A prompt reads only the filled slots.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
@@ -278,14 +289,20 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.length, self.max_len = 0, max_len
 
+    def slots(self, length: int) -> int:
+        """How many key slots attention reads in a step of `length` new tokens: the whole buffer for one token,
+        only the filled slots for a prompt (SDPA takes strided keys as they are, and the tail would be wasted work)."""
+        return self.max_len if length == 1 else self.length + length
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's k, v for `layer` after the filled slots; return the layer's whole buffers."""
+        """Store this step's k, v for `layer` after the filled slots; return the layer's first slots(T) slots."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer], self.values[layer]
+        slots = self.slots(k.shape[2])
+        return self.keys[layer][:, :, :slots], self.values[layer][:, :, :slots]
 
     def keep_rows(self, rows: Tensor) -> None:
         """Keep only these batch rows (rows that finished generating are dropped)."""
@@ -344,7 +361,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if cfg.scale_embeddings:  # Gemma; the factor is rounded to the activation dtype, as in transformers
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
-        slots = cache.max_len if cache is not None else length
+        slots = cache.slots(length) if cache is not None else length
         rope, masks = {}, {}
         for kind in set(cfg.layer_types):
             rope[kind] = self.rope(kind, positions, x.dtype)

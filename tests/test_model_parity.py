@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import minisafe
-from minisafe.generate import generate, generate_ids, shared_prefix
+from minisafe.generate import generate, generate_ids, greedy, shared_prefix
 from minisafe.hooks import scaled_layers
 from minisafe.model import KVCache, packed_weights
 from tiny import FAMILIES, save_tiny
@@ -184,6 +184,18 @@ def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
     assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]
     assert shared_prefix([[7, 1], [8, 1]]) == []
     assert shared_prefix([[5]]) == []
+
+
+@pytest.mark.parametrize("vocab", [49152, 151936, 250, 97])
+def test_greedy_picks_the_first_maximum_as_argmax_does(vocab):
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[1, [3, vocab - 2]] = logits[1].max() + 1  # a tie: the first one counts
+    logits[2, -1] = logits[2].max() + 1  # in the last chunk
+    logits[3, :] = 0.5  # all equal
+    logits[4, 7] = float("nan")  # argmax takes NaN for the maximum
+    assert torch.equal(greedy(logits), logits.argmax(-1))
+    wide = torch.randn(6, 3, vocab)
+    assert torch.equal(greedy(wide[:, -1]), wide[:, -1].argmax(-1))  # a strided view, as generation passes
 
 
 @torch.no_grad()
