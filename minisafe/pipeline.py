@@ -281,7 +281,7 @@ def evaluate(model_dir: str | Path, sets: Path, p: Profile, out: Path) -> None:
     run_eval(EvalConfig(models=[str(model_dir)], out=str(out), harmful=str(sets / "malicious_test.jsonl"),
                         over_rejection=str(sets / "over_rejection_test.jsonl"), utility=str(sets / "utility_test.jsonl"),
                         max_new_tokens=p.eval_tokens, limit=p.eval_limit, batch_size=50, template="chat",
-                        dtype="bfloat16",  # 1.7-1.8x as fast as float32 on two machines (bench eval part)
+                        dtype="bfloat16",  # 1.6-1.8x as fast as float32 on two machines (bench eval part)
                         seed=p.seed, command=["python", "-m", "minisafe.pipeline", "--profile", p.name]))
 
 

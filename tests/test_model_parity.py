@@ -260,6 +260,13 @@ def test_packed_weights_are_bit_identical_in_bfloat16(tmp_path, family):
         assert torch.equal(model(ids, mask), plain)
 
 
+def test_bfloat16_softmax_rounds_once_as_the_float32_one_does():
+    """attend's decoding path takes softmax in the activation dtype on this promise."""
+    scores = (torch.randn(8, 3, 3, 97, generator=torch.Generator().manual_seed(0)) * 20).to(torch.bfloat16)
+    scores[..., 60:] = float("-inf")  # the masked tail of a KV cache
+    assert torch.equal(torch.softmax(scores, dim=-1), torch.softmax(scores, dim=-1, dtype=torch.float32).to(torch.bfloat16))
+
+
 def test_packed_weights_never_use_a_stale_or_gradless_copy(tmp_path, monkeypatch):
     """Weights changed inside the block (scaling, an optimizer step), training passes and autocast take the weights."""
     save_tiny(tmp_path, "llama_tied_bias_linear")
