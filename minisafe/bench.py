@@ -171,12 +171,12 @@ def profile_decoding(ours, batch: int = 50, length: int = 48, warm: int = 16, st
     dtype, slots = ours.model.embed_tokens.weight.dtype, length + warm + 2 * steps
     with packed_weights(ours):
         cache = KVCache(cfg, batch, slots, dtype, "cpu")
-        token = greedy(ours(ids, mask, cache=cache, last_logits_only=True)[:, -1])
+        token = greedy(ours(ids, mask, cache=cache, last_logits_only=True, float_logits=False)[:, -1])
 
         def step() -> None:
             nonlocal mask, token
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            token = greedy(ours(token[:, None], mask, cache=cache)[:, -1])
+            token = greedy(ours(token[:, None], mask, cache=cache, float_logits=False)[:, -1])
 
         for _ in range(warm):
             step()

@@ -61,7 +61,9 @@ def generate_ids(model: Transformer, input_ids: Tensor, attention_mask: Tensor, 
         batch, length = input_ids.shape
         dtype, device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        cache = KVCache(model.config, batch, len(prefix_ids) + length + max_new_tokens, dtype, device)
+        # The last new token is never fed back, so the cache holds one position fewer than prompt and answer.
+        positions = len(prefix_ids) + length + max(max_new_tokens - 1, 0)
+        cache = KVCache(model.config, batch, positions, dtype, device)
         if prefix_ids:
             shared = KVCache(model.config, 1, len(prefix_ids), dtype, device)
             model(torch.tensor([list(prefix_ids)], device=device), cache=shared, last_logits_only=True)
@@ -73,7 +75,7 @@ def generate_ids(model: Transformer, input_ids: Tensor, attention_mask: Tensor, 
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         rows = torch.arange(batch, device=device)  # the batch row of each row still being decoded
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # of those rows
-        logits = model(input_ids, attention_mask, cache=cache, last_logits_only=True)
+        logits = model(input_ids, attention_mask, cache=cache, last_logits_only=True, float_logits=temperature > 0)
         steps = 0
         while steps < max_new_tokens:
             token = next_token(logits[:, -1], temperature, top_p, generator)
@@ -93,7 +95,7 @@ def generate_ids(model: Transformer, input_ids: Tensor, attention_mask: Tensor, 
                 rows, finished, token, attention_mask = rows[keep], finished[keep], token[keep], attention_mask[keep]
                 cache.keep_rows(keep)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-            logits = model(token[:, None], attention_mask, cache=cache)
+            logits = model(token[:, None], attention_mask, cache=cache, float_logits=temperature > 0)
         return out[:, :steps], lengths
 
 

@@ -10,7 +10,7 @@ transformers, which the parity tests hold this file to.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -120,8 +120,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, s
     scores = (q @ k.transpose(-2, -1)).mul_(scale)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if mask is None:  # plain causal attention over as many slots as queries
-        mask = torch.ones(1, 1, length, slots, dtype=torch.bool, device=q.device).tril()
+    if mask is None:  # plain causal attention, the queries in the last slots
+        mask = torch.ones(1, 1, length, slots, dtype=torch.bool, device=q.device).tril(slots - length)
     scores.view(batch, kv_heads, -1, length, slots).masked_fill_(~mask.unsqueeze(2), float("-inf"))
     # A bfloat16 softmax computes in float32 and rounds once, the same numbers as softmax(float32).to(bfloat16).
     return (torch.softmax(scores, dim=-1) @ v).view(batch, heads, length, dim)
@@ -142,7 +142,9 @@ class PackedWeight:
     @classmethod
     def of(cls, weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> PackedWeight:
         with torch.no_grad():
-            data = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]))
+            # (torch.cat copies even a single tensor: 60 ms of SmolLM2's packing in float32)
+            stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+            data = torch.ops.mkldnn._reorder_linear_weight(stacked.detach())
             present = [b for b in biases if b is not None]
             bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0])
                               for w, b in zip(weights, biases)]) if present else None
@@ -167,10 +169,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Packed
     return F.linear(x, weight, bias)
 
 
+def hooked(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward hook waits for one of these modules to run."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def stackable(x: Tensor, linears: Sequence[nn.Linear], packed: PackedWeight | None) -> bool:
     """Whether `linears` can run as one matmul on their stacked packed copy: it is usable and no hook waits for one
     of them to run."""
-    return packed is not None and packed.usable(x) and not any(m._forward_hooks or m._forward_pre_hooks for m in linears)
+    return packed is not None and packed.usable(x) and not hooked(linears)
 
 
 class Linear(nn.Linear):
@@ -207,7 +214,10 @@ class Attention(nn.Module):
             return self.packed_qkv(x)
         return torch.cat([m(x) for m in linears], dim=-1)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
+                last_only: bool = False) -> Tensor:
+        """Attention output [B, T, D], or [B, 1, D] for the last query alone with last_only (keys and values still
+        come from every position)."""
         batch, length, _ = x.shape
         heads, kv_heads = self.cfg.num_heads, self.cfg.num_kv_heads
         qkv = self.project_qkv(x).view(batch, length, heads + 2 * kv_heads, self.cfg.head_dim)
@@ -219,6 +229,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, heads + kv_heads :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+        if last_only:
+            q, mask, length = q[:, :, -1:], mask[..., -1:, :] if mask is not None else None, 1
         y = attend(q, k, v, mask, self.cfg.attn_scale, self.cfg.attn_softcap)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
 
@@ -266,8 +278,13 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
+                last_only: bool = False) -> Tensor:
+        """The layer's output [B, T, D]; with last_only, [B, 1, D] at the last position alone (which is all the
+        logits of the last position need from the last layer)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, last_only)
+        if last_only:
+            x = x[:, -1:]
         if not self.sandwich:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -276,32 +293,43 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer in preallocated buffers [B, Hkv, max_len, head_dim], filled left to right.
+    """Keys and values of every layer in buffers [B, Hkv, capacity, head_dim], filled left to right, for up to max_len
+    positions.
 
     A one-token step reads a layer's whole buffer and the mask hides the slots not filled yet (as gpt-fast does): a
-    slice of the filled slots would be strided, and CPU bfloat16 matmuls copy strided operands, which cost more than
-    the masked tail. A prompt reads only the filled slots.
+    slice of the filled slots would be strided, and CPU bfloat16 matmuls copy strided operands, which costs more than
+    the masked tail. So that the tail stays short, a buffer holds the filled slots and at most `grow` more; when it is
+    full it is copied into one `grow` slots longer (measured: a step over 80 filled slots of 112 took 1.4x one over a
+    buffer of 80 in bfloat16, 1.6x in float32). A prompt reads only the filled slots.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.length, self.max_len = 0, max_len
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
+                 grow: int = 16):
+        empty = torch.zeros(batch_size, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype, device=device)
+        self.keys, self.values = [empty] * cfg.num_layers, [empty] * cfg.num_layers
+        self.length, self.max_len, self.grow = 0, max_len, grow
 
     def slots(self, length: int) -> int:
-        """How many key slots attention reads in a step of `length` new tokens: the whole buffer for one token,
-        only the filled slots for a prompt (SDPA takes strided keys as they are, and the tail would be wasted work)."""
-        return self.max_len if length == 1 else self.length + length
+        """How many key slots attention reads in a step of `length` new tokens: the whole buffer (as it is after this
+        step) for one token, only the filled slots for a prompt (SDPA takes strided keys as they are)."""
+        end = self.length + length
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
+        return end if length > 1 else self._capacity(end)
+
+    def _capacity(self, end: int) -> int:
+        """The length of a buffer that must hold `end` slots: its own if that is enough, else `grow` - 1 beyond end."""
+        return self.keys[-1].shape[2] if end <= self.keys[-1].shape[2] else min(self.max_len, end + self.grow - 1)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's k, v for `layer` after the filled slots; return the layer's first slots(T) slots."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        slots = self.slots(k.shape[2])
+        start, slots = self.length, self.slots(k.shape[2])
+        end = start + k.shape[2]
+        if end > self.keys[layer].shape[2]:
+            capacity = self._capacity(end)
+            self.keys[layer], self.values[layer] = _longer(self.keys[layer], capacity), _longer(self.values[layer], capacity)
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :slots], self.values[layer][:, :, :slots]
 
     def keep_rows(self, rows: Tensor) -> None:
@@ -311,9 +339,21 @@ class KVCache:
 
     def share(self, prefix: KVCache) -> None:
         """Start every row with the filled slots of a one-row cache (a prompt prefix the whole batch has in common)."""
-        for mine, theirs in zip(self.keys + self.values, prefix.keys + prefix.values):
-            mine[:, :, : prefix.length] = theirs[:, :, : prefix.length]
+        capacity = self._capacity(prefix.length)
+        for buffers, theirs in ((self.keys, prefix.keys), (self.values, prefix.values)):
+            for layer, buffer in enumerate(buffers):
+                buffers[layer] = _longer(buffer, capacity) if buffer.shape[2] < capacity else buffer
+                buffers[layer][:, :, : prefix.length] = theirs[layer][:, :, : prefix.length]
         self.length = prefix.length
+
+
+def _longer(buffer: Tensor, capacity: int) -> Tensor:
+    """A KV buffer copied into one of `capacity` slots. The new slots are zero: a masked slot's value still meets a
+    zero attention weight, and 0 * NaN would not be 0."""
+    longer = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[3])
+    longer[:, :, : buffer.shape[2]] = buffer
+    longer[:, :, buffer.shape[2] :] = 0
+    return longer
 
 
 class Transformer(nn.Module):
@@ -340,8 +380,12 @@ class Transformer(nn.Module):
         return self.model.layers
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False, last_logits_only: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+                return_hidden: bool = False, last_logits_only: bool = False, float_logits: bool = True
+                ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits [B, T, V] in float32 (T = 1 with last_logits_only).
+
+        float_logits=False leaves them in the activation dtype (float32 all the same under a final softcap): greedy
+        decoding takes the same argmax from them, without copying [B, V] into float32 at every step.
 
         attention_mask [B, past + T]: 1 = real token, 0 = padding (left padding); with a cache it covers the cached
         slots too. Positions count real tokens only, so a left-padded row gives the logits of the unpadded row.
@@ -369,8 +413,12 @@ class Transformer(nn.Module):
             masks[kind] = attention_mask_4d(attention_mask, past, length, slots, window)
 
         hidden = []
-        for layer, kind in zip(self.model.layers, cfg.layer_types):
-            x = layer(x, *rope[kind], masks[kind], cache)
+        # Only the last position's logits wanted: the last layer needs every position's keys and values, but the
+        # rest of its work (3% of a 30-layer prompt pass) only at the last position. A layer with a hook on it (or on
+        # a part of it) runs in full, so that the hook sees every position.
+        last_only = last_logits_only and not return_hidden and not hooked(self.model.layers[-1].modules())
+        for i, (layer, kind) in enumerate(zip(self.model.layers, cfg.layer_types)):
+            x = layer(x, *rope[kind], masks[kind], cache, last_only and i == cfg.num_layers - 1)
             if return_hidden:
                 hidden.append(x)
         if cache is not None:
@@ -378,9 +426,11 @@ class Transformer(nn.Module):
 
         x = self.model.norm(x[:, -1:] if last_logits_only else x)
         if self.lm_head is None:
-            logits = linear(x, self.model.embed_tokens.weight, packed=self.packed_embedding).float()
+            logits = linear(x, self.model.embed_tokens.weight, packed=self.packed_embedding)
         else:
-            logits = self.lm_head(x).float()
+            logits = self.lm_head(x)
+        if float_logits or cfg.final_softcap is not None:
+            logits = logits.float()
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return (logits, hidden) if return_hidden else logits

@@ -93,6 +93,47 @@ def test_every_layer_output_matches_transformers(pair):
 
 
 @torch.no_grad()
+def test_last_logits_only_equals_the_last_position_of_the_full_pass(pair):
+    """The last layer then works at the last position alone; a hook on it still sees every position."""
+    _, _, model, _ = pair
+    ids, mask, _ = left_padded_batch()
+    full = model(ids, mask)
+    last = model(ids, mask, last_logits_only=True)
+    assert last.shape == (3, 1, full.shape[-1]) and (last - full[:, -1:]).abs().max() <= TOL
+    seen = []
+    handle = model.layers[-1].register_forward_hook(lambda m, args, out: seen.append(out))
+    try:
+        hooked = model(ids, mask, last_logits_only=True)
+    finally:
+        handle.remove()
+    assert seen[0].shape[:2] == ids.shape and (hooked - last).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_kv_cache_grows_by_its_step_and_gives_the_same_logits_as_a_full_one(pair):
+    _, _, model, _ = pair
+    ids, mask, _ = left_padded_batch()
+    steps = torch.randint(5, 250, (3, 9), generator=torch.Generator().manual_seed(7))
+    max_len = ids.shape[1] + steps.shape[1]
+    logits, capacities = {}, []
+    for grow in (4, max_len):
+        cache = KVCache(model.config, 3, max_len, torch.float32, "cpu", grow=grow)
+        step_mask = mask
+        out = [model(ids, mask, cache=cache, last_logits_only=True)]
+        for t in range(steps.shape[1]):
+            step_mask = torch.cat([step_mask, step_mask.new_ones(3, 1)], dim=1)
+            out.append(model(steps[:, t : t + 1], step_mask, cache=cache))
+            capacities.append(cache.keys[0].shape[2])
+        logits[grow] = torch.cat(out, dim=1)
+    width = ids.shape[1]  # after the prompt the buffer holds grow - 1 more slots, then grows by `grow` when full
+    assert capacities[:9] == [width + 3] * 3 + [width + 7] * 4 + [max_len] * 2
+    assert capacities[9:] == [max_len] * 9
+    assert (logits[4] - logits[max_len]).abs().max() <= TOL
+    with pytest.raises(ValueError, match=f"KV cache holds {max_len} positions; this step needs {max_len + 1}"):
+        model(steps[:, :1], torch.cat([step_mask, step_mask.new_ones(3, 1)], dim=1), cache=cache)
+
+
+@torch.no_grad()
 def test_greedy_generation_matches_transformers_generate(pair):
     _, hf, model, tok = pair
     ids, mask, _ = left_padded_batch(lengths=(6, 11, 3), seed=1)
