@@ -318,8 +318,12 @@ class KVCache:
         return end if length > 1 else self._capacity(end)
 
     def _capacity(self, end: int) -> int:
-        """The length of a buffer that must hold `end` slots: its own if that is enough, else `grow` - 1 beyond end."""
-        return self.keys[-1].shape[2] if end <= self.keys[-1].shape[2] else min(self.max_len, end + self.grow - 1)
+        """The length of a buffer that must hold `end` slots: its own if that is enough, else `grow` - 1 beyond end,
+        or max_len where less than `grow` would be left beyond that (so that the last copy is not for a few slots)."""
+        if end <= self.keys[-1].shape[2]:
+            return self.keys[-1].shape[2]
+        capacity = end + self.grow - 1
+        return self.max_len if capacity + self.grow > self.max_len else capacity
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's k, v for `layer` after the filled slots; return the layer's first slots(T) slots."""

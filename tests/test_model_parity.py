@@ -113,7 +113,7 @@ def test_last_logits_only_equals_the_last_position_of_the_full_pass(pair):
 def test_kv_cache_grows_by_its_step_and_gives_the_same_logits_as_a_full_one(pair):
     _, _, model, _ = pair
     ids, mask, _ = left_padded_batch()
-    steps = torch.randint(5, 250, (3, 9), generator=torch.Generator().manual_seed(7))
+    steps = torch.randint(5, 250, (3, 12), generator=torch.Generator().manual_seed(7))
     max_len = ids.shape[1] + steps.shape[1]
     logits, capacities = {}, []
     for grow in (4, max_len):
@@ -125,9 +125,12 @@ def test_kv_cache_grows_by_its_step_and_gives_the_same_logits_as_a_full_one(pair
             out.append(model(steps[:, t : t + 1], step_mask, cache=cache))
             capacities.append(cache.keys[0].shape[2])
         logits[grow] = torch.cat(out, dim=1)
-    width = ids.shape[1]  # after the prompt the buffer holds grow - 1 more slots, then grows by `grow` when full
-    assert capacities[:9] == [width + 3] * 3 + [width + 7] * 4 + [max_len] * 2
-    assert capacities[9:] == [max_len] * 9
+    # After the prompt a buffer holds grow - 1 more slots and grows by `grow` when full, straight to max_len when
+    # less than `grow` would be left.
+    width = ids.shape[1]
+    assert max_len == width + 12
+    assert capacities[:12] == [width + 3] * 3 + [width + 7] * 4 + [max_len] * 5
+    assert capacities[12:] == [max_len] * 12
     assert (logits[4] - logits[max_len]).abs().max() <= TOL
     with pytest.raises(ValueError, match=f"KV cache holds {max_len} positions; this step needs {max_len + 1}"):
         model(steps[:, :1], torch.cat([step_mask, step_mask.new_ones(3, 1)], dim=1), cache=cache)
