@@ -75,7 +75,8 @@ def generate_ids(model: Transformer, input_ids: Tensor, attention_mask: Tensor, 
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         rows = torch.arange(batch, device=device)  # the batch row of each row still being decoded
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # of those rows
-        logits = model(input_ids, attention_mask, cache=cache, last_logits_only=True, float_logits=temperature > 0)
+        float_logits = temperature > 0  # greedy decoding takes the same argmax from the activation dtype
+        logits = model(input_ids, attention_mask, cache=cache, last_logits_only=True, float_logits=float_logits)
         steps = 0
         while steps < max_new_tokens:
             token = next_token(logits[:, -1], temperature, top_p, generator)
@@ -95,7 +96,7 @@ def generate_ids(model: Transformer, input_ids: Tensor, attention_mask: Tensor, 
                 rows, finished, token, attention_mask = rows[keep], finished[keep], token[keep], attention_mask[keep]
                 cache.keep_rows(keep)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-            logits = model(token[:, None], attention_mask, cache=cache, float_logits=temperature > 0)
+            logits = model(token[:, None], attention_mask, cache=cache, float_logits=float_logits)
         return out[:, :steps], lengths
 
 

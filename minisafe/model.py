@@ -319,9 +319,12 @@ class KVCache:
 
     def _capacity(self, end: int) -> int:
         """The length of a buffer that must hold `end` slots: its own if that is enough, else `grow` - 1 beyond end,
-        or max_len where less than `grow` would be left beyond that (so that the last copy is not for a few slots)."""
-        if end <= self.keys[-1].shape[2]:
-            return self.keys[-1].shape[2]
+        or max_len where less than `grow` would be left beyond that (so that the last copy is not for a few slots).
+
+        It reads the last layer's buffer, the one a step grows last, so every layer of a step gets the same answer."""
+        current = self.keys[-1].shape[2]
+        if end <= current:
+            return current
         capacity = end + self.grow - 1
         return self.max_len if capacity + self.grow > self.max_len else capacity
 
@@ -331,7 +334,8 @@ class KVCache:
         end = start + k.shape[2]
         if end > self.keys[layer].shape[2]:
             capacity = self._capacity(end)
-            self.keys[layer], self.values[layer] = _longer(self.keys[layer], capacity), _longer(self.values[layer], capacity)
+            self.keys[layer] = _longer(self.keys[layer], capacity)
+            self.values[layer] = _longer(self.values[layer], capacity)
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :slots], self.values[layer][:, :, :slots]
