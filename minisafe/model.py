@@ -293,8 +293,7 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer in buffers [B, Hkv, capacity, head_dim], filled left to right, for up to max_len
-    positions.
+    """Keys and values of every layer in buffers [B, Hkv, capacity, head_dim], filled left to right, up to max_len.
 
     A one-token step reads a layer's whole buffer and the mask hides the slots not filled yet (as gpt-fast does): a
     slice of the filled slots would be strided, and CPU bfloat16 matmuls copy strided operands, which costs more than
@@ -320,7 +319,6 @@ class KVCache:
     def _capacity(self, end: int) -> int:
         """The length of a buffer that must hold `end` slots: its own if that is enough, else `grow` - 1 beyond end,
         or max_len where less than `grow` would be left beyond that (so that the last copy is not for a few slots).
-
         It reads the last layer's buffer, the one a step grows last, so every layer of a step gets the same answer."""
         current = self.keys[-1].shape[2]
         if end <= current:
@@ -332,13 +330,17 @@ class KVCache:
         """Store this step's k, v for `layer` after the filled slots; return the layer's first slots(T) slots."""
         start, slots = self.length, self.slots(k.shape[2])
         end = start + k.shape[2]
+        self._make_room(layer, end)
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :slots], self.values[layer][:, :, :slots]
+
+    def _make_room(self, layer: int, end: int) -> None:
+        """Copy `layer`'s buffers into longer ones (see _capacity) if they hold fewer than `end` slots."""
         if end > self.keys[layer].shape[2]:
             capacity = self._capacity(end)
             self.keys[layer] = _longer(self.keys[layer], capacity)
             self.values[layer] = _longer(self.values[layer], capacity)
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :slots], self.values[layer][:, :, :slots]
 
     def keep_rows(self, rows: Tensor) -> None:
         """Keep only these batch rows (rows that finished generating are dropped)."""
@@ -347,11 +349,10 @@ class KVCache:
 
     def share(self, prefix: KVCache) -> None:
         """Start every row with the filled slots of a one-row cache (a prompt prefix the whole batch has in common)."""
-        capacity = self._capacity(prefix.length)
-        for buffers, theirs in ((self.keys, prefix.keys), (self.values, prefix.values)):
-            for layer, buffer in enumerate(buffers):
-                buffers[layer] = _longer(buffer, capacity) if buffer.shape[2] < capacity else buffer
-                buffers[layer][:, :, : prefix.length] = theirs[layer][:, :, : prefix.length]
+        for layer in range(len(self.keys)):
+            self._make_room(layer, prefix.length)
+            self.keys[layer][:, :, : prefix.length] = prefix.keys[layer][:, :, : prefix.length]
+            self.values[layer][:, :, : prefix.length] = prefix.values[layer][:, :, : prefix.length]
         self.length = prefix.length
 
 
@@ -390,10 +391,9 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 return_hidden: bool = False, last_logits_only: bool = False, float_logits: bool = True
                 ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Logits [B, T, V] in float32 (T = 1 with last_logits_only).
-
-        float_logits=False leaves them in the activation dtype (float32 all the same under a final softcap): greedy
-        decoding takes the same argmax from them, without copying [B, V] into float32 at every step.
+        """Logits [B, T, V] in float32 (T = 1 with last_logits_only). float_logits=False leaves them in the activation
+        dtype (float32 all the same under a final softcap): greedy decoding takes the same argmax from them, without
+        copying [B, V] into float32 at every step.
 
         attention_mask [B, past + T]: 1 = real token, 0 = padding (left padding); with a cache it covers the cached
         slots too. Positions count real tokens only, so a left-padded row gives the logits of the unpadded row.
