@@ -52,6 +52,7 @@ from minisafe.errors import ConfigError, DataError
 from minisafe.generate import similar_length_batches
 from minisafe.hooks import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 from minisafe.model import Transformer, packed_weights
+from minisafe.plots import plt, save_figure
 from minisafe.tokenizer import Tokenizer
 
 TOP_K = 8  # singular vectors of dW whose null-space share is weighed
@@ -288,25 +289,9 @@ def _shade(ax, layers: tuple[int, int] | None) -> None:
         ax.axvspan(layers[0] - 0.5, layers[1] + 0.5, color="tab:purple", alpha=0.12, label="safety layers")
 
 
-def _save(fig, path: str | Path) -> None:
-    """Save a figure atomically (a temporary file beside it, then a rename)."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def plot_tau(panels: dict[str, dict[str, dict[str, list[float]]]], path: str | Path, sets: Sequence[str],
              title: str, layers: tuple[int, int] | None = None) -> None:
     """One panel per model (e.g. before / after): tau mean +- std per layer for each set."""
-    import minisafe.plots  # noqa: F401  (selects the file-only backend)
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False, sharey=True)
     for ax, (name, scores) in zip(axes[0], panels.items()):
         for s in sets:
@@ -322,15 +307,12 @@ def plot_tau(panels: dict[str, dict[str, dict[str, list[float]]]], path: str | P
         ax.set_xlabel("layer (0-based)")
     axes[0][0].set_ylabel("tau = ||a-mu_unsafe|| - ||a-mu_safe||")
     axes[0][-1].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_weight_stats(runs: dict[str, dict], path: str | Path, layers: tuple[int, int] | None = None,
                       kinds: Sequence[str] = ("gate_proj", "up_proj", "gate_up_proj", "down_proj", "o_proj")) -> None:
     """One row per run (e.g. a fine-tuning method), one column per statistic; one line per matrix kind."""
-    import minisafe.plots  # noqa: F401
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(len(runs), len(STAT_COLUMNS), figsize=(4 * len(STAT_COLUMNS), 3 * len(runs)),
                              squeeze=False)
     for row, (name, stats) in enumerate(runs.items()):
@@ -345,7 +327,7 @@ def plot_weight_stats(runs: dict[str, dict], path: str | Path, layers: tuple[int
             if key == "relative_change":
                 ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- compare two checkpoints

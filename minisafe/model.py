@@ -389,8 +389,8 @@ class Transformer(nn.Module):
         return self.model.layers
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False, last_logits_only: bool = False, float_logits: bool = True
-                ) -> Tensor | tuple[Tensor, list[Tensor]]:
+                return_hidden: bool = False, last_logits_only: bool = False, float_logits: bool = True,
+                skip_head: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits [B, T, V] in float32 (T = 1 with last_logits_only). float_logits=False leaves them in the activation
         dtype (float32 all the same under a final softcap): greedy decoding takes the same argmax from them, without
         copying [B, V] into float32 at every step.
@@ -398,7 +398,8 @@ class Transformer(nn.Module):
         attention_mask [B, past + T]: 1 = real token, 0 = padding (left padding); with a cache it covers the cached
         slots too. Positions count real tokens only, so a left-padded row gives the logits of the unpadded row.
         With return_hidden, also the output of every decoder layer (hidden[i] = output of layer i, before the
-        final norm; the embedding output is not a layer).
+        final norm; the embedding output is not a layer). With skip_head, the final-norm hidden states instead of
+        logits (see head).
         """
         cfg = self.config
         past = cache.length if cache is not None else 0
@@ -433,6 +434,14 @@ class Transformer(nn.Module):
             cache.length += length
 
         x = self.model.norm(x[:, -1:] if last_logits_only else x)
+        if skip_head:  # the caller applies self.head where it needs logits (training: labelled positions only)
+            return x
+        logits = self.head(x, float_logits)
+        return (logits, hidden) if return_hidden else logits
+
+    def head(self, x: Tensor, float_logits: bool = True) -> Tensor:
+        """Logits of final-norm hidden states x [..., hidden]: the output layer (tied or not) and Gemma 2's softcap."""
+        cfg = self.config
         if self.lm_head is None:
             logits = linear(x, self.model.embed_tokens.weight, packed=self.packed_embedding)
         else:
@@ -441,7 +450,7 @@ class Transformer(nn.Module):
             logits = logits.float()
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
-        return (logits, hidden) if return_hidden else logits
+        return logits
 
     def rope(self, kind: str, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin for one layer type; longrope switches to its long factors past the original context."""

@@ -1,6 +1,6 @@
 """Training objectives as small pure functions of logits and labels.
 
-Conventions: logits [B, T, V] come from input_ids [B, T]; labels [B, T] hold the token at each position that should be
+Conventions: logits [B, T, V] (or hidden states and the head that makes logits of them) come from input_ids [B, T]; labels [B, T] hold the token at each position that should be
 predicted (the input token itself) or IGNORE. Position t's logits predict token t + 1, so every function shifts once.
 Losses are returned as SUMS (with the count they sum over where it matters): the training loop divides by the count
 of the whole global batch, which makes gradient accumulation and data-parallel sharding give the same update as one
@@ -15,6 +15,9 @@ big batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -22,12 +25,24 @@ IGNORE = -100
 OBJECTIVES = ("sft", "dpo", "unlearn")
 
 
-def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """Negative log-likelihood [B, T-1] of each next token (0 where the label is IGNORE), in float32."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                          reduction="none")
-    return nll.view(labels.shape)
+Head = Callable[[Tensor], Tensor]
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def token_nll(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
+    """Negative log-likelihood [B, T-1] of each next token (0 where the label is IGNORE), in float32.
+
+    hidden [B, T, D] goes through head (hidden -> logits) at the labelled positions only: with the default identity
+    head it already holds the logits [B, T, V]; with a model's output layer (Transformer.head) the vocabulary-wide
+    matmul and its float32 copy are spent on target tokens alone, not on the prompt and the padding."""
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE
+    logits = head(hidden[:, :-1][labelled]).float()
+    nll = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    return nll.masked_scatter(labelled, F.cross_entropy(logits, targets[labelled], reduction="none"))
 
 
 def target_counts(labels: Tensor) -> Tensor:
@@ -35,19 +50,19 @@ def target_counts(labels: Tensor) -> Tensor:
     return (labels[:, 1:] != IGNORE).sum(-1)
 
 
-def sft_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+def sft_loss_sum(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
     """Summed cross-entropy over every target token of the batch (a scalar)."""
-    return token_nll(logits, labels).sum()
+    return token_nll(hidden, labels, head).sum()
 
 
-def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
+def sequence_logps(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
     """Summed log-probability [B] of each row's target tokens."""
-    return -token_nll(logits, labels).sum(-1)
+    return -token_nll(hidden, labels, head).sum(-1)
 
 
-def mean_nll(logits: Tensor, labels: Tensor) -> Tensor:
+def mean_nll(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
     """Mean NLL [B] per row over its target tokens (0 for a row with none)."""
-    return token_nll(logits, labels).sum(-1) / target_counts(labels).clamp(min=1)
+    return token_nll(hidden, labels, head).sum(-1) / target_counts(labels).clamp(min=1)
 
 
 def dpo_losses(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -62,18 +77,17 @@ def unlearn_losses(nll_chosen: Tensor, nll_rejected: Tensor, weight: float) -> T
     return nll_chosen - weight * nll_rejected
 
 
-def pair_loss_sum(objective: str, logits: Tensor, labels: Tensor, reference: Tensor | None, beta: float,
-                  unlearn_weight: float) -> Tensor:
+def pair_loss_sum(objective: str, hidden: Tensor, labels: Tensor, reference: Tensor | None, beta: float,
+                  unlearn_weight: float, head: Head = _identity) -> Tensor:
     """Summed dpo / unlearn loss of B pairs whose chosen rows come first, then the rejected rows (2B rows).
 
     reference [B, 2]: the reference model's summed log-probabilities of (chosen, rejected); dpo only.
     """
     half = labels.shape[0] // 2
     if objective == "dpo":
-        logps = sequence_logps(logits, labels)
+        logps = sequence_logps(hidden, labels, head)
         return dpo_losses(logps[:half], logps[half:], reference[:, 0], reference[:, 1], beta).sum()
     if objective == "unlearn":
-        nll = mean_nll(logits, labels)
+        nll = mean_nll(hidden, labels, head)
         return unlearn_losses(nll[:half], nll[half:], unlearn_weight).sum()
     raise ValueError(f"objective must be dpo or unlearn here, got {objective!r}")
-

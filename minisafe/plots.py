@@ -9,8 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
-from minisafe.locate import PAIR_TYPES  # noqa: E402
-
+# The pair types of the cosine analysis (minisafe.locate.PAIR_TYPES), each with its colour.
 COLOURS = {"N-N": "tab:blue", "N-M": "tab:red", "M-M": "tab:green"}
 
 
@@ -21,7 +20,7 @@ def plot_cosine(analyses: dict[str, dict], path: str | Path, title: str, located
     for col, (name, result) in enumerate(analyses.items()):
         top, bottom = axes[0, col], axes[1, col]
         layers = range(len(result["gap"]))
-        for kind in PAIR_TYPES:
+        for kind in COLOURS:
             mean, std = result[kind]["mean"], result[kind]["std"]
             top.plot(layers, mean, label=kind, color=COLOURS[kind])
             top.fill_between(layers, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
@@ -42,8 +41,14 @@ def plot_cosine(analyses: dict[str, dict], path: str | Path, title: str, located
                            label="safety layers" if ax is bottom else None)
         if initial is not None or located is not None:
             bottom.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> None:
+    """Write a figure atomically (a reader never sees half a PNG) and close it."""
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

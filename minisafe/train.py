@@ -166,14 +166,24 @@ def response_tokens(tok: Tokenizer, prompt: str, response: str, template: str, p
     return response_ids(tok, response)
 
 
-def encode(tok: Tokenizer, prompt: str, response: str, cfg: TrainConfig) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one prompt + response, cut to max_len; labels are IGNORE on the prompt unless
-    loss_on_prompt."""
+def encode(tok: Tokenizer, prompt: str, response: str, cfg: TrainConfig, prefix: str = "") -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one prompt + prefix + response, cut to max_len; labels are IGNORE on the prompt (unless
+    loss_on_prompt) and on the response prefix, which the model reads as already written but is not trained on."""
     prompt_ids = tok.prompt_ids(prompt, cfg.template)
-    target = response_tokens(tok, prompt, response, cfg.template, prompt_ids)
+    target = response_tokens(tok, prompt, prefix + response, cfg.template, prompt_ids)
+    untrained = prefix_tokens(tok, prompt, prefix, cfg.template, prompt_ids, target) if prefix else 0
     ids = prompt_ids + target
-    labels = ids if cfg.loss_on_prompt else [IGNORE] * len(prompt_ids) + target
+    labels = ids if cfg.loss_on_prompt else [IGNORE] * (len(prompt_ids) + untrained) + target[untrained:]
     return ids[:cfg.max_len], labels[:cfg.max_len]
+
+
+def prefix_tokens(tok: Tokenizer, prompt: str, prefix: str, template: str, prompt_ids: list[int],
+                  target: list[int]) -> int:
+    """How many leading target tokens hold the response prefix; a token that straddles its end counts as prefix."""
+    alone = tok.encode(tok.format_prompt(prompt, template) + prefix,
+                       add_special_tokens=template == "alpaca")[len(prompt_ids):]
+    shared = next((i for i, (a, b) in enumerate(zip(alone, target)) if a != b), len(alone))
+    return min(len(target), shared + (shared < len(alone)))
 
 
 def n_targets(labels: list[int]) -> int:
@@ -184,7 +194,8 @@ def n_targets(labels: list[int]) -> int:
 def tokenize(rows: list[dict], tok: Tokenizer, cfg: TrainConfig, path: str, say: Callable = print) -> list[Example]:
     """Examples of the objective; rows with no target token left after truncation are dropped (with a note)."""
     keys = ("response",) if cfg.objective == "sft" else ("chosen", "rejected")
-    examples = [tuple(encode(tok, row["prompt"], row[key], cfg) for key in keys) for row in rows]
+    examples = [tuple(encode(tok, row["prompt"], row[key], cfg, row.get("response_prefix", "") if key == "response"
+                             else "") for key in keys) for row in rows]
     kept = [ex for ex in examples if all(n_targets(labels) for _, labels in ex)]
     if not kept:
         raise DataError(f"{path}: no example has a response token within --max-len {cfg.max_len}")
@@ -337,12 +348,13 @@ def micro_loss_sum(model: nn.Module, examples: list[Example], indices: list[int]
     input_ids, labels = collate(sequences, pad_id, device)
     # Right padding needs no attention mask: under causal attention a real token never sees the padding after it,
     # and its position is its index. This keeps the fast causal attention path.
+    # The output layer runs inside the loss, at labelled positions only (objectives.token_nll).
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-        logits = model(input_ids)
-    if cfg.objective == "sft":
-        return sft_loss_sum(logits, labels)
-    ref = reference[indices].to(device) if reference is not None else None
-    return pair_loss_sum(cfg.objective, logits, labels, ref, cfg.beta, cfg.unlearn_weight)
+        hidden = model(input_ids, skip_head=True)
+        if cfg.objective == "sft":
+            return sft_loss_sum(hidden, labels, model.head)
+        ref = reference[indices].to(device) if reference is not None else None
+        return pair_loss_sum(cfg.objective, hidden, labels, ref, cfg.beta, cfg.unlearn_weight, model.head)
 
 
 def own_rows(batch: list[int], ranks: Dist) -> tuple[list[int], float]:
@@ -362,7 +374,7 @@ def reference_logps(model: nn.Module, examples: list[Example], cfg: TrainConfig,
         sequences = [examples[i][k] for k in (0, 1) for i in rows]
         input_ids, labels = collate(sequences, pad_id, ranks.device)
         with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            logps = sequence_logps(model(input_ids), labels).float().cpu()
+            logps = sequence_logps(model(input_ids, skip_head=True), labels, model.head).float().cpu()
         if weight:
             out[rows] = torch.stack(logps.chunk(2), dim=1)
     return sum_across(out.to(ranks.device), ranks).cpu()
@@ -625,7 +637,9 @@ def _train(cfg: TrainConfig, out: Path, ranks: Dist, on_step: Callable[[int], No
     if cfg.fsdp and ranks.world > 1:
         shard_model(model, ranks)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused kernel updates every parameter in one pass; FSDP's sharded parameters take the plain loop.
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=not (cfg.fsdp and ranks.world > 1))
     if cfg.resume:
         load_optimizer_tensors(optimizer, params, load_file(str(ckpt / "optimizer.safetensors")))
 

@@ -1,0 +1,149 @@
+"""Safety alignment of a chat model: refuse the malicious prompts, answer everything else as before.
+
+A Recipe names the data mix and the schedule:
+- malicious prompts (the HarmBench train half, Do-Not-Answer) -> a refusal from minisafe/prompts/refusals.txt;
+- normal prompts (ShareGPT, the bundled imperative-style instructions) and over-rejection prompts -> the
+  unaligned model's own greedy answer (self-distillation: the model is taught when to refuse, not new answers);
+- deep alignment (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"), optional:
+  a share of the malicious prompts appears again with the first words of the unaligned model's own harmful answer
+  already written (`response_prefix`, never trained on), followed by a refusal, so that refusing does not live
+  only in the first tokens of an answer;
+- SFT for `epochs` at `lr`, then optionally DPO on the SFT model: for a malicious prompt a refusal is preferred
+  over the unaligned model's own harmful answer; for a normal or over-rejection prompt the own answer is preferred
+  over a refusal.
+
+The prompts come from pools written by the pipeline's data step (minisafe.pipeline.build_sets): a recipe takes the
+first `n` rows of each pool, so recipes of different sizes share their data and never touch a test split.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from minisafe import builders, data
+from minisafe.io import content_hash
+from minisafe.judge import KeywordJudge
+
+# Pool files of the data step that alignment draws from, by the Recipe field that says how many rows to take.
+POOLS = {"harmbench": "align_harmbench", "dna": "align_dna", "dna_other": "align_dna_other",
+         "normal": "normal_align", "instructions": "instructions_align", "over_rejection": "over_rejection_align"}
+MALICIOUS_POOLS = ("harmbench", "dna", "dna_other")
+ANSWERED_POOLS = ("normal", "instructions", "over_rejection")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way of aligning a model; every field is a lever of the alignment sweep (minisafe.sweep)."""
+
+    model: str = "smollm2-135m-instruct"  # a bundled model name (weights/<model>)
+    harmbench: int = 75  # HarmBench train-half prompts -> refusals
+    dna: int = 250  # Do-Not-Answer prompts of malicious_uses and information_hazard -> refusals
+    dna_other: int = 0  # Do-Not-Answer prompts of the other three risk areas -> refusals
+    normal: int = 400  # ShareGPT prompts -> the model's own answers
+    instructions: int = 100  # bundled imperative-style normal instructions -> own answers
+    over_rejection: int = 120  # benign prompts with dangerous-sounding words -> own answers
+    epochs: int = 2
+    lr: float = 3e-5
+    deep: float = 0.0  # share of the malicious prompts repeated as harmful-prefix -> refusal examples
+    dpo_epochs: int = 0  # 0 = SFT only
+    dpo_lr: float = 5e-6
+    dpo_beta: float = 0.1
+    answer_tokens: int = 64  # new tokens of each own answer (greedy)
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+def pool_rows(sets: Path, recipe: Recipe, pool: str) -> list[dict]:
+    """The first recipe.<pool> rows of a pool file (all of them is an error if the pool is shorter)."""
+    rows = data.read_jsonl(sets / f"{POOLS[pool]}.jsonl")
+    wanted = getattr(recipe, pool)
+    if wanted > len(rows):
+        raise ValueError(f"recipe asks for {wanted} {pool} prompts; the pool {POOLS[pool]}.jsonl has {len(rows)}")
+    return rows[:wanted]
+
+
+def complete_sentences(text: str) -> str:
+    """The text up to its last full sentence, when that keeps at least half of it: an answer cut off by the token
+    limit would teach the model to stop mid-sentence."""
+    text = text.strip()
+    ends = [m.end() for m in re.finditer(r"[.!?:](?=\s|$)|\n", text)]
+    return text[:ends[-1]].strip() if ends and ends[-1] >= len(text) // 2 else text
+
+
+def greedy_answerer(model_dir: str | Path) -> Callable[[list[str], int], list[str]]:
+    """answer(prompts, max_new_tokens): the model's greedy answers (chat template), stripped; loaded on first use."""
+    loaded: list = []
+
+    def answer(prompts: list[str], max_new_tokens: int) -> list[str]:
+        from minisafe.checkpoint import load  # deferred: the model is loaded only when an answer is not cached
+        from minisafe.generate import generate
+
+        if not loaded:
+            loaded.extend(load(model_dir))
+        model, tok = loaded
+        return [t.strip() for t in generate(model, tok, [tok.prompt_ids(q) for q in prompts], max_new_tokens,
+                                            32).texts]
+    return answer
+
+
+def own_answers(model_dir: str | Path, prompts: list[str], tokens: int, cache: Path) -> list[str]:
+    """The unaligned model's greedy answers to prompts, each cut to its last full sentence; cached by model hash."""
+    answer = greedy_answerer(model_dir)
+    key = f"{content_hash(model_dir)}:greedy:{tokens}"
+    raw = builders.cached_responses(prompts, lambda missing: answer(missing, tokens), cache, key)
+    return [complete_sentences(text) for text in raw]
+
+
+def with_answers(rows: list[dict], answers: list[str]) -> list[dict]:
+    """Rows with their answers as responses; a prompt the model answered with nothing is left out."""
+    return [{**row, "response": text} for row, text in zip(rows, answers) if text]
+
+
+def deep_rows(harmful: list[dict], refusals: list[str], share: float, seed: int) -> list[dict]:
+    """Deep-alignment examples: for a seeded `share` of the harmful answers, the first 3-20 words of the answer as
+    an untrained response prefix, then a refusal."""
+    chosen = builders.seeded_order(harmful, seed)[:round(share * len(harmful))]
+    rows = []
+    for row in chosen:
+        words = row["response"].split()
+        keep = 3 + int(builders.seeded_hash(seed, "deep\x00" + row["prompt"]), 16) % 18
+        if len(words) <= keep:
+            continue
+        refusal = builders.seeded_pick(refusals, seed, "deep\x00" + row["prompt"])
+        rows.append({"prompt": row["prompt"], "response_prefix": " ".join(words[:keep]) + " ",
+                     "response": "\n\n" + refusal, "kind": "deep"})
+    return rows
+
+
+@dataclass
+class AlignmentData:
+    """Everything one recipe trains on: the SFT rows and, when the recipe has a DPO stage, the preference pairs."""
+
+    sft: list[dict]
+    dpo: list[dict]
+
+
+def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Path, seed: int) -> AlignmentData:
+    """The recipe's SFT rows and DPO pairs, with the unaligned model's own answers as targets (see the docstring)."""
+    refusals = data.bundled_prompts("refusals")
+    malicious = [row for pool in MALICIOUS_POOLS for row in pool_rows(sets, recipe, pool)]
+    answered = {pool: pool_rows(sets, recipe, pool) for pool in ANSWERED_POOLS}
+    prompts = [row["prompt"] for rows in answered.values() for row in rows]
+    own = dict(zip(prompts, own_answers(model_dir, prompts, recipe.answer_tokens, cache)))
+    normal = with_answers(answered["normal"] + answered["instructions"],
+                          [own[r["prompt"]] for r in answered["normal"] + answered["instructions"]])
+    over = with_answers(answered["over_rejection"], [own[r["prompt"]] for r in answered["over_rejection"]])
+    sft = builders.alignment_sft(malicious, normal, refusals, seed=seed, over_rejection=over)
+    harmful: list[dict] = []
+    if recipe.deep or recipe.dpo_epochs:
+        answers = own_answers(model_dir, [r["prompt"] for r in malicious], recipe.answer_tokens, cache)
+        judge = KeywordJudge()  # a harmful answer that is itself a refusal teaches nothing (or the opposite)
+        harmful = [row for row in with_answers(malicious, answers) if not judge.is_refusal(row["response"])]
+    if recipe.deep:
+        sft = builders.seeded_order(sft + deep_rows(harmful, refusals, recipe.deep, seed), seed)
+    dpo = builders.preference_pairs(harmful, normal + over, refusals, seed=seed) if recipe.dpo_epochs else []
+    return AlignmentData(sft, dpo)
