@@ -28,13 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-scope", choices=["attn_mlp", "all"], default="attn_mlp",
                    help="attn_mlp: the attention and MLP tensors of the frozen layers (the paper's code); "
                         "all: every tensor of those layers, norms included")
-    p.add_argument("--trainable", metavar="REGEX",
-                   help="only parameters whose Hugging Face name matches REGEX are trainable")
+    p.add_argument("--trainable", metavar="REGEX", help="only parameters whose name matches REGEX are trainable")
     p.add_argument("--frozen", metavar="REGEX", help="also freeze parameters whose name matches REGEX")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="examples per micro-batch, over all processes together")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch, over all processes together")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (a step sees batch-size * grad-accum examples)")
     p.add_argument("--warmup-steps", type=int, default=100, help="steps of linear learning-rate warm-up")

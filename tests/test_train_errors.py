@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minisafe.checkpoint
-import minisafe.train
+import minisafe.run_folder
 from minisafe.train import TrainConfig, train
 from train import main as train_main
 from train_inputs import write_inputs
@@ -100,7 +100,7 @@ def test_an_output_directory_that_cannot_be_written_is_refused_before_any_work(i
 
 def test_a_full_disk_at_a_checkpoint_stops_the_run_and_keeps_the_previous_checkpoint(inputs, tmp_path, capsys,
                                                                                      monkeypatch):
-    out, real, calls = tmp_path / "out", minisafe.train.save_file, []
+    out, real, calls = tmp_path / "out", minisafe.run_folder.save_file, []
 
     def disk_full_on_the_second_checkpoint(tensors, path, *args, **kwargs):
         calls.append(path)
@@ -108,7 +108,7 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_and_keeps_the_previous_checkp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return real(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(minisafe.train, "save_file", disk_full_on_the_second_checkpoint)
+    monkeypatch.setattr(minisafe.run_folder, "save_file", disk_full_on_the_second_checkpoint)
     line = fails(capsys, cli_args(inputs, out))
     assert "checkpoint of step 2" in line and "No space left on device" in line and "previous checkpoint" in line
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
