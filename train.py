@@ -11,13 +11,14 @@ from minisafe.errors import MinisafeError
 from minisafe.train import TrainConfig, train
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per TrainConfig field."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors) to start from")
     p.add_argument("--data", required=True, help="training data file (jsonl/json/csv; fields as above)")
     p.add_argument("--out", required=True,
                    help="output directory: the fine-tuned model, run.json, train_log.jsonl, audit.json; must not exist "
-                        "unless --resume")
+                        "unless --resume (a run stopped before its first checkpoint is started again)")
     p.add_argument("--objective", choices=["sft", "dpo", "unlearn"], default="sft",
                    help="sft: cross-entropy on the response; dpo: preference optimisation against the starting model; "
                         "unlearn: NLL on chosen minus --unlearn-weight * NLL on rejected")
@@ -27,13 +28,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--freeze-scope", choices=["attn_mlp", "all"], default="attn_mlp",
                    help="attn_mlp: the attention and MLP tensors of the frozen layers (the paper's code); "
                         "all: every tensor of those layers, norms included")
-    p.add_argument("--trainable", metavar="REGEX",
-                   help="only parameters whose Hugging Face name matches REGEX are trainable")
+    p.add_argument("--trainable", metavar="REGEX", help="only parameters whose name matches REGEX are trainable")
     p.add_argument("--frozen", metavar="REGEX", help="also freeze parameters whose name matches REGEX")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="examples per micro-batch, over all processes together")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch, over all processes together")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (a step sees batch-size * grad-accum examples)")
     p.add_argument("--warmup-steps", type=int, default=100, help="steps of linear learning-rate warm-up")
@@ -63,12 +62,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="validation loss every N steps (0 = at the end only); needs a validation set")
     p.add_argument("--save-every", type=int, default=200,
                    help="training checkpoint every N steps (0 = only at --max-steps and on Ctrl-C)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out from its checkpoint (a run that stopped before its "
+                        "first checkpoint starts again from step 0)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of "
                         "replicating the model on every process")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig of a command line (its values are checked by minisafe.train.check_config)."""
+    a = build_parser().parse_args(argv)
     return TrainConfig(
         model=a.model, data=a.data, out=a.out, objective=a.objective, freeze=a.freeze, freeze_scope=a.freeze_scope,
         trainable=a.trainable, frozen=a.frozen, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
@@ -81,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; exit 0 when done, 130 when interrupted, 2 with one line naming the culprit for a user error."""
     cfg = parse_args(argv)
     try:
         summary = train(cfg)

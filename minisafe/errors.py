@@ -15,3 +15,7 @@ class CheckpointError(MinisafeError):
 
 class DataError(MinisafeError):
     """A dataset file is missing, empty, or has a bad row."""
+
+
+class TrainingError(MinisafeError):
+    """A run cannot go on: a loss or gradient norm is not finite, or a checkpoint or result cannot be written."""

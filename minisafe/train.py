@@ -1,44 +1,46 @@
 """Fine-tuning with frozen layers (SPPFT) and SFT / DPO / unlearning alignment, in one plain loop.
 
-train(cfg), top to bottom:
-  1. check everything that can be wrong (flags, output directory, model, freeze spec, data) before writing anything;
-  2. load the model, freeze (minisafe.freeze), tokenize; for dpo, the reference log-probabilities of every example
-     with the model as loaded (that IS the frozen reference, so no second copy stays in memory);
-  3. the loop: an optimizer step takes batch_size * grad_accum examples of a seeded per-epoch permutation, in
+train(cfg), top to bottom, in three parts (as torchtune's recipes: setup, loop, finish):
+  0. check everything that can be wrong (flags, --out writable, model, freeze spec, data, a checkpoint to resume)
+     before writing anything;
+  1. setup: load the model, freeze (minisafe.freeze), tokenize; for dpo, the reference log-probabilities of every
+     example with the model as loaded (that IS the frozen reference, so no second copy stays in memory);
+  2. the loop: an optimizer step takes batch_size * grad_accum examples of a seeded per-epoch permutation, in
      grad_accum micro-batches; each micro-batch is split across processes (rows rank, rank + world, ...). Losses
      are sums divided by the count of the whole step (target tokens for sft, examples for dpo/unlearn), and
      gradients are summed across processes, so the update does not depend on grad_accum or on the number of
-     processes. AdamW over the trainable parameters only, linear warm-up then cosine or linear decay to 0;
-  4. training checkpoints (every --save-every steps, at --max-steps, on Ctrl-C), and at the end the model
-     (an ordinary Hugging Face directory) and audit.json, after checking that no frozen tensor moved.
+     processes. AdamW over the trainable parameters only, linear warm-up then cosine or linear decay to 0. The
+     first step whose loss or gradient norm is not finite stops the run with a TrainingError; nothing is saved;
+  3. finish: training checkpoints (every --save-every steps, at --max-steps, on Ctrl-C), and at the end the model
+     (an ordinary Hugging Face directory) and audit.json (minisafe.audit), after checking that no frozen tensor moved.
 
 The output directory holds the model files (config.json, model.safetensors, tokenizer files), run.json (command,
 seed, versions, input hashes, settings), train_log.jsonl (one JSON object per step: step, epoch, loss, lr,
 grad_norm, tokens, tok_per_s, elapsed_s; and {"step", "val_loss"} after each validation) and audit.json (every tensor:
 name, shape, trainable, sha256 before / after, changed, max_abs_change, relative_change = ||dW|| / ||W||, plus a
-summary). checkpoint/ (model.safetensors, optimizer.safetensors, rng.safetensors, reference.safetensors for dpo,
-state.json) exists while the run is unfinished; --resume continues from it bit for bit.
+summary; re-check it with `python -m minisafe.audit DIR --base MODEL`). checkpoint/ (model.safetensors,
+optimizer.safetensors, rng.safetensors, reference.safetensors for dpo, state.json) exists while the run is unfinished;
+--resume continues from it bit for bit. A run killed before its first checkpoint leaves only run.json and
+train_log.jsonl: running it again (with or without --resume) removes them and starts from step 0. Files half-written
+by a killed run (.*.partial, .*.tmp) are removed; a folder train.py did not write is never touched.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -46,12 +48,15 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 from minisafe import checkpoint, data
-from minisafe.errors import CheckpointError, ConfigError, DataError
+from minisafe.audit import audit_run, tensor_sha256, verify_audit
+from minisafe.errors import CheckpointError, ConfigError, DataError, TrainingError
 from minisafe.freeze import SCOPES, FreezeSpec, apply_freeze, freeze_rows, freeze_table, read_layer_spec
-from minisafe.io import atomic_directory, atomic_write_json, atomic_write_text, content_hash, read_json, run_record
+from minisafe.io import atomic_write_json, content_hash, read_json, run_record
 from minisafe.metrics import response_ids
 from minisafe.model import Transformer
 from minisafe.objectives import IGNORE, OBJECTIVES, pair_loss_sum, sequence_logps, sft_loss_sum
+from minisafe.run_folder import (append_log, checkpoint_position, clean_output_dir, output_kind, read_checkpoint,
+                                 restore_rng, resumed_record, save_checkpoint, truncate_log)
 from minisafe.tokenizer import TEMPLATES, Tokenizer
 
 FIELDS = {"sft": ("prompt", "response"), "dpo": ("prompt", "chosen", "rejected"),
@@ -61,8 +66,6 @@ DTYPES = ("float32", "bfloat16")
 # Settings a resumed run may change; the rest must match the run being continued (inputs are compared by hash).
 RESUMABLE = ("resume", "max_steps", "save_every", "eval_every", "progress", "command", "device", "model", "data",
              "val_data", "out", "fsdp")
-AUDIT_FORMAT = 1
-CHECKPOINT_FORMAT = 1
 
 Example = tuple[tuple[list[int], list[int]], ...]  # one (ids, labels) sequence for sft; (chosen, rejected) for pairs
 
@@ -107,6 +110,13 @@ class TrainConfig:
 # ---------------------------------------------------------------- checks before anything is written
 
 
+def check_number(flag: str, value: float, low: float, high: float | None = None, low_allowed: bool = True) -> None:
+    """A float flag must be a finite number from `low` (or above it) and below `high`; else a ConfigError naming it."""
+    if not (math.isfinite(value) and (value >= low if low_allowed else value > low) and (high is None or value < high)):
+        wanted = f"in [{low:g}, {high:g})" if high is not None else f"{'at least' if low_allowed else 'above'} {low:g}"
+        raise ConfigError(f"--{flag} must be a finite number {wanted}, got {value}")
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Every flag value the loop cannot use is a ConfigError naming the flag."""
     choices = {"objective": OBJECTIVES, "template": TEMPLATES, "dtype": DTYPES, "schedule": SCHEDULES,
@@ -120,24 +130,52 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if cfg.lr <= 0 or cfg.beta <= 0 or cfg.grad_clip < 0 or cfg.weight_decay < 0:
-        raise ConfigError("--lr and --beta must be positive; --grad-clip and --weight-decay must not be negative")
-    if not 0 <= cfg.val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    check_number("lr", cfg.lr, 0.0, low_allowed=False)
+    check_number("beta", cfg.beta, 0.0, low_allowed=False)
+    check_number("grad-clip", cfg.grad_clip, 0.0)  # 0 = no clipping
+    check_number("weight-decay", cfg.weight_decay, 0.0)
+    check_number("unlearn-weight", cfg.unlearn_weight, 0.0)
+    check_number("val-fraction", cfg.val_fraction, 0.0, high=1.0)
     if cfg.val_data and cfg.val_fraction:
         raise ConfigError("give --val-data or --val-fraction, not both")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
 
 
-def check_output_dir(out: Path, resume: bool) -> None:
-    """Without --resume the output directory must not exist (or be empty); with it, it must hold a checkpoint."""
-    if resume:
-        if not (out / "checkpoint" / "state.json").is_file():
-            raise ConfigError(f"--resume: {out / 'checkpoint' / 'state.json'} not found; there is no unfinished run "
-                              f"in {out} to continue")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+def check_writable(out: Path) -> None:
+    """--out must be a directory, or a path where one can be made, in which this process can create files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    place = out
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise ConfigError(f"--out {out}: {place} is a file, not a directory")
+    try:  # permission bits do not tell (root, read-only mounts): create and remove an anonymous file
+        tempfile.TemporaryFile(dir=place).close()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write in {place} ({e.strerror or e})") from None
+
+
+# ---------------------------------------------------------------- the output directory (minisafe.run_folder)
+
+
+def claim_output_dir(out: Path, resume: bool, ranks: Dist, say: Callable) -> bool:
+    """Whether this run continues the checkpoint in out (True) or starts afresh (False), after cleaning up.
+    A run that stopped before its first checkpoint starts again from step 0, with or without --resume."""
+    kind = output_kind(out)
+    if ranks.world > 1:
+        dist.barrier()  # every process has looked at the directory before process 0 cleans it
+    if resume and kind in ("empty", "taken"):
+        raise ConfigError(f"--resume: {out / 'checkpoint' / 'state.json'} not found; there is no unfinished run "
+                          f"in {out} to continue")
+    if not resume and kind in ("unfinished", "taken"):
         raise ConfigError(f"{out} already exists; choose a new --out, or pass --resume to continue the run saved there")
+    if kind == "stuck":
+        say(f"note: {out} holds a run that stopped before its first checkpoint; starting it again from step 0")
+    if ranks.main and kind != "empty":
+        clean_output_dir(out, restart=kind == "stuck")
+    return kind == "unfinished"
 
 
 # ---------------------------------------------------------------- data
@@ -421,7 +459,7 @@ def learning_rate(step: int, total: int, warmup: int, peak: float, schedule: str
     return peak * (0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- optimizer state and run.json
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
@@ -444,30 +482,6 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, params: dict[str, n
         state.setdefault(name, {})[part] = value.to(p.device) if not isinstance(value, DTensor) else value
     for name, values in state.items():
         optimizer.state[params[name]] = values
-
-
-def save_checkpoint(path: Path, model_state: dict[str, Tensor], optimizer_state: dict[str, Tensor],
-                    references: dict[str, Tensor], position: dict) -> None:
-    """Write checkpoint/ atomically: weights, AdamW state, RNG states, dpo reference log-probs, position."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    with atomic_directory(path) as tmp:
-        save_file({n: t.contiguous() for n, t in model_state.items()}, str(tmp / "model.safetensors"))
-        save_file({n: t.contiguous() for n, t in optimizer_state.items()}, str(tmp / "optimizer.safetensors"))
-        save_file(rng, str(tmp / "rng.safetensors"))
-        if references:
-            save_file(references, str(tmp / "reference.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **position}, indent=2) + "\n")
-
-
-def restore_rng(path: Path) -> None:
-    """Set the RNG states saved in a checkpoint."""
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def check_resumable(out: Path, cfg: TrainConfig, inputs: dict[str, str | None]) -> dict:
@@ -499,223 +513,274 @@ def settings_of(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("command", "seed")}
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint at `step` (steps that the resumed run repeats)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
+def new_record(cfg: TrainConfig, inputs: dict[str, str | None], layers: tuple[int, int] | None, model: Transformer,
+               trainable: list[str], world: int) -> dict:
+    """run.json of a new run: command, seed, versions, input hashes, settings and the freeze."""
+    record = run_record(cfg.seed, inputs, **settings_of(cfg), freeze_layers=layers, trainable_tensors=len(trainable),
+                        world_size=world, freeze_table=freeze_rows(model))
+    record["command"] = command_line(cfg)
+    return record
 
 
-# ---------------------------------------------------------------- audit
+# ---------------------------------------------------------------- the run: setup, loop, finish
 
 
-def tensor_sha256(t: Tensor) -> str:
-    """sha256 of a tensor's raw bytes (dtype and layout as stored)."""
-    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+@dataclass
+class Run:
+    """What setup() builds and the loop and finish() use: the model, the data, the optimizer and the position."""
+    out: Path
+    ranks: Dist
+    model: Transformer
+    tok: Tokenizer
+    trainable: list[str]
+    train_set: list[Example]
+    val_set: list[Example]
+    start_hashes: dict[str, str]  # of the weights as loaded, to check the audit's base against
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    saved_step: int | None = None  # the step of the checkpoint on disk
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
+    optimizer: torch.optim.Optimizer | None = None
+    reference: Tensor | None = None  # dpo: reference log-probs of the training and validation examples
+    val_reference: Tensor | None = None
+    validated: dict[int, float] = field(default_factory=dict)
+    loss: float | None = None
+    tokens: int = 0
+    started: float = 0.0
 
-
-def build_audit(before: dict[str, Tensor], after: dict[str, Tensor], trainable: set[str]) -> dict:
-    """Per tensor: shape, trainable, hashes before / after, largest absolute change, ||dW|| / ||W||; and a summary."""
-    rows = []
-    for name, old in before.items():
-        new = after[name]
-        diff = (new.double() - old.double())
-        norm = old.double().norm().item()
-        h_old, h_new = tensor_sha256(old), tensor_sha256(new)
-        rows.append({"name": name, "shape": list(old.shape), "trainable": name in trainable,
-                     "sha256_before": h_old, "sha256_after": h_new, "changed": h_old != h_new,
-                     "max_abs_change": diff.abs().max().item() if diff.numel() else 0.0,
-                     "relative_change": diff.norm().item() / norm if norm else None})
-    count = lambda trainable_, changed: sum(r["trainable"] == trainable_ and r["changed"] == changed for r in rows)
-    summary = {"tensors": len(rows), "changed": sum(r["changed"] for r in rows),
-               "unchanged": sum(not r["changed"] for r in rows),
-               "trainable_changed": count(True, True), "trainable_unchanged": count(True, False),
-               "frozen_changed": count(False, True), "frozen_unchanged": count(False, False),
-               "trainable_parameters": sum(before[r["name"]].numel() for r in rows if r["trainable"]),
-               "frozen_parameters": sum(before[r["name"]].numel() for r in rows if not r["trainable"])}
-    return {"format": AUDIT_FORMAT, "summary": summary, "tensors": rows}
-
-
-def verify_audit(audit: dict) -> None:
-    """Fail loudly if any frozen tensor differs from the start of the run by a single bit."""
-    moved = [r["name"] for r in audit["tensors"] if not r["trainable"] and r["changed"]]
-    if moved:
-        raise RuntimeError(f"{len(moved)} FROZEN tensor(s) changed during training (a bug; the model was not "
-                           f"saved): {', '.join(moved[:10])}{' ...' if len(moved) > 10 else ''}")
-
-
-def write_final(out: Path, model: Transformer, state: dict[str, Tensor], tok: Tokenizer, cfg: TrainConfig,
-                trainable: list[str], start_hashes: dict[str, str], sharded: bool) -> dict:
-    """audit.json, the frozen-tensor check, then the model files into out/ (beside the run's other files)."""
-    base, _ = checkpoint.load(cfg.model, dtype=torch.float32)
-    before = base.state_dict()
-    if any(tensor_sha256(t) != start_hashes[n] for n, t in before.items()):
-        raise CheckpointError(f"{cfg.model}: the weights on disk changed during training; cannot audit the run")
-    audit = build_audit(before, state, set(trainable))
-    audit.update(model=cfg.model, freeze=cfg.freeze, freeze_scope=cfg.freeze_scope, trainable_regex=cfg.trainable,
-                 frozen_regex=cfg.frozen)
-    atomic_write_json(out / "audit.json", audit)
-    del base, before
-    verify_audit(audit)
-    if sharded:  # the FSDP model holds shards: save a plain model built around the gathered weights
-        with torch.device("meta"):
-            model = Transformer(model.config)
-        model.load_state_dict(state, assign=True)
-    tmp = out / ".model.partial"
-    checkpoint.save(model, tok, tmp)
-    for file in tmp.iterdir():  # each file is replaced atomically; the run's other files stay
-        os.replace(file, out / file.name)
-    tmp.rmdir()
-    return audit["summary"]
-
-
-# ---------------------------------------------------------------- the run
+    @property
+    def ckpt(self) -> Path:
+        """The run's training checkpoint directory."""
+        return self.out / "checkpoint"
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
     """Run (or --resume) one training run; returns a summary. on_step(step) is called after every optimizer step."""
     check_config(cfg)
     out = Path(cfg.out)
-    check_output_dir(out, cfg.resume)
+    check_writable(out)
     ranks = start_processes(cfg.device)
+    say = print if ranks.main else (lambda *a, **k: None)
     try:
-        return _train(cfg, out, ranks, on_step)
+        resuming = claim_output_dir(out, cfg.resume, ranks, say)
+        run = setup(cfg, out, ranks, resuming, say)
+        stopped = loop(run, cfg, on_step)
+        return finish(run, cfg, stopped)
+    except OSError as e:  # reading the inputs or writing the log: name the file, not a traceback
+        raise TrainingError(f"{e.filename or out}: {e.strerror or e}") from None
     finally:
         if ranks.owns_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, out: Path, ranks: Dist, on_step: Callable[[int], None] | None) -> dict:
-    say = print if ranks.main else (lambda *a, **k: None)
+def setup(cfg: TrainConfig, out: Path, ranks: Dist, resuming: bool, say: Callable) -> Run:
+    """The model (frozen as asked), the data, run.json, the dpo reference and the optimizer; on resume, the state of
+    the checkpoint (every file of it checked before anything is written)."""
     torch.manual_seed(cfg.seed)
     model, tok = checkpoint.load(cfg.model, dtype=torch.float32, device=ranks.device)
     spec = FreezeSpec(read_layer_spec(cfg.freeze), cfg.freeze_scope, cfg.trainable, cfg.frozen)
     trainable = apply_freeze(model, spec)
     train_set, val_set = training_data(cfg, tok, say)
     inputs = {"model": cfg.model, "data": cfg.data, "val_data": cfg.val_data}
-    record = check_resumable(out, cfg, inputs) if cfg.resume else None
+    record = check_resumable(out, cfg, inputs) if resuming else None
     if ranks.world > 1:
-        dist.barrier()  # every process has checked the output directory before the first one creates it
-
+        dist.barrier()  # every process has read run.json before process 0 rewrites it
     per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = math.ceil(len(train_set) / per_step)
-    total_steps = cfg.epochs * steps_per_epoch
+    run = Run(out, ranks, model, tok, trainable, train_set, val_set,
+              {name: tensor_sha256(t) for name, t in model.state_dict().items()}, steps_per_epoch,
+              cfg.epochs * steps_per_epoch)
     say(freeze_table(model))
     say(f"{len(train_set)} training examples, {len(val_set)} validation; {steps_per_epoch} steps per epoch, "
-        f"{total_steps} in all; {per_step} examples per step on {ranks.world} process(es)")
-    start_hashes = {name: tensor_sha256(t) for name, t in model.state_dict().items()}
-
-    ckpt = out / "checkpoint"
-    if cfg.resume:
-        position = read_json(ckpt / "state.json", CheckpointError)
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(ranks.device)))
-        restore_rng(ckpt)
-        record.setdefault("resumed", []).append({"command": command_line(cfg), "from_step": position["step"],
-                                                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        if ranks.main:
-            atomic_write_json(out / "run.json", record)
-            truncate_log(out / "train_log.jsonl", position["step"])
+        f"{run.total_steps} in all; {per_step} examples per step on {ranks.world} process(es)")
+    saved = read_saved_state(run, cfg.objective == "dpo") if resuming else None
+    if saved:
+        model.load_state_dict(saved["model"])
+        restore_rng(saved["rng"])
+        run.step = run.saved_step = saved["position"]["step"]
+        record = resumed_record(record, command_line(cfg), run.step)
     else:
-        position = {"step": 0}
-        if ranks.main:
-            record = run_record(cfg.seed, inputs, **settings_of(cfg), freeze_layers=spec.layers,
-                                trainable_tensors=len(trainable), world_size=ranks.world,
-                                freeze_table=freeze_rows(model))
-            record["command"] = command_line(cfg)
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / "run.json", record)
+        record = new_record(cfg, inputs, spec.layers, model, trainable, ranks.world) if ranks.main else None
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "run.json", record)
+        truncate_log(out / "train_log.jsonl", run.step)
+    setup_reference(run, cfg, saved)
+    setup_optimizer(run, cfg.lr, cfg.weight_decay, cfg.fsdp, saved)
+    return run
 
-    reference = val_reference = None
-    if cfg.objective == "dpo":
-        if cfg.resume:
-            saved = load_file(str(ckpt / "reference.safetensors"))
-            reference, val_reference = saved["reference_logps"], saved.get("val_reference_logps")
-        else:
-            reference = reference_logps(model, train_set, cfg, tok.pad_token_id, ranks)
-            val_reference = reference_logps(model, val_set, cfg, tok.pad_token_id, ranks) if val_set else None
 
-    if cfg.fsdp and ranks.world > 1:
-        shard_model(model, ranks)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+def read_saved_state(run: Run, dpo: bool) -> dict:
+    """The checkpoint in run.ckpt, checked against this run's model, trainable tensors and (dpo) examples."""
+    model_shapes = {name: tuple(t.shape) for name, t in run.model.state_dict().items()}
+    trainable_shapes = {name: tuple(p.shape) for name, p in run.model.named_parameters() if p.requires_grad}
+    reference_shapes = {}
+    if dpo:
+        reference_shapes["reference_logps"] = (len(run.train_set), 2)
+        if run.val_set:
+            reference_shapes["val_reference_logps"] = (len(run.val_set), 2)
+    return read_checkpoint(run.ckpt, run.total_steps, model_shapes, trainable_shapes, reference_shapes)
+
+
+def setup_reference(run: Run, cfg: TrainConfig, saved: dict | None) -> None:
+    """dpo: the reference log-probabilities, from the checkpoint or from the model as loaded (that IS the frozen
+    reference, so no second copy stays in memory)."""
+    if cfg.objective != "dpo":
+        return
+    if saved:
+        run.reference, run.val_reference = saved["reference"]["reference_logps"], saved["reference"].get(
+            "val_reference_logps")
+        return
+    pad = run.tok.pad_token_id
+    run.reference = reference_logps(run.model, run.train_set, cfg, pad, run.ranks)
+    run.val_reference = reference_logps(run.model, run.val_set, cfg, pad, run.ranks) if run.val_set else None
+
+
+def setup_optimizer(run: Run, lr: float, weight_decay: float, fsdp: bool, saved: dict | None) -> None:
+    """Shard the model under FSDP, then AdamW over the trainable parameters (its state from the checkpoint)."""
+    if fsdp and run.ranks.world > 1:
+        shard_model(run.model, run.ranks)
+    run.params = {name: p for name, p in run.model.named_parameters() if p.requires_grad}
+    sharded = fsdp and run.ranks.world > 1
     # The fused kernel updates every parameter in one pass; FSDP's sharded parameters take the plain loop.
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=not (cfg.fsdp and ranks.world > 1))
-    if cfg.resume:
-        load_optimizer_tensors(optimizer, params, load_file(str(ckpt / "optimizer.safetensors")))
+    run.optimizer = torch.optim.AdamW(run.params.values(), lr=lr, weight_decay=weight_decay, fused=not sharded)
+    if saved:
+        load_optimizer_tensors(run.optimizer, run.params, saved["optimizer"])
 
-    def log(entry: dict) -> None:
-        if ranks.main:
-            with open(out / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
 
-    validated: dict[int, float] = {}
-
-    def validate(step: int) -> float:
-        if step not in validated:  # the end of a run may coincide with a periodic validation
-            validated[step] = validation_loss(model, val_set, cfg, val_reference, tok.pad_token_id, ranks)
-            log({"step": step, "val_loss": validated[step]})
-        return validated[step]
-
-    def checkpoint_now(step: int) -> None:
-        state, opt_state = full_state(model), optimizer_tensors(optimizer, params)  # collectives under FSDP
-        references = {k: v for k, v in (("reference_logps", reference), ("val_reference_logps", val_reference))
-                      if v is not None}
-        if ranks.main:
-            # The data position is the step: epoch = step // steps_per_epoch; the LR is a function of the step.
-            save_checkpoint(ckpt, state, opt_state, references, {
-                "step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-                "total_steps": total_steps, "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps})
-
-    step, stopped, last_loss = position["step"], "completed", None
-    tokens_done, started = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (cfg.progress and ranks.main))
-    with StopRequest() as stop:
-        while step < total_steps:
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+def loop(run: Run, cfg: TrainConfig, on_step: Callable[[int], None] | None) -> str:
+    """Optimizer steps to the end of the schedule, --max-steps or Ctrl-C, with periodic validation and checkpoints;
+    returns why it stopped: completed, max_steps or interrupted."""
+    stopped = "completed"
+    run.started = time.perf_counter()
+    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", disable=not (cfg.progress and run.ranks.main))
+    with bar, StopRequest() as stop:
+        while run.step < run.total_steps:
+            if cfg.max_steps is not None and run.step >= cfg.max_steps:
                 stopped = "max_steps"
                 break
-            epoch, within = divmod(step, steps_per_epoch)
-            indices = epoch_order(len(train_set), cfg.seed, epoch)[within * per_step:(within + 1) * per_step]
-            tokens = sum(len(ids) for i in indices for ids, _ in train_set[i])
-            lr = learning_rate(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.schedule)
-            t0 = time.perf_counter()
-            last_loss, grad_norm = optimizer_step(model, optimizer, list(params.values()), train_set, indices, lr, cfg,
-                                                  reference, tok.pad_token_id, ranks)
-            step += 1
-            seconds = time.perf_counter() - t0
-            tokens_done += tokens
-            log({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                 "tok_per_s": tokens / seconds, "elapsed_s": time.perf_counter() - started})
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+            entry = train_step(run, cfg)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tok_per_s']:.0f}")
             bar.update(1)
-            if val_set and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                validate(step)
+            if run.val_set and cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total_steps:
+                validate(run, cfg)
             if on_step is not None:
-                on_step(step)
-            if stop.agreed(ranks):
+                on_step(run.step)
+            if stop.agreed(run.ranks):
                 stopped = "interrupted"
                 break
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpoint_now(step)
-    bar.close()
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total_steps:
+                save_training_checkpoint(run, cfg)
+    return stopped
 
-    seconds = time.perf_counter() - started
-    summary = {"stopped": stopped, "step": step, "total_steps": total_steps, "loss": last_loss,
-               "tokens": tokens_done, "seconds": seconds, "tok_per_s": tokens_done / seconds if seconds else None,
-               "trainable_parameters": sum(p.numel() for p in params.values()), "out": str(out), "main": ranks.main}
+
+def train_step(run: Run, cfg: TrainConfig) -> dict:
+    """Optimizer step run.step + 1 on its examples of the epoch's order; returns (and logs) its log entry."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    epoch, within = divmod(run.step, run.steps_per_epoch)
+    indices = epoch_order(len(run.train_set), cfg.seed, epoch)[within * per_step:(within + 1) * per_step]
+    tokens = sum(len(ids) for i in indices for ids, _ in run.train_set[i])
+    lr = learning_rate(run.step, run.total_steps, cfg.warmup_steps, cfg.lr, cfg.schedule)
+    t0 = time.perf_counter()
+    loss, grad_norm = optimizer_step(run.model, run.optimizer, list(run.params.values()), run.train_set, indices, lr,
+                                     cfg, run.reference, run.tok.pad_token_id, run.ranks)
+    run.step += 1
+    seconds = time.perf_counter() - t0
+    check_finite(run.step, loss, grad_norm, run.ckpt, run.saved_step)
+    run.loss, run.tokens = loss, run.tokens + tokens
+    entry = {"step": run.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+             "tok_per_s": tokens / seconds, "elapsed_s": time.perf_counter() - run.started}
+    if run.ranks.main:
+        append_log(run.out / "train_log.jsonl", entry)
+    return entry
+
+
+def check_finite(step: int, loss: float, grad_norm: float, ckpt: Path, saved_step: int | None) -> None:
+    """Stop at the first step whose loss or gradient norm is not a finite number; nothing of that run is saved."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    kept = f"the checkpoint of step {saved_step} in {ckpt} is kept" if saved_step is not None else "nothing was saved"
+    raise TrainingError(f"step {step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; training "
+                        f"stopped and {kept} (a lower --lr or --unlearn-weight, or --grad-clip, may help)")
+
+
+def validate(run: Run, cfg: TrainConfig) -> float:
+    """The validation loss at run.step, logged; computed once per step (the end of a run may coincide with a
+    periodic validation)."""
+    if run.step not in run.validated:
+        run.validated[run.step] = validation_loss(run.model, run.val_set, cfg, run.val_reference,
+                                                  run.tok.pad_token_id, run.ranks)
+        if run.ranks.main:
+            append_log(run.out / "train_log.jsonl", {"step": run.step, "val_loss": run.validated[run.step]})
+    return run.validated[run.step]
+
+
+def save_training_checkpoint(run: Run, cfg: TrainConfig) -> None:
+    """checkpoint/ at run.step, to --resume from (every process gathers; process 0 writes)."""
+    state, opt_state = full_state(run.model), optimizer_tensors(run.optimizer, run.params)  # collectives under FSDP
+    references = {k: v for k, v in (("reference_logps", run.reference), ("val_reference_logps", run.val_reference))
+                  if v is not None}
+    if run.ranks.main:
+        save_checkpoint(run.ckpt, state, opt_state, references,
+                        checkpoint_position(run.step, run.steps_per_epoch, run.total_steps, cfg.schedule,
+                                            cfg.warmup_steps))
+    run.saved_step = run.step
+
+
+def finish(run: Run, cfg: TrainConfig, stopped: str) -> dict:
+    """A checkpoint unless the schedule completed; then, unless interrupted, the validation loss, audit.json and the
+    model files; returns the run's summary."""
+    seconds = time.perf_counter() - run.started
+    summary = {"stopped": stopped, "step": run.step, "total_steps": run.total_steps, "loss": run.loss,
+               "tokens": run.tokens, "seconds": seconds, "tok_per_s": run.tokens / seconds if seconds else None,
+               "trainable_parameters": sum(p.numel() for p in run.params.values()), "out": str(run.out),
+               "main": run.ranks.main}
     if stopped != "completed":
-        checkpoint_now(step)
-        summary["checkpoint"] = str(ckpt)
+        save_training_checkpoint(run, cfg)
+        summary["checkpoint"] = str(run.ckpt)
         if stopped == "interrupted":
             return summary
-    if val_set:
-        summary["val_loss"] = validate(step)
-    state = full_state(model)
-    if ranks.main:
-        summary["audit"] = write_final(out, model, state, tok, cfg, trainable, start_hashes,
-                                       sharded=cfg.fsdp and ranks.world > 1)
-        if stopped == "completed" and ckpt.exists():
-            shutil.rmtree(ckpt)
-    if ranks.world > 1:
+    if run.val_set:
+        summary["val_loss"] = validate(run, cfg)
+    state = full_state(run.model)
+    if run.ranks.main:
+        audit = audit_run(cfg.model, state, set(run.trainable), run.start_hashes)
+        audit.update(model=cfg.model, freeze=cfg.freeze, freeze_scope=cfg.freeze_scope, trainable_regex=cfg.trainable,
+                     frozen_regex=cfg.frozen)
+        write_final(run.out, plain_model(run.model, state, cfg.fsdp and run.ranks.world > 1), run.tok, audit)
+        summary["audit"] = audit["summary"]
+        if stopped == "completed" and run.ckpt.exists():
+            shutil.rmtree(run.ckpt)
+    if run.ranks.world > 1:
         dist.barrier()  # the files are complete before any process returns
     return summary
+
+
+def plain_model(model: Transformer, state: dict[str, Tensor], sharded: bool) -> Transformer:
+    """The model to save: itself, or under FSDP (where it holds shards) a plain model around the gathered weights."""
+    if not sharded:
+        return model
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    plain.load_state_dict(state, assign=True)
+    return plain
+
+
+def write_final(out: Path, model: Transformer, tok: Tokenizer, audit: dict) -> None:
+    """The model files and audit.json into out/ (beside the run's other files), after the frozen-tensor check. The
+    model is written in full before audit.json and before any file of it appears, so a failed write (disk full)
+    leaves no result that looks finished."""
+    staging = out / ".model.partial"
+    try:
+        checkpoint.save(model, tok, staging)
+        atomic_write_json(out / "audit.json", audit)
+        verify_audit(audit)
+        for file in staging.iterdir():  # each file is replaced atomically; the run's other files stay
+            os.replace(file, out / file.name)
+    except OSError as e:
+        ckpt = out / "checkpoint"
+        kept = f"the checkpoint in {ckpt} is kept" if ckpt.is_dir() else "there is no checkpoint to resume from"
+        raise TrainingError(f"{out}: cannot write the trained model ({e.strerror or e}); {kept}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
