@@ -42,9 +42,11 @@ test: setup-test
 bench: setup-test
 	$(PY) -m tools.bench
 
-# The generated documents, from the run directories that exist (see README.md, "Results").
+# The generated documents: docs/results.md from the run directories that exist (the main job first, then the
+# locate, eval, mechanistic and synthetic runs by name), docs/bench.md from runs/bench/*.json.
+RESULT_RUNS = $(wildcard runs/demo runs/full) $(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*))
 docs: setup
-	$(PY) -m minisafe.report results $(wildcard runs/demo runs/full) --out docs/results.md
+	$(PY) -m minisafe.report results $(RESULT_RUNS) --out docs/results.md
 	$(PY) -m minisafe.report bench runs/bench --out docs/bench.md
 
 clean-venv:

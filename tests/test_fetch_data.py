@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from minisafe import pipeline
 from minisafe.data import read_jsonl, read_prompts
 from minisafe.errors import DataError
 from minisafe.io import sha256_file
@@ -105,19 +104,3 @@ def test_real_fetch_counts(tmp_path):
     assert len(rows) == outputs["sharegpt.jsonl"]["rows"] > 9000
     assert all(row["prompt"] and row["response"] for row in rows)
 
-
-# ---------------------------------------------------------------- the pipeline names the fetch commands
-
-
-def test_pipeline_without_the_bundled_model_names_the_fetch_command(tmp_path, capsys):
-    assert pipeline.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")]) == 2
-    assert "python -m tools.weights fetch smollm2-135m-instruct" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
-def test_pipeline_without_the_data_names_the_fetch_command(tmp_path, capsys):
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
-    assert pipeline.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"),
-                          "--out", str(tmp_path / "run")]) == 2
-    assert "harmbench.jsonl: not fetched yet; run `python -m tools.fetch_data`" in capsys.readouterr().err
