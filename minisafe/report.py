@@ -45,6 +45,8 @@ def recorded_command(directory: Path) -> str | None:
             record = json.loads((directory / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
+        if not isinstance(record, dict):
+            continue
         command = record.get("command") or (record.get("run") or {}).get("command")
         if command:
             return command if isinstance(command, str) else shlex.join(command)
@@ -131,8 +133,12 @@ def sweep_table(sweep: Path) -> list[str]:
     if isinstance(rows, list) and rows and all(isinstance(row, dict) for row in rows):
         columns = list(dict.fromkeys(key for row in rows for key in row))
         return table(columns, [[cell(row.get(key)) for key in columns] for row in rows])
-    items = sorted(record.items()) if isinstance(record, dict) else list(enumerate(record, 1)) \
-        if isinstance(record, list) else [("value", record)]
+    if isinstance(record, dict):
+        items = sorted(record.items())
+    elif isinstance(record, list):
+        items = list(enumerate(record, 1))
+    else:
+        items = [("value", record)]
     return table(["key", "value"], [[cell(k), cell(v)] for k, v in items])
 
 
@@ -165,7 +171,7 @@ def results_document(runs: list[Path], out: Path, command: str) -> str:
     """results.md: a contents list, then every run's sections, in the order the runs were given."""
     names = [run.name for run in runs]
     if not runs:
-        raise ConfigError("no run directories given")
+        raise ConfigError("no run directories given (make demo writes runs/demo)")
     if len(set(names)) != len(names):
         raise ConfigError(f"two runs share a directory name ({', '.join(names)}); their figures would collide")
     lines = [generated_header(command), "# Results", "",
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minisafe.report", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="document", required=True)
     results = sub.add_parser("results", help="results.md from run directories (each with a report.md)")
-    results.add_argument("runs", nargs="+", type=Path, help="run directories, in the order they appear")
+    results.add_argument("runs", nargs="*", type=Path, help="run directories, in the order they appear")
     results.add_argument("--out", type=Path, default=Path("docs/results.md"), help="the document to write")
     bench = sub.add_parser("bench", help="bench.md from benchmark JSON files written by python -m tools.bench")
     bench.add_argument("sources", nargs="+", type=Path, help="JSON files, or directories of them")

@@ -113,3 +113,9 @@ def test_regenerating_bench_gives_identical_bytes(tmp_path, monkeypatch):
     main(["bench", "runs/bench", "--out", "docs/bench.md"])
     assert (tmp_path / "docs" / "bench.md").read_bytes() == first
 
+
+
+def test_no_run_directories_is_an_error_that_says_how_to_make_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["results", "--out", "docs/results.md"]) == 2
+    assert "no run directories given (make demo writes runs/demo)" in capsys.readouterr().err
