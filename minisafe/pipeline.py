@@ -40,7 +40,7 @@ from minisafe import builders, data
 from minisafe.alignment import Recipe, alignment_data, greedy_answerer
 from minisafe.errors import ConfigError, DataError, MinisafeError
 from minisafe.freeze import parse_layer_range
-from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, sha256_file
+from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record, sha256_file
 from minisafe.stats import Rate
 
 METHODS = ("full", "sppft", "before", "after")  # no freezing, the safety layers, as many layers before / after
@@ -545,25 +545,31 @@ def demo_report(p: Profile, out: Path, models: dict[str, Path], steps: dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: check that the fetched model and data are there, record the command, run every step."""
     parser = argparse.ArgumentParser(prog="python -m minisafe.pipeline", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                         help="quick: the make-demo sizes (minutes); full: the make-reproduce sizes (about an hour)")
     parser.add_argument("--out", default="runs/demo", help="run directory: one sub-directory per step and report.md")
     parser.add_argument("--model", default=f"weights/{RECIPE.model}",
-                        help="unaligned chat model to align and attack (fetched first when it is the bundled one)")
-    parser.add_argument("--data", default="data", help="directory of the fetched datasets (fetched first if missing)")
+                        help="unaligned chat model to align and attack (the bundled one: "
+                             f"`python -m tools.weights fetch {RECIPE.model}`)")
+    parser.add_argument("--data", default="data",
+                        help="directory of the fetched datasets (`python -m tools.fetch_data` writes them)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        if args.model == f"weights/{RECIPE.model}":
-            from minisafe.weights import fetch
-
-            fetch(RECIPE.model, "weights")
-        if args.data == "data":
-            data.fetch("data")
+        # The fetch commands are tooling outside the library (tools/); `make demo` runs them before this.
+        if not (Path(args.model) / "config.json").is_file():
+            raise ConfigError(f"{args.model}: no model directory (no config.json); run `python -m tools.weights fetch "
+                              f"{RECIPE.model}` for the bundled model, or pass --model DIR")
+        for name in ("harmbench", "donotanswer", "sharegpt"):
+            data.fetched(name, args.data)  # names `python -m tools.fetch_data` when a dataset is missing
+        record = run_record(PROFILES[args.profile].seed, {"model": args.model, "data": args.data}, profile=args.profile)
+        record["command"] = ["python", "-m", "minisafe.pipeline", *(sys.argv[1:] if argv is None else argv)]
+        atomic_write_json(Path(args.out) / "run.json", record)  # the command docs/results.md shows for this run
         report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data)
     except MinisafeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Tiny GGUF files written the way llama.cpp's converter writes them, for fast tests of minisafe.weights.
+"""Tiny GGUF files written the way llama.cpp's converter writes them, for fast tests of tools/weights.py.
 
 `write_tiny_gguf(path, arch)` writes a small random model of family llama, qwen2 or gemma3 with a small real
 tokenizer (byte-level BPE for llama / qwen2, SentencePiece-style BPE with byte fallback for gemma3), some tensors

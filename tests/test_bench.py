@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import minisafe
-from minisafe.bench import (bench_eval, bench_generate, bench_prefill, load_transformers, main,
-                            profile_decoding)
+from tools.bench import (bench_eval, bench_generate, bench_prefill, load_transformers, main,
+                         profile_decoding)
 from tiny import save_tiny
 
 

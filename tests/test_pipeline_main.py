@@ -1,0 +1,33 @@
+"""The main job's command line: it names the fetch commands when the model or data are missing, and records itself."""
+
+import json
+
+from minisafe import pipeline
+
+
+def test_pipeline_without_the_bundled_model_names_the_fetch_command(tmp_path, capsys):
+    assert pipeline.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")]) == 2
+    assert "python -m tools.weights fetch smollm2-135m-instruct" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_without_the_data_names_the_fetch_command(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert pipeline.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"),
+                          "--out", str(tmp_path / "run")]) == 2
+    assert "harmbench.jsonl: not fetched yet; run `python -m tools.fetch_data`" in capsys.readouterr().err
+
+
+def test_pipeline_records_its_command_in_the_run_directory(tmp_path, monkeypatch):
+    for name in ("model", "data"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for name in ("harmbench", "donotanswer", "sharegpt"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text('{"prompt": "x"}\n')
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda profile, out, model, data: tmp_path / "run" / "report.md")
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    assert pipeline.main(argv) == 0
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["command"] == ["python", "-m", "minisafe.pipeline", *argv]
+    assert set(record["inputs"]) == {"model", "data"} and record["settings"] == {"profile": "quick"}
