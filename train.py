@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "all: every tensor of those layers, norms included")
     p.add_argument("--trainable", metavar="REGEX", help="only parameters whose name matches REGEX are trainable")
     p.add_argument("--frozen", metavar="REGEX", help="also freeze parameters whose name matches REGEX")
+    p.add_argument("--freeze-random-neurons", metavar="N|like:SPEC",
+                   help="the paper's NFFT control: freeze seeded random output rows (neurons) of the attention and MLP "
+                        "projections, N parameters or like:SPEC (as many as freezing SPEC's layers would, e.g. "
+                        "like:13:14 or like:safety_layers.json); combines with the flags above")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
     p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch, over all processes together")
@@ -77,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     a = build_parser().parse_args(argv)
     return TrainConfig(
         model=a.model, data=a.data, out=a.out, objective=a.objective, freeze=a.freeze, freeze_scope=a.freeze_scope,
-        trainable=a.trainable, frozen=a.frozen, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+        trainable=a.trainable, frozen=a.frozen,
+        freeze_random_neurons=a.freeze_random_neurons, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
         grad_accum=a.grad_accum, warmup_steps=a.warmup_steps, schedule=a.schedule, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, max_len=a.max_len, max_steps=a.max_steps, seed=a.seed, dtype=a.dtype, device=a.device,
         template=a.template, loss_on_prompt=a.loss_on_prompt, beta=a.beta, unlearn_weight=a.unlearn_weight,

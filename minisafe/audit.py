@@ -4,8 +4,11 @@ train.py writes audit.json beside the model it saves (format 1):
   {"format": 1, "summary": {tensors, changed, unchanged, trainable_changed, trainable_unchanged, frozen_changed,
                             frozen_unchanged, trainable_parameters, frozen_parameters},
    "tensors": [{name, shape, trainable, sha256_before, sha256_after, changed, max_abs_change,
-                relative_change = ||dW|| / ||W|| (null for an all-zero tensor)}, ...],
-   "model", "freeze", "freeze_scope", "trainable_regex", "frozen_regex"}
+                relative_change = ||dW|| / ||W|| (null for an all-zero tensor),
+                and for a tensor with frozen rows (--freeze-random-neurons): frozen_rows, frozen_rows_sha256_before,
+                frozen_rows_sha256_after, frozen_rows_changed, frozen_row_parameters}, ...],
+   "model", "freeze", "freeze_scope", "trainable_regex", "frozen_regex", "freeze_random_neurons"}
+The summary also counts tensors_with_frozen_rows, frozen_row_parameters and frozen_rows_changed.
 Hashes are sha256 of each tensor's raw float32 bytes, the dtype training runs in, whatever the checkpoint stores.
 
 Re-check a trained model later (nothing is written):
@@ -37,31 +40,50 @@ def tensor_sha256(t: Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
-def build_audit(before: dict[str, Tensor], after: dict[str, Tensor], trainable: set[str]) -> dict:
-    """Per tensor: shape, trainable, hashes before / after, largest absolute change, ||dW|| / ||W||; and a summary."""
+def build_audit(before: dict[str, Tensor], after: dict[str, Tensor], trainable: set[str],
+                frozen_rows: dict[str, list[int]] | None = None) -> dict:
+    """Per tensor: shape, trainable, hashes before / after, largest absolute change, ||dW|| / ||W||, and for a tensor
+    with frozen rows (NFFT) the rows and their hashes before / after; and a summary."""
+    frozen_rows = frozen_rows or {}
     rows = []
     for name, old in before.items():
         new = after[name]
         diff = (new.double() - old.double())
         norm = old.double().norm().item()
         h_old, h_new = tensor_sha256(old), tensor_sha256(new)
-        rows.append({"name": name, "shape": list(old.shape), "trainable": name in trainable,
-                     "sha256_before": h_old, "sha256_after": h_new, "changed": h_old != h_new,
-                     "max_abs_change": diff.abs().max().item() if diff.numel() else 0.0,
-                     "relative_change": diff.norm().item() / norm if norm else None})
+        row = {"name": name, "shape": list(old.shape), "trainable": name in trainable,
+               "sha256_before": h_old, "sha256_after": h_new, "changed": h_old != h_new,
+               "max_abs_change": diff.abs().max().item() if diff.numel() else 0.0,
+               "relative_change": diff.norm().item() / norm if norm else None}
+        if name in frozen_rows:
+            row.update(frozen_rows_record(old, new, frozen_rows[name]))
+        rows.append(row)
     count = lambda trainable_, changed: sum(r["trainable"] == trainable_ and r["changed"] == changed for r in rows)
     summary = {"tensors": len(rows), "changed": sum(r["changed"] for r in rows),
                "unchanged": sum(not r["changed"] for r in rows),
                "trainable_changed": count(True, True), "trainable_unchanged": count(True, False),
                "frozen_changed": count(False, True), "frozen_unchanged": count(False, False),
                "trainable_parameters": sum(before[r["name"]].numel() for r in rows if r["trainable"]),
-               "frozen_parameters": sum(before[r["name"]].numel() for r in rows if not r["trainable"])}
+               "frozen_parameters": sum(before[r["name"]].numel() for r in rows if not r["trainable"]),
+               "tensors_with_frozen_rows": len(frozen_rows),
+               "frozen_row_parameters": sum(r["frozen_row_parameters"] for r in rows if "frozen_rows" in r),
+               "frozen_rows_changed": sum(r.get("frozen_rows_changed", False) for r in rows)}
     return {"format": AUDIT_FORMAT, "summary": summary, "tensors": rows}
 
 
+def frozen_rows_record(before: Tensor, after: Tensor, rows: list[int]) -> dict:
+    """The frozen rows of one tensor, the sha256 of those rows before and after, and whether they changed."""
+    index = torch.tensor(rows, dtype=torch.long)
+    h_old, h_new = tensor_sha256(before[index]), tensor_sha256(after[index])
+    return {"frozen_rows": rows, "frozen_rows_sha256_before": h_old, "frozen_rows_sha256_after": h_new,
+            "frozen_rows_changed": h_old != h_new, "frozen_row_parameters": before[index].numel()}
+
+
 def verify_audit(audit: dict) -> None:
-    """Fail loudly if any frozen tensor differs from the start of the run by a single bit."""
+    """Fail loudly if any frozen tensor, or any frozen row of a trainable one, differs from the start of the run by a
+    single bit."""
     moved = [r["name"] for r in audit["tensors"] if not r["trainable"] and r["changed"]]
+    moved += [f"{r['name']} (frozen rows)" for r in audit["tensors"] if r.get("frozen_rows_changed")]
     if moved:
         raise RuntimeError(f"{len(moved)} FROZEN tensor(s) changed during training (a bug; the model was not "
                            f"saved): {', '.join(moved[:10])}{' ...' if len(moved) > 10 else ''}")
@@ -73,14 +95,14 @@ def float32_state(model_dir: str | Path) -> dict[str, Tensor]:
     return {name: t.detach() for name, t in model.state_dict().items()}
 
 
-def audit_run(base_dir: str | Path, after: dict[str, Tensor], trainable: set[str],
-              start_hashes: dict[str, str]) -> dict:
+def audit_run(base_dir: str | Path, after: dict[str, Tensor], trainable: set[str], start_hashes: dict[str, str],
+              frozen_rows: dict[str, list[int]] | None = None) -> dict:
     """The audit of a run: the starting weights, re-read from base_dir and checked against their hashes at the
     start of the run (so that a file replaced during training cannot pass), against the weights `after`."""
     before = float32_state(base_dir)
     if any(tensor_sha256(t) != start_hashes.get(n) for n, t in before.items()):
         raise CheckpointError(f"{base_dir}: the weights on disk changed during training; cannot audit the run")
-    return build_audit(before, after, trainable)
+    return build_audit(before, after, trainable, frozen_rows)
 
 
 # ---------------------------------------------------------------- the re-check
@@ -131,6 +153,19 @@ def recheck(model_dir: str | Path, base_dir: str | Path | None = None) -> list[s
             elif tensor_sha256(state[name]) != tensor_sha256(base[name]):
                 problems.append(f"{name}: frozen, but not bit-identical to the base model: "
                                 f"{bit_difference(state[name], base[name])}")
+        problems += frozen_row_problems(rows, state, base)
+    return problems
+
+
+def frozen_row_problems(rows: dict[str, dict], state: dict[str, Tensor], base: dict[str, Tensor]) -> list[str]:
+    """One line per tensor whose frozen rows (NFFT) are not bit-identical to the base model's."""
+    problems = []
+    for name, row in rows.items():
+        if "frozen_rows" in row and name in state and name in base:
+            index = torch.tensor(row["frozen_rows"], dtype=torch.long)
+            if tensor_sha256(state[name][index]) != tensor_sha256(base[name][index]):
+                problems.append(f"{name}: its frozen rows are not bit-identical to the base model: "
+                                f"{bit_difference(state[name][index], base[name][index])}")
     return problems
 
 

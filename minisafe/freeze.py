@@ -9,6 +9,12 @@ trainable ones, so frozen tensors get no gradient and no optimizer state. The ru
    or every tensor of those layers (scope all, norms included), are frozen;
 4. --frozen REGEX: parameters whose name matches are frozen too.
 Patterns are Python regular expressions searched in the Hugging Face parameter names.
+
+Neuron-level freezing (the paper's NFFT control, --freeze-random-neurons N or like:SPEC) works inside tensors: it
+freezes randomly chosen output rows (neurons) of the attention and MLP projection weights across the whole model,
+with the matching bias entries, until N parameters are frozen (like:SPEC = as many as SPPFT with that layer spec
+freezes). Only rows of tensors that are still trainable after rules 1-4 are drawn, with the run's seed; the training
+loop zeroes their gradients and puts their values back after every optimizer step, so they stay bit-identical.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from minisafe.errors import ConfigError
@@ -122,6 +129,60 @@ def apply_freeze(model: nn.Module, spec: FreezeSpec) -> list[str]:
     for name, param in model.named_parameters():
         param.requires_grad_(name in keep)
     return [n for n in names if n in keep]
+
+
+def projection_names(model: nn.Module) -> list[str]:
+    """The attention and MLP projection weights (2-D tensors under self_attn. / mlp.) that are trainable."""
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and (m := _LAYER.match(name)) and m[2] in ATTN_MLP]
+
+
+def frozen_by_layers(model: nn.Module, spec: str, scope: str = "attn_mlp") -> int:
+    """How many parameters freezing the layers of spec (FIRST:LAST or a safety_layers.json) freezes, on their own."""
+    names = [n for n, _ in model.named_parameters()]
+    keep = set(trainable_names(names, model.config.num_layers, FreezeSpec(read_layer_spec(spec), scope)))
+    return sum(p.numel() for n, p in model.named_parameters() if n not in keep)
+
+
+def neuron_count(model: nn.Module, text: str) -> int:
+    """--freeze-random-neurons: N, or like:SPEC (as many parameters as freezing SPEC's layers freezes)."""
+    if text.startswith("like:"):
+        return frozen_by_layers(model, text.removeprefix("like:"))
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--freeze-random-neurons {text!r}: expected a positive number of parameters or like:SPEC "
+                          "(like:13:14, like:runs/x/safety_layers.json)")
+    return int(text)
+
+
+def random_neurons(model: nn.Module, count: int, seed: int) -> dict[str, list[int]]:
+    """Seeded random output rows of the trainable projection weights, drawn until they (with their bias entries)
+    hold at least `count` parameters; {weight name: sorted rows}."""
+    params = dict(model.named_parameters())
+    rows = [(name, row) for name in projection_names(model) for row in range(params[name].shape[0])]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen: dict[str, list[int]] = {}
+    total = 0
+    for i in order:
+        if total >= count:
+            break
+        name, row = rows[i]
+        chosen.setdefault(name, []).append(row)
+        total += params[name].shape[1] + (1 if bias_name(name) in params else 0)
+    if total < count:
+        raise ConfigError(f"--freeze-random-neurons: asked for {count:,} parameters, the trainable attention and MLP "
+                          f"rows hold only {total:,}")
+    return {name: sorted(found) for name, found in sorted(chosen.items())}
+
+
+def bias_name(weight_name: str) -> str:
+    """The bias that belongs to a projection weight (present for Qwen2's q, k and v)."""
+    return weight_name.removesuffix(".weight") + ".bias"
+
+
+def neuron_parameters(model: nn.Module, neurons: dict[str, list[int]]) -> int:
+    """Parameters held by frozen rows (each weight row, plus its bias entry where the projection has a bias)."""
+    params = dict(model.named_parameters())
+    return sum(len(rows) * (params[n].shape[1] + (bias_name(n) in params)) for n, rows in neurons.items())
 
 
 def _bytes(n: int) -> str:

@@ -1,13 +1,16 @@
-"""Intervals for the rates the toolkit reports.
+"""Intervals for the rates the toolkit reports, and the comparisons between fine-tuning methods.
 
 Every rate is a count k of n prompts. A single rate gets a Wilson score interval (it stays inside [0, 1] and
-behaves at k = 0 and k = n, where the normal approximation collapses to a point).
+behaves at k = 0 and k = n, where the normal approximation collapses to a point). Rates over several seeds and
+the differences between methods get bootstrap intervals (below).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
@@ -43,3 +46,58 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ---------------------------------------------------------------- comparisons over seeds and prompts
+#
+# A method is fine-tuned with several seeds and every fine-tune answers the same prompts, so its outcomes form a
+# [seeds, prompts] table of 0/1 (1 = answered a malicious prompt). Intervals come from a two-level bootstrap that
+# resamples seeds and prompts with replacement; a paired comparison resamples the same seeds and prompts for both
+# methods, so what the two share (a prompt every model answers) cancels out.
+
+BOOTSTRAP_REPS = 2000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean (as a fraction) with its 95% bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def points(self, signed: bool = False) -> str:
+        """'12.5 [4.0, 21.0]' in percentage points."""
+        sign = "+" if signed else ""
+        return f"{100 * self.value:{sign}.1f} [{100 * self.low:{sign}.1f}, {100 * self.high:{sign}.1f}]"
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def _draws(seeds: int, prompts: int, reps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bootstrap indices: [reps, seeds] seed draws and [reps, prompts] prompt draws."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(seeds, (reps, seeds), generator=g), torch.randint(prompts, (reps, prompts), generator=g)
+
+
+def bootstrap_mean(outcomes: torch.Tensor, reps: int = BOOTSTRAP_REPS, seed: int = 0) -> Estimate:
+    """Mean of a [seeds, prompts] table with a 95% percentile interval over resampled seeds and prompts."""
+    outcomes = torch.as_tensor(outcomes, dtype=torch.float64).reshape(-1, outcomes.shape[-1])
+    s, p = _draws(*outcomes.shape, reps, seed)
+    means = outcomes[s[:, :, None], p[:, None, :]].mean(dim=(1, 2))
+    return _estimate(outcomes.mean().item(), means)
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, reps: int = BOOTSTRAP_REPS, seed: int = 0) -> Estimate:
+    """mean(a) - mean(b) of two [seeds, prompts] tables on the same seeds and prompts (a row of b may be shared by
+    every seed: b of shape [1, prompts], e.g. the aligned model before any fine-tune), with a paired bootstrap."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64).expand_as(a)
+    return bootstrap_mean(a - b, reps, seed)
+
+
+def _estimate(value: float, draws: torch.Tensor) -> Estimate:
+    low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return Estimate(value, low, high)

@@ -50,7 +50,8 @@ from tqdm import tqdm
 from minisafe import checkpoint, data
 from minisafe.audit import audit_run, tensor_sha256, verify_audit
 from minisafe.errors import CheckpointError, ConfigError, DataError, TrainingError
-from minisafe.freeze import SCOPES, FreezeSpec, apply_freeze, freeze_rows, freeze_table, read_layer_spec
+from minisafe.freeze import (SCOPES, FreezeSpec, apply_freeze, bias_name, freeze_rows, freeze_table, neuron_count,
+                             random_neurons, read_layer_spec)
 from minisafe.io import atomic_write_json, content_hash, read_json, run_record
 from minisafe.metrics import response_ids
 from minisafe.model import Transformer
@@ -80,6 +81,7 @@ class TrainConfig:
     freeze_scope: str = "attn_mlp"
     trainable: str | None = None
     frozen: str | None = None
+    freeze_random_neurons: str | None = None  # N or like:SPEC: random rows of the projections (NFFT), see freeze.py
     epochs: int = 3
     lr: float = 1e-4
     batch_size: int = 4
@@ -138,6 +140,8 @@ def check_config(cfg: TrainConfig) -> None:
     check_number("val-fraction", cfg.val_fraction, 0.0, high=1.0)
     if cfg.val_data and cfg.val_fraction:
         raise ConfigError("give --val-data or --val-fraction, not both")
+    if cfg.freeze_random_neurons and cfg.fsdp:
+        raise ConfigError("--freeze-random-neurons freezes rows inside tensors, which --fsdp shards: use one of them")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
 
@@ -545,6 +549,8 @@ class Run:
     reference: Tensor | None = None  # dpo: reference log-probs of the training and validation examples
     val_reference: Tensor | None = None
     validated: dict[int, float] = field(default_factory=dict)
+    frozen_rows: dict[str, Tensor] = field(default_factory=dict)  # NFFT: tensor name -> its frozen rows
+    frozen_values: dict[str, Tensor] = field(default_factory=dict)  # their values as loaded
     loss: float | None = None
     tokens: int = 0
     started: float = 0.0
@@ -581,6 +587,7 @@ def setup(cfg: TrainConfig, out: Path, ranks: Dist, resuming: bool, say: Callabl
     model, tok = checkpoint.load(cfg.model, dtype=torch.float32, device=ranks.device)
     spec = FreezeSpec(read_layer_spec(cfg.freeze), cfg.freeze_scope, cfg.trainable, cfg.frozen)
     trainable = apply_freeze(model, spec)
+    frozen_rows = freeze_neurons(model, cfg.freeze_random_neurons, cfg.seed, say) if cfg.freeze_random_neurons else {}
     train_set, val_set = training_data(cfg, tok, say)
     inputs = {"model": cfg.model, "data": cfg.data, "val_data": cfg.val_data}
     record = check_resumable(out, cfg, inputs) if resuming else None
@@ -591,6 +598,8 @@ def setup(cfg: TrainConfig, out: Path, ranks: Dist, resuming: bool, say: Callabl
     run = Run(out, ranks, model, tok, trainable, train_set, val_set,
               {name: tensor_sha256(t) for name, t in model.state_dict().items()}, steps_per_epoch,
               cfg.epochs * steps_per_epoch)
+    run.frozen_rows = frozen_rows
+    run.frozen_values = {name: model.get_parameter(name).detach()[rows].clone() for name, rows in frozen_rows.items()}
     say(freeze_table(model))
     say(f"{len(train_set)} training examples, {len(val_set)} validation; {steps_per_epoch} steps per epoch, "
         f"{run.total_steps} in all; {per_step} examples per step on {ranks.world} process(es)")
@@ -602,6 +611,9 @@ def setup(cfg: TrainConfig, out: Path, ranks: Dist, resuming: bool, say: Callabl
         record = resumed_record(record, command_line(cfg), run.step)
     else:
         record = new_record(cfg, inputs, spec.layers, model, trainable, ranks.world) if ranks.main else None
+        if record is not None and frozen_rows:
+            record["frozen_neurons"] = {"rows": sum(len(r) for n, r in frozen_rows.items() if n.endswith(".weight")),
+                                        "parameters": rows_parameters(model, frozen_rows)}
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "run.json", record)
@@ -649,6 +661,35 @@ def setup_optimizer(run: Run, lr: float, weight_decay: float, fsdp: bool, saved:
         load_optimizer_tensors(run.optimizer, run.params, saved["optimizer"])
 
 
+def freeze_neurons(model: Transformer, spec: str, seed: int, say: Callable) -> dict[str, Tensor]:
+    """NFFT: draw the random rows (freeze.random_neurons) and zero their gradients; returns {tensor name: rows},
+    biases included. restore_frozen_rows undoes what weight decay and the optimizer would still do to them."""
+    neurons = random_neurons(model, neuron_count(model, spec), seed)
+    params = dict(model.named_parameters())
+    rows = {}
+    for name, found in neurons.items():
+        rows[name] = torch.tensor(found, dtype=torch.long)
+        if bias_name(name) in params:
+            rows[bias_name(name)] = rows[name]
+    for name, index in rows.items():
+        params[name].register_hook(lambda grad, index=index: grad.index_fill(0, index.to(grad.device), 0.0))
+    say(f"--freeze-random-neurons {spec}: {sum(len(r) for n, r in neurons.items())} rows of {len(neurons)} tensors, "
+        f"{rows_parameters(model, rows):,} parameters frozen")
+    return rows
+
+
+def rows_parameters(model: nn.Module, rows: dict[str, Tensor]) -> int:
+    """Parameters held by frozen rows (a weight row has as many as the tensor has columns; a bias entry one)."""
+    return sum(len(r) * math.prod(model.get_parameter(n).shape[1:]) for n, r in rows.items())
+
+
+@torch.no_grad()
+def restore_frozen_rows(model: nn.Module, rows: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+    """Put the frozen rows back to their starting values (their gradient is zero; this also undoes weight decay)."""
+    for name, index in rows.items():
+        model.get_parameter(name).index_copy_(0, index, values[name])
+
+
 def loop(run: Run, cfg: TrainConfig, on_step: Callable[[int], None] | None) -> str:
     """Optimizer steps to the end of the schedule, --max-steps or Ctrl-C, with periodic validation and checkpoints;
     returns why it stopped: completed, max_steps or interrupted."""
@@ -685,6 +726,7 @@ def train_step(run: Run, cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     loss, grad_norm = optimizer_step(run.model, run.optimizer, list(run.params.values()), run.train_set, indices, lr,
                                      cfg, run.reference, run.tok.pad_token_id, run.ranks)
+    restore_frozen_rows(run.model, run.frozen_rows, run.frozen_values)
     run.step += 1
     seconds = time.perf_counter() - t0
     check_finite(run.step, loss, grad_norm, run.ckpt, run.saved_step)
@@ -745,9 +787,10 @@ def finish(run: Run, cfg: TrainConfig, stopped: str) -> dict:
         summary["val_loss"] = validate(run, cfg)
     state = full_state(run.model)
     if run.ranks.main:
-        audit = audit_run(cfg.model, state, set(run.trainable), run.start_hashes)
+        frozen_rows = {name: rows.tolist() for name, rows in run.frozen_rows.items()}
+        audit = audit_run(cfg.model, state, set(run.trainable), run.start_hashes, frozen_rows)
         audit.update(model=cfg.model, freeze=cfg.freeze, freeze_scope=cfg.freeze_scope, trainable_regex=cfg.trainable,
-                     frozen_regex=cfg.frozen)
+                     frozen_regex=cfg.frozen, freeze_random_neurons=cfg.freeze_random_neurons)
         write_final(run.out, plain_model(run.model, state, cfg.fsdp and run.ranks.world > 1), run.tok, audit)
         summary["audit"] = audit["summary"]
         if stopped == "completed" and run.ckpt.exists():

@@ -1,0 +1,93 @@
+"""The statistics of the SPPFT experiment on constructed data with known answers: intervals, paired differences,
+and the verdict rule's three kinds of outcome."""
+
+import math
+
+import pytest
+import torch
+
+from minisafe.protection import compare_methods, outcome_table, verdict
+from minisafe.stats import Rate, bootstrap_mean, paired_difference, wilson_interval
+
+
+def test_wilson_interval_matches_known_values():
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 20)[1] == pytest.approx(0.1611, abs=1e-4)
+    assert wilson_interval(20, 20)[1] == 1.0
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    assert Rate(42, 100).percent() == "42% [33, 52] (n=100)"
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_a_constant_table_has_a_zero_width_interval():
+    e = bootstrap_mean(torch.ones(3, 50))
+    assert (e.value, e.low, e.high) == (1.0, 1.0, 1.0)
+
+
+def test_the_bootstrap_interval_covers_the_mean_and_narrows_with_more_prompts():
+    g = torch.Generator().manual_seed(0)
+    small = (torch.rand(3, 40, generator=g) < 0.5).double()
+    large = (torch.rand(3, 400, generator=g) < 0.5).double()
+    e_small, e_large = bootstrap_mean(small), bootstrap_mean(large)
+    assert e_small.low < e_small.value < e_small.high
+    assert (e_large.high - e_large.low) < (e_small.high - e_small.low)
+    assert e_large.low < 0.5 < e_large.high
+
+
+def test_a_paired_difference_sees_a_small_shift_that_unpaired_rates_would_hide():
+    g = torch.Generator().manual_seed(1)
+    base = (torch.rand(3, 200, generator=g) < 0.5).double()  # prompts differ a lot in difficulty
+    shifted = base.clone()
+    shifted[:, :20] = 1.0  # the other method answers 20 more prompts per seed (when base refused them)
+    d = paired_difference(shifted, base)
+    assert d.value == pytest.approx((shifted - base).mean().item())
+    assert d.low > 0 and d.excludes_zero
+
+
+def test_the_difference_against_an_aligned_row_is_paired_by_prompt():
+    aligned = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    attacked = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    assert paired_difference(attacked, aligned).value == pytest.approx(0.375)
+
+
+def answered(rate: float, seeds: int = 3, prompts: int = 100, shift: int = 0) -> torch.Tensor:
+    """A table in which the first round(rate * prompts) prompts (moved by shift) are answered in every seed."""
+    table = torch.zeros(seeds, prompts, dtype=torch.float64)
+    k = round(rate * prompts)
+    table[:, shift:shift + k] = 1.0
+    return table
+
+
+ALIGNED = answered(0.05)[:1]
+
+
+def test_the_verdict_says_protects_when_sppft_beats_full_and_every_control():
+    results = compare_methods({"full": answered(0.9), "sppft": answered(0.1), "nfft": answered(0.85),
+                               "random": answered(0.8)}, ALIGNED)
+    assert "SPPFT protects" in verdict("D_I", results)
+
+
+def test_the_verdict_says_not_specific_when_a_control_protects_as_well():
+    results = compare_methods({"full": answered(0.9), "sppft": answered(0.1), "nfft": answered(0.85),
+                               "random": answered(0.12)}, ALIGNED)
+    line = verdict("D_I", results)
+    assert "not specific" in line and "random" in line and "protects (" not in line
+
+
+def test_the_verdict_is_no_protection_when_the_interval_includes_zero():
+    g = torch.Generator().manual_seed(2)
+    noisy = lambda: (torch.rand(2, 100, generator=g) < 0.8).double()  # noqa: E731
+    line = verdict("D_I", compare_methods({"full": noisy(), "sppft": noisy(), "nfft": noisy()}, ALIGNED))
+    assert "no protection detected" in line
+
+
+def test_the_verdict_is_inconclusive_when_the_attack_removed_nothing():
+    results = compare_methods({"full": answered(0.05), "sppft": answered(0.05)}, ALIGNED)
+    assert "inconclusive" in verdict("D_I", results)
+
+
+def test_outcome_table_orders_by_prompt():
+    table = outcome_table([{"a": True, "b": False}, {"a": False, "b": False}], ["b", "a"])
+    assert table.tolist() == [[0.0, 1.0], [0.0, 0.0]]
