@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from minisafe.fastpath import fast_inference
 from minisafe.generate import generate, similar_length_batches
 from minisafe.hooks import check_layer_range, record_layers, scaled_layers
-from minisafe.model import Transformer, packed_weights
+from minisafe.model import Transformer
 from minisafe.tokenizer import Tokenizer
 
 PAIR_TYPES = ("N-N", "N-M", "M-M")
@@ -39,7 +40,7 @@ def last_token_vectors(model: Transformer, tokenizer: Tokenizer, prompts: Sequen
     """Output of every layer at each prompt's last token: [N, L, D] float32 (prompt pass only, no generation)."""
     ids = [tokenizer.prompt_ids(p, template) for p in prompts]
     out = torch.empty(len(ids), model.config.num_layers, model.config.hidden_size)
-    with record_layers(model) as records, packed_weights(model):
+    with record_layers(model) as records, fast_inference(model):
         for rows in tqdm(similar_length_batches(ids, batch_size), desc="layer vectors", disable=not progress):
             input_ids, mask = tokenizer.pad_left([ids[i] for i in rows])
             model(input_ids, mask, last_logits_only=True)

@@ -49,9 +49,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from minisafe.errors import ConfigError, DataError
+from minisafe.fastpath import fast_inference
 from minisafe.generate import similar_length_batches
 from minisafe.hooks import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
-from minisafe.model import Transformer, packed_weights
+from minisafe.model import Transformer
 from minisafe.plots import plt, save_figure
 from minisafe.tokenizer import Tokenizer
 
@@ -189,7 +190,7 @@ def mlp_activations(model: Transformer, tok: Tokenizer, prompts: Sequence[str], 
     ids = [tok.prompt_ids(p, template) for p in prompts]
     device = model.model.embed_tokens.weight.device
     out = None
-    with record_mlp_inputs(model) as records, packed_weights(model):
+    with record_mlp_inputs(model) as records, fast_inference(model):
         for rows in tqdm(similar_length_batches(ids, batch_size), desc="MLP activations", disable=not progress):
             input_ids, mask = tok.pad_left([ids[i] for i in rows])
             model(input_ids.to(device), mask.to(device), last_logits_only=True)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minisafe.model import Transformer, packed_weights
+from minisafe.fastpath import fast_inference
+from minisafe.model import Transformer
 from minisafe.tokenizer import Tokenizer
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -93,7 +94,7 @@ def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str
     device = model.model.embed_tokens.weight.device
     total, count = 0.0, 0
     widths = [sum(map(len, examples[i])) for i in order]
-    with packed_weights(model):
+    with fast_inference(model):
         batches = length_batches(widths, batch_size, LOGITS_BUDGET // model.config.vocab_size)
         for rows in tqdm(batches, desc="perplexity", disable=not progress):
             batch = [examples[order[i]] for i in rows]

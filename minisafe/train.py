@@ -394,9 +394,9 @@ def micro_loss_sum(model: nn.Module, examples: list[Example], indices: list[int]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
         hidden = model(input_ids, skip_head=True)
         if cfg.objective == "sft":
-            return sft_loss_sum(hidden, labels, model.head)
+            return sft_loss_sum(hidden, labels, model.logits)
         ref = reference[indices].to(device) if reference is not None else None
-        return pair_loss_sum(cfg.objective, hidden, labels, ref, cfg.beta, cfg.unlearn_weight, model.head)
+        return pair_loss_sum(cfg.objective, hidden, labels, ref, cfg.beta, cfg.unlearn_weight, model.logits)
 
 
 def own_rows(batch: list[int], ranks: Dist) -> tuple[list[int], float]:
@@ -416,7 +416,7 @@ def reference_logps(model: nn.Module, examples: list[Example], cfg: TrainConfig,
         sequences = [examples[i][k] for k in (0, 1) for i in rows]
         input_ids, labels = collate(sequences, pad_id, ranks.device)
         with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            logps = sequence_logps(model(input_ids, skip_head=True), labels, model.head).float().cpu()
+            logps = sequence_logps(model(input_ids, skip_head=True), labels, model.logits).float().cpu()
         if weight:
             out[rows] = torch.stack(logps.chunk(2), dim=1)
     return sum_across(out.to(ranks.device), ranks).cpu()

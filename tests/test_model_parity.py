@@ -5,8 +5,7 @@ import torch
 
 import minisafe
 from minisafe.generate import generate, generate_ids, greedy, shared_prefix
-from minisafe.hooks import scaled_layers
-from minisafe.model import KVCache, packed_weights
+from minisafe.model import KVCache
 from tiny import FAMILIES, save_tiny
 
 TOL = 1e-4
@@ -43,32 +42,6 @@ def test_logits_match_transformers_on_left_padded_batch(pair):
     assert (got - expected)[mask.bool()].abs().max() <= TOL
 
 
-def count_packed_matmuls(monkeypatch) -> list[int]:
-    """Count the calls of the packed-weight kernel from here on."""
-    calls = []
-    kernel = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or kernel(*args))
-    return calls
-
-
-@torch.no_grad()
-def test_logits_with_packed_weights_match_transformers(pair, monkeypatch):
-    _, hf, model, _ = pair
-    ids, mask, pos = left_padded_batch()
-    expected = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    calls = count_packed_matmuls(monkeypatch)
-    plain = []
-    linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: plain.append(1) or linear(*args))
-    with packed_weights(model):
-        got = model(ids, mask)
-    assert not plain  # every matmul ran packed: per layer q/k/v stacked, o, gate/up stacked, down; then the head
-    assert len(calls) == 4 * len(model.layers) + 1
-    assert (got - expected)[mask.bool()].abs().max() <= TOL
-    assert all(getattr(m, name, None) is None for m in model.modules()
-               for name in ("packed", "packed_qkv", "packed_gate_up", "packed_embedding"))
-
-
 @torch.no_grad()
 def test_padded_row_gives_the_logits_of_the_unpadded_row(pair):
     _, _, model, _ = pair
@@ -94,7 +67,7 @@ def test_every_layer_output_matches_transformers(pair):
 
 @torch.no_grad()
 def test_last_logits_only_equals_the_last_position_of_the_full_pass(pair):
-    """The last layer then works at the last position alone; a hook on it still sees every position."""
+    """A hook on the last layer still sees every position."""
     _, _, model, _ = pair
     ids, mask, _ = left_padded_batch()
     full = model(ids, mask)
@@ -109,31 +82,34 @@ def test_last_logits_only_equals_the_last_position_of_the_full_pass(pair):
     assert seen[0].shape[:2] == ids.shape and (hooked - last).abs().max() <= TOL
 
 
+def decode_steps(model, cache, ids, mask, steps) -> tuple[torch.Tensor, list[int]]:
+    """Logits [B, 1 + S, V] of a prompt pass and then of one step per column of steps [B, S], through `cache`; and the
+    length of layer 0's key buffer after each step."""
+    out, capacities = [model(ids, mask, cache=cache, last_logits_only=True)], []
+    for t in range(steps.shape[1]):
+        mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+        out.append(model(steps[:, t : t + 1], mask, cache=cache))
+        capacities.append(cache.keys[0].shape[2])
+    return torch.cat(out, dim=1), capacities
+
+
+def prompt_and_steps(lengths=(14, 9, 20), seed=0):
+    """A left-padded prompt batch, 12 tokens per row to feed one at a time after it, and the positions both fill."""
+    ids, mask, _ = left_padded_batch(lengths, seed=seed)
+    steps = torch.randint(5, 250, (len(lengths), 12), generator=torch.Generator().manual_seed(7))
+    return ids, mask, steps, ids.shape[1] + steps.shape[1]
+
+
 @torch.no_grad()
-def test_kv_cache_grows_by_its_step_and_gives_the_same_logits_as_a_full_one(pair):
+def test_kv_cache_steps_give_the_logits_of_the_full_pass(pair):
     _, _, model, _ = pair
-    ids, mask, _ = left_padded_batch()
-    steps = torch.randint(5, 250, (3, 12), generator=torch.Generator().manual_seed(7))
-    max_len = ids.shape[1] + steps.shape[1]
-    logits, capacities = {}, []
-    for grow in (4, max_len):
-        cache = KVCache(model.config, 3, max_len, torch.float32, "cpu", grow=grow)
-        step_mask = mask
-        out = [model(ids, mask, cache=cache, last_logits_only=True)]
-        for t in range(steps.shape[1]):
-            step_mask = torch.cat([step_mask, step_mask.new_ones(3, 1)], dim=1)
-            out.append(model(steps[:, t : t + 1], step_mask, cache=cache))
-            capacities.append(cache.keys[0].shape[2])
-        logits[grow] = torch.cat(out, dim=1)
-    # After the prompt a buffer holds grow - 1 more slots and grows by `grow` when full, straight to max_len when
-    # less than `grow` would be left.
-    width = ids.shape[1]
-    assert max_len == width + 12
-    assert capacities[:12] == [width + 3] * 3 + [width + 7] * 4 + [max_len] * 5
-    assert capacities[12:] == [max_len] * 12
-    assert (logits[4] - logits[max_len]).abs().max() <= TOL
+    ids, mask, steps, max_len = prompt_and_steps()
+    cache = KVCache(model.config, 3, max_len, torch.float32, "cpu")
+    stepped, _ = decode_steps(model, cache, ids, mask, steps)
+    full = model(torch.cat([ids, steps], dim=1), torch.cat([mask, torch.ones_like(steps)], dim=1))
+    assert (stepped - full[:, ids.shape[1] - 1 :]).abs().max() <= TOL
     with pytest.raises(ValueError, match=f"KV cache holds {max_len} positions; this step needs {max_len + 1}"):
-        model(steps[:, :1], torch.cat([step_mask, step_mask.new_ones(3, 1)], dim=1), cache=cache)
+        model(steps[:, :1], torch.ones(3, max_len + 1, dtype=torch.long), cache=cache)
 
 
 @torch.no_grad()
@@ -293,82 +269,8 @@ def test_saved_model_loads_in_transformers_with_the_same_logits(tmp_path):
     assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tok.render_chat(chat)
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("family", ["llama", "qwen2_tied_sliding"])
-def test_packed_weights_are_bit_identical_in_bfloat16(tmp_path, family):
-    save_tiny(tmp_path, family)
-    model, _ = minisafe.load(tmp_path, dtype=torch.bfloat16)
-    ids, mask, _ = left_padded_batch()
-    plain = model(ids, mask)
-    with packed_weights(model):
-        assert torch.equal(model(ids, mask), plain)
-
-
 def test_bfloat16_softmax_rounds_once_as_the_float32_one_does():
-    """attend's decoding path takes softmax in the activation dtype on this promise."""
+    """matmul_attention takes softmax in the activation dtype on this promise."""
     scores = (torch.randn(8, 3, 3, 97, generator=torch.Generator().manual_seed(0)) * 20).to(torch.bfloat16)
     scores[..., 60:] = float("-inf")  # the masked tail of a KV cache
     assert torch.equal(torch.softmax(scores, dim=-1), torch.softmax(scores, dim=-1, dtype=torch.float32).to(torch.bfloat16))
-
-
-def test_packed_weights_never_use_a_stale_or_gradless_copy(tmp_path, monkeypatch):
-    """Weights changed inside the block (scaling, an optimizer step), training passes and autocast take the weights."""
-    save_tiny(tmp_path, "llama_tied_bias_linear")
-    model, _ = minisafe.load(tmp_path)
-    ids, mask, _ = left_padded_batch()
-    with torch.no_grad(), scaled_layers(model, 0, 1, 1.7):
-        scaled = model(ids, mask)
-    with torch.no_grad(), packed_weights(model), scaled_layers(model, 0, 1, 1.7):  # scaled after packing
-        assert (model(ids, mask) - scaled).abs().max() <= TOL
-    with torch.no_grad(), packed_weights(model):
-        model.model.embed_tokens.weight.mul_(0.5)  # also the tied head's weight
-        changed = model(ids, mask)
-    with torch.no_grad():
-        assert (changed - model(ids, mask)).abs().max() <= TOL
-        model.model.embed_tokens.weight.mul_(2.0)
-
-    def gradients() -> list[torch.Tensor]:
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    expected = gradients()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast = model(ids, mask)
-    calls = count_packed_matmuls(monkeypatch)
-    with packed_weights(model):
-        got = gradients()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.equal(model(ids, mask), autocast)
-    assert not calls and all(torch.equal(a, b) for a, b in zip(got, expected))
-
-
-@torch.no_grad()
-def test_a_hook_on_a_stacked_projection_still_sees_it_run(tmp_path):
-    save_tiny(tmp_path, "qwen2")
-    model, _ = minisafe.load(tmp_path)
-    ids, mask, _ = left_padded_batch()
-    seen = []
-    handle = model.layers[1].self_attn.k_proj.register_forward_hook(lambda m, args, out: seen.append(out))
-    try:
-        plain = model(ids, mask)
-        with packed_weights(model):
-            packed = model(ids, mask)
-    finally:
-        handle.remove()
-    assert len(seen) == 2 and (seen[1] - seen[0]).abs().max() <= TOL and (packed - plain).abs().max() <= TOL
-
-
-@torch.no_grad()
-def test_nested_packed_blocks_share_one_copy_dropped_by_the_outer_block(tmp_path):
-    save_tiny(tmp_path, "qwen2")
-    model, _ = minisafe.load(tmp_path)
-    head = model.lm_head
-    with pytest.raises(RuntimeError, match="inside"):
-        with packed_weights(model):
-            outer = head.packed
-            with packed_weights(model):
-                assert head.packed is outer
-            assert head.packed is outer  # the inner block leaves the outer one's copy in place
-            raise RuntimeError("inside")
-    assert head.packed is None

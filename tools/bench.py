@@ -25,9 +25,9 @@ import torch
 
 import minisafe
 from minisafe import data
+from minisafe.fastpath import fast_inference
 from minisafe.generate import generate, generate_ids, greedy, similar_length_batches
 from minisafe.io import atomic_write_json
-from minisafe.model import KVCache, packed_weights
 from tools import fetch_data, weights
 
 PARTS = ("prefill", "generate", "eval", "profile", "train", "sppft")
@@ -70,7 +70,7 @@ def peak_rss_mb() -> float:
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> dict[str, float]:
     """GFLOP/s of one n x n matmul through torch.matmul (MKL in float32) and through oneDNN with the weight prepacked
-    (packed_weights' path); the faster is the machine's practical peak for this dtype."""
+    (fast_inference's path); the faster is the machine's practical peak for this dtype."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(b)
     seconds = {"matmul": best_time(lambda: a @ b, repeat=5),
@@ -108,7 +108,7 @@ def load_transformers(path: str, dtype: torch.dtype = torch.float32):
 def bench_prefill(ours, theirs, batch: int = 32, length: int = 64) -> dict:
     """One forward pass over every position; both sides hand back float32 logits, as minisafe's forward does."""
     ids = random_batch(ours.config.vocab_size, batch, length)
-    with packed_weights(ours):  # packing (a tenth of a second) happens once, outside the timed passes
+    with fast_inference(ours):  # packing happens once, outside the timed passes
         t_ours, t_theirs = best_times(lambda: ours(ids), lambda: theirs(input_ids=ids).logits.float(), repeat=5)
     flops = forward_flops(ours, batch, length)
     return {"batch": batch, "length": length, "minisafe_tok_s": batch * length / t_ours,
@@ -174,9 +174,9 @@ def profile_decoding(ours, batch: int = 50, length: int = 48, warm: int = 16, st
 
     cfg = ours.config
     ids, mask = random_batch(cfg.vocab_size, batch, length), torch.ones(batch, length, dtype=torch.long)
-    dtype, slots = ours.model.embed_tokens.weight.dtype, length + warm + 2 * steps
-    with packed_weights(ours):
-        cache = KVCache(cfg, batch, slots, dtype, "cpu")
+    slots = length + warm + 2 * steps
+    with fast_inference(ours):
+        cache = ours.new_cache(batch, slots)
         token = greedy(ours(ids, mask, cache=cache, last_logits_only=True, float_logits=False)[:, -1])
 
         def step() -> None:

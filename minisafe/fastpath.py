@@ -1,0 +1,244 @@
+"""A faster path for inference on the CPU, switched on around a block by `with fast_inference(model):`.
+
+Inside the block some methods of the model's modules are swapped for faster ones that compute the same thing, and
+on exit the originals come back (also when an exception escapes):
+- nn.Linear.forward (and a tied head) multiplies by a copy of the weight prepacked for oneDNN. In float32, F.linear
+  calls MKL's GEMM, which on some CPUs is far slower than oneDNN; in bfloat16, F.linear already uses oneDNN but
+  reorders the weight at every call. bfloat16 results are bit-identical to F.linear's; float32 ones differ in
+  rounding only (another summation order).
+- Attention.project and MLP.project multiply q/k/v and gate/up as one stacked matrix each: fewer, larger matmuls,
+  the same result for every output element.
+- Attention.attend writes a one-token decoding step out as two small matmuls: the CPU flash kernel behind SDPA has a
+  fixed cost per call that is several times theirs.
+- Transformer.new_cache gives a cache whose buffers grow a few slots at a time, and a decoding step reads a layer's
+  whole buffer, its unfilled tail masked: a slice of the filled slots would be strided, and CPU bfloat16 matmuls
+  copy strided operands first, which costs more than a short masked tail.
+
+Forward hooks keep firing: every module is still called, and a stacked projection whose parts have a hook waiting
+takes the separate ones. A weight changed in place inside the block (scaled_layers, an optimizer step) is packed
+again before its next use; a pass that needs a gradient, and autocast, take F.linear (the packed kernel has no
+backward and no autocast rule). The packed copies cost one more set of weights while the block runs. Nested blocks
+reuse the outer one's swaps. Off the CPU it does nothing; where oneDNN cannot pack the dtype, it does not pack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minisafe.config import ModelConfig
+from minisafe.model import Attention, KVCache, Transformer, matmul_attention
+
+_active: set[int] = set()  # id() of the models inside a fast_inference block
+
+
+class PackedLinear:
+    """The weights of linears that read the same input, stacked by rows and copied into oneDNN's blocked layout.
+
+    `modules` hold the weights (nn.Linear, or the nn.Embedding of a tied head); the copy is remade when one of their
+    tensors has changed since it was made.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.modules = list(modules)
+        self.pack()
+
+    def sources(self) -> list[Tensor]:
+        """The weights and biases copied, as the modules hold them now."""
+        return [t for m in self.modules for t in (m.weight, getattr(m, "bias", None)) if t is not None]
+
+    def pack(self) -> None:
+        """Copy the weights, stacked, into the blocked layout, and their biases (zeros where one has none) beside them."""
+        with torch.no_grad():
+            weights = [m.weight.detach() for m in self.modules]
+            biases = [getattr(m, "bias", None) for m in self.modules]
+            stacked = weights[0] if len(weights) == 1 else torch.cat(weights)  # cat would copy a lone weight too
+            self.data = torch.ops.mkldnn._reorder_linear_weight(stacked)
+            self.bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        self.copied = [(t, t._version) for t in self.sources()]  # in-place writes bump a tensor's version
+
+    def usable(self, x: Tensor) -> bool:
+        """Whether the packed kernel may stand in for F.linear on x; packs again first if a source has changed."""
+        sources = self.sources()
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return False
+        if self.stale(sources):
+            self.pack()
+        return True
+
+    def stale(self, sources: list[Tensor]) -> bool:
+        """Whether a source has been written in place or replaced since the copy was made."""
+        return len(sources) != len(self.copied) or any(t is not s or t._version != version
+                                                       for t, (s, version) in zip(sources, self.copied))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.data, self.bias, "none", [], "")
+
+
+def packable(weight: Tensor) -> bool:
+    """Whether oneDNN can pack this weight: on a CPU, in float32, or in bfloat16 where the CPU has its kernels."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16
+                                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def hooked(modules: Sequence[nn.Module]) -> bool:
+    """Whether a forward hook waits for one of these modules to run."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def packed_forward(plain: Callable[[Tensor], Tensor], packed: PackedLinear) -> Callable[[Tensor], Tensor]:
+    """A forward that multiplies by the packed copy where it may, and calls `plain` where it may not."""
+    def forward(x: Tensor) -> Tensor:
+        return packed(x) if packed.usable(x) else plain(x)
+    return forward
+
+
+def stacked_projection(plain: Callable[[Tensor], tuple[Tensor, ...]], linears: Sequence[nn.Linear],
+                       split: Callable[[Tensor], tuple[Tensor, ...]]) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """A project method that runs `linears` as one packed matmul and splits its output into theirs; while a hook
+    waits on one of them, `plain` calls them one by one."""
+    packed = PackedLinear(linears)
+
+    def project(x: Tensor) -> tuple[Tensor, ...]:
+        if hooked(linears) or not packed.usable(x):
+            return plain(x)
+        return split(packed(x))
+    return project
+
+
+def decoding_attention(attention: Attention) -> Callable[..., Tensor]:
+    """An attend method that writes one-token steps out as matmuls and leaves longer ones to the original."""
+    plain, cfg = attention.attend, attention.cfg
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        if q.shape[2] > 1:
+            return plain(q, k, v, mask)
+        return matmul_attention(q, k, v, mask, cfg.attn_scale, cfg.attn_softcap)
+    return attend
+
+
+class GrowingKVCache(KVCache):
+    """A KV cache whose buffers hold the filled slots and at most `grow` more, and which a one-token step reads whole.
+
+    When a buffer is full it is copied into one `grow` slots longer, so the masked tail a step reads stays short.
+    A prompt reads only the filled slots (SDPA takes strided keys as they are).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str, grow: int = 16):
+        empty = torch.zeros(batch_size, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype, device=device)
+        self.keys, self.values = [empty] * cfg.num_layers, [empty] * cfg.num_layers
+        self.length, self.max_len, self.grow = 0, max_len, grow
+
+    def slots(self, length: int) -> int:
+        """The whole buffer (as it is after this step) for one new token, only the filled slots for a prompt."""
+        end = super().slots(length)
+        return end if length > 1 else self.capacity(end)
+
+    def capacity(self, end: int) -> int:
+        """The length of a buffer that must hold `end` slots: its own if that is enough, else `grow` - 1 beyond end,
+        or max_len where less than `grow` would be left beyond that (so that the last copy is not for a few slots).
+        It reads the last layer's buffer, the one a step grows last, so every layer of a step gets the same answer."""
+        current = self.keys[-1].shape[2]
+        if end <= current:
+            return current
+        capacity = end + self.grow - 1
+        return self.max_len if capacity + self.grow > self.max_len else capacity
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.make_room(layer, self.length + k.shape[2])
+        return super().update(layer, k, v)
+
+    def share(self, prefix: KVCache) -> None:
+        for layer in range(len(self.keys)):
+            self.make_room(layer, prefix.length)
+        super().share(prefix)
+
+    def make_room(self, layer: int, end: int) -> None:
+        """Copy `layer`'s buffers into longer ones (see capacity) if they hold fewer than `end` slots."""
+        if end > self.keys[layer].shape[2]:
+            capacity = self.capacity(end)
+            self.keys[layer] = longer(self.keys[layer], capacity)
+            self.values[layer] = longer(self.values[layer], capacity)
+
+
+def longer(buffer: Tensor, capacity: int) -> Tensor:
+    """A KV buffer copied into one of `capacity` slots. The new slots are zero: a masked slot's value still meets a
+    zero attention weight, and 0 * NaN would not be 0."""
+    out = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[3])
+    out[:, :, : buffer.shape[2]] = buffer
+    out[:, :, buffer.shape[2] :] = 0
+    return out
+
+
+def growing_cache(model: Transformer) -> Callable[[int, int], KVCache]:
+    """A new_cache method that makes GrowingKVCaches."""
+    def new_cache(batch_size: int, max_len: int) -> KVCache:
+        weight = model.model.embed_tokens.weight
+        return GrowingKVCache(model.config, batch_size, max_len, weight.dtype, weight.device)
+    return new_cache
+
+
+def packed_methods(model: Transformer) -> list[tuple[nn.Module, str, Callable]]:
+    """(module, method name, replacement) for the packed matmuls: each layer's q/k/v and gate/up stacked, every other
+    linear on its own, and a tied head."""
+    swaps: list[tuple[nn.Module, str, Callable]] = []
+    stacked: set[int] = set()  # id() of the linears that run stacked
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if not attn.cfg.fused_qkv:
+            linears = [attn.q_proj, attn.k_proj, attn.v_proj]
+            split = (lambda y, sizes=attn.sizes: y.split(sizes, dim=-1))
+            swaps.append((attn, "project", stacked_projection(attn.project, linears, split)))
+            stacked.update(map(id, linears))
+        if not mlp.fused:
+            linears = [mlp.gate_proj, mlp.up_proj]
+            swaps.append((mlp, "project", stacked_projection(mlp.project, linears, lambda y: y.chunk(2, dim=-1))))
+            stacked.update(map(id, linears))
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and id(m) not in stacked:
+            swaps.append((m, "forward", packed_forward(m.forward, PackedLinear([m]))))
+    if model.lm_head is None:
+        swaps.append((model, "head", packed_forward(model.head, PackedLinear([model.model.embed_tokens]))))
+    return swaps
+
+
+def fast_methods(model: Transformer) -> list[tuple[nn.Module, str, Callable]]:
+    """Every swap fast_inference makes on this model, as (module, method name, replacement)."""
+    swaps: list[tuple[nn.Module, str, Callable]] = [(model, "new_cache", growing_cache(model))]
+    swaps += [(block.self_attn, "attend", decoding_attention(block.self_attn)) for block in model.layers]
+    if packable(model.model.embed_tokens.weight):
+        swaps += packed_methods(model)
+    return swaps
+
+
+@contextmanager
+def fast_inference(model: Transformer) -> Iterator[None]:
+    """Inside this block the model runs the CPU speed path described at the top of this module; on exit, its own
+    methods again."""
+    if id(model) in _active or model.model.embed_tokens.weight.device.type != "cpu":
+        yield
+        return
+    swaps = fast_methods(model)
+    hidden = [module.__dict__.get(name) for module, name, _ in swaps]  # instance attributes a swap would hide
+    _active.add(id(model))
+    try:
+        for module, name, method in swaps:
+            setattr(module, name, method)  # an instance attribute: it hides the class's method
+        yield
+    finally:
+        for (module, name, _), before in zip(swaps, hidden):
+            if before is None:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, before)
+        _active.discard(id(model))

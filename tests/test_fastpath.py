@@ -1,0 +1,260 @@
+"""fast_inference, the CPU speed path: the plain model's logits and generations, hooks that still fire, weight
+changes that take effect inside it, and the model's own methods back on exit."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import minisafe
+from minisafe.fastpath import GrowingKVCache, fast_inference
+from minisafe.generate import generate_ids
+from minisafe.hooks import record_layers, scaled_layers
+from minisafe.mechanistic import record_mlp_inputs
+from minisafe.model import KVCache
+from test_model_parity import (TOL, decode_steps, left_padded_batch, pair,  # noqa: F401  (pair: a fixture)
+                               prompt_and_steps)
+from tiny import save_tiny
+
+SWAPPABLE = ("forward", "project", "attend", "head", "new_cache")
+
+
+def swapped_methods(model) -> set[tuple[str, str]]:
+    """(module name, method) of every method a fast_inference block has put on one of the model's modules."""
+    return {(name, method) for name, m in model.named_modules() for method in SWAPPABLE if method in vars(m)}
+
+
+@contextmanager
+def outputs_of(module: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The outputs of every call of `module` inside the block, from a forward hook."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def count_packed_matmuls(monkeypatch) -> list[int]:
+    """Count the calls of the packed-weight kernel from here on."""
+    calls = []
+    kernel = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
+def count_plain_matmuls(monkeypatch) -> list[int]:
+    """Count the calls of F.linear from here on."""
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or linear(*args))
+    return calls
+
+
+@torch.no_grad()
+def test_logits_with_fast_inference_match_transformers(pair, monkeypatch):
+    _, hf, model, _ = pair
+    ids, mask, pos = left_padded_batch()
+    expected = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    calls = count_packed_matmuls(monkeypatch)
+    plain = count_plain_matmuls(monkeypatch)
+    with fast_inference(model):
+        got = model(ids, mask)
+    assert not plain  # every matmul ran packed: per layer q/k/v stacked, o, gate/up stacked, down; then the head
+    assert len(calls) == 4 * len(model.layers) + 1
+    assert (got - expected)[mask.bool()].abs().max() <= TOL
+    assert not swapped_methods(model)
+
+
+@torch.no_grad()
+def test_fast_decoding_gives_the_logits_and_greedy_tokens_of_the_plain_model(pair):
+    _, _, model, _ = pair
+    ids, mask, steps, max_len = prompt_and_steps(lengths=(6, 11, 3), seed=1)
+    plain, _ = decode_steps(model, model.new_cache(3, max_len), ids, mask, steps)
+    with fast_inference(model):
+        cache = model.new_cache(3, max_len)
+        fast, _ = decode_steps(model, cache, ids, mask, steps)
+    assert isinstance(cache, GrowingKVCache) and (fast - plain).abs().max() <= TOL
+    assert torch.equal(generate_ids(model, ids, mask, max_new_tokens=20, eos_ids=[], pad_id=0)[0],
+                       plain_greedy(model, ids, mask, 20))
+
+
+def plain_greedy(model, ids, mask, new: int) -> torch.Tensor:
+    """`new` greedy tokens [B, new] from the plain model, one step at a time through its own KV cache."""
+    cache = model.new_cache(len(ids), ids.shape[1] + new - 1)
+    logits, tokens = model(ids, mask, cache=cache, last_logits_only=True), []
+    while True:
+        tokens.append(logits[:, -1].argmax(-1))
+        if len(tokens) == new:
+            return torch.stack(tokens, dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+        logits = model(tokens[-1][:, None], mask, cache=cache)
+
+
+@torch.no_grad()
+def test_growing_kv_cache_grows_by_its_step_and_gives_the_same_logits_as_a_full_one(pair):
+    _, _, model, _ = pair
+    ids, mask, steps, max_len = prompt_and_steps()
+    logits, capacities = {}, []
+    with fast_inference(model):
+        for grow in (4, max_len):
+            cache = GrowingKVCache(model.config, 3, max_len, torch.float32, "cpu", grow=grow)
+            logits[grow], grown = decode_steps(model, cache, ids, mask, steps)
+            capacities += grown
+    # After the prompt a buffer holds grow - 1 more slots and grows by `grow` when full, straight to max_len when
+    # less than `grow` would be left.
+    width = ids.shape[1]
+    assert max_len == width + 12
+    assert capacities[:12] == [width + 3] * 3 + [width + 7] * 4 + [max_len] * 5
+    assert capacities[12:] == [max_len] * 12
+    assert (logits[4] - logits[max_len]).abs().max() <= TOL
+    with pytest.raises(ValueError, match=f"KV cache holds {max_len} positions; this step needs {max_len + 1}"):
+        model(steps[:, :1], torch.cat([mask, torch.ones(3, 13, dtype=mask.dtype)], dim=1), cache=cache)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "qwen2_tied_sliding"])
+def test_fast_inference_is_bit_identical_in_bfloat16(tmp_path, family):
+    save_tiny(tmp_path, family)
+    model, _ = minisafe.load(tmp_path, dtype=torch.bfloat16)
+    ids, mask, _ = left_padded_batch()
+    plain = model(ids, mask)
+    with fast_inference(model):
+        assert torch.equal(model(ids, mask), plain)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_layer_and_mlp_input_hooks_fire_inside_and_record_what_they_record_outside(tmp_path, family):
+    save_tiny(tmp_path, family)
+    model, _ = minisafe.load(tmp_path)
+    ids, mask, _ = left_padded_batch()
+    recorded = []
+    for fast in (False, True):
+        with record_layers(model) as layers, record_mlp_inputs(model) as mlp_inputs:
+            if fast:
+                with fast_inference(model):
+                    model(ids, mask, last_logits_only=True)
+            else:
+                model(ids, mask, last_logits_only=True)
+        recorded.append([*layers.values(), *mlp_inputs.values()])
+    plain, fast = recorded
+    assert len(plain) == len(fast) == 2 * len(model.layers)
+    assert all(len(a) == len(b) == 1 and (a[0] - b[0]).abs().max() <= TOL for a, b in zip(plain, fast))
+
+
+@torch.no_grad()
+def test_a_hook_on_a_stacked_projection_still_sees_it_run(tmp_path):
+    save_tiny(tmp_path, "qwen2")
+    model, _ = minisafe.load(tmp_path)
+    ids, mask, _ = left_padded_batch()
+    with outputs_of(model.layers[1].self_attn.k_proj) as seen:
+        plain = model(ids, mask)
+        with fast_inference(model):
+            packed = model(ids, mask)
+    assert len(seen) == 2 and (seen[1] - seen[0]).abs().max() <= TOL and (packed - plain).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_a_hook_registered_inside_the_block_fires_on_a_stacked_projection(tmp_path):
+    save_tiny(tmp_path, "llama")
+    model, _ = minisafe.load(tmp_path)
+    ids, mask, _ = left_padded_batch()
+    with fast_inference(model), outputs_of(model.layers[0].mlp.up_proj) as seen:  # hooked after the swaps
+        model(ids, mask)
+    assert len(seen) == 1 and seen[0].shape == (*ids.shape, model.config.intermediate_size)
+
+
+def test_fast_inference_never_uses_a_stale_or_gradless_copy(tmp_path, monkeypatch):
+    """Weights changed inside the block (scaling, an optimizer step), training passes and autocast take the weights."""
+    save_tiny(tmp_path, "llama_tied_bias_linear")
+    model, _ = minisafe.load(tmp_path)
+    ids, mask, _ = left_padded_batch()
+    with torch.no_grad(), scaled_layers(model, 0, 1, 1.7):
+        scaled = model(ids, mask)
+    with torch.no_grad(), fast_inference(model), scaled_layers(model, 0, 1, 1.7):  # scaled after packing
+        assert (model(ids, mask) - scaled).abs().max() <= TOL
+    with torch.no_grad(), fast_inference(model):
+        model.model.embed_tokens.weight.mul_(0.5)  # also the tied head's weight
+        changed = model(ids, mask)
+    with torch.no_grad():
+        assert (changed - model(ids, mask)).abs().max() <= TOL
+        model.model.embed_tokens.weight.mul_(2.0)
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    expected = gradients()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(ids, mask)
+    calls = count_packed_matmuls(monkeypatch)
+    with fast_inference(model):
+        got = gradients()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(ids, mask), autocast)
+    assert not calls and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@torch.no_grad()
+def test_weights_scaled_and_restored_inside_the_block_are_packed_again(tmp_path, monkeypatch):
+    """Scaling entered before the block, inside it, and left inside it: each pass runs packed on the current weights."""
+    save_tiny(tmp_path, "qwen2")
+    model, _ = minisafe.load(tmp_path)
+    ids, mask, _ = left_padded_batch()
+    unscaled = model(ids, mask)
+    with scaled_layers(model, 1, 2, 0.6):
+        scaled = model(ids, mask)
+        with fast_inference(model):  # scaled before packing
+            assert (model(ids, mask) - scaled).abs().max() <= TOL
+    plain = count_plain_matmuls(monkeypatch)
+    with fast_inference(model):
+        with scaled_layers(model, 1, 2, 0.6):
+            inside = model(ids, mask)
+        restored = model(ids, mask)
+    assert not plain  # the changed weights were packed again, not left to F.linear
+    assert (inside - scaled).abs().max() <= TOL and (restored - unscaled).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_the_models_own_methods_come_back_on_exit_and_when_an_exception_escapes(tmp_path):
+    save_tiny(tmp_path, "llama_tied_bias_linear")
+    model, _ = minisafe.load(tmp_path)
+    with fast_inference(model):
+        inside = swapped_methods(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with fast_inference(model):
+            raise RuntimeError("inside")
+    assert {("", "new_cache"), ("", "head"), ("model.layers.0.self_attn", "attend"),
+            ("model.layers.0.self_attn", "project"), ("model.layers.0.mlp", "project"),
+            ("model.layers.0.self_attn.o_proj", "forward")} <= inside
+    assert not swapped_methods(model) and type(model.new_cache(1, 4)) is KVCache
+
+
+@torch.no_grad()
+def test_nested_blocks_share_the_outer_blocks_swaps_undone_by_the_outer_block(tmp_path):
+    save_tiny(tmp_path, "qwen2")
+    model, _ = minisafe.load(tmp_path)
+    head = model.lm_head
+    with pytest.raises(RuntimeError, match="inside"):
+        with fast_inference(model):
+            outer = vars(head)["forward"]
+            with fast_inference(model):
+                assert vars(head)["forward"] is outer
+            assert vars(head)["forward"] is outer  # the inner block leaves the outer one's swap in place
+            raise RuntimeError("inside")
+    assert "forward" not in vars(head)
+
+
+@torch.no_grad()
+def test_a_weight_replaced_inside_the_block_is_the_one_used(tmp_path):
+    save_tiny(tmp_path, "qwen2")
+    model, _ = minisafe.load(tmp_path)
+    ids, mask, _ = left_padded_batch()
+    with fast_inference(model):
+        before = model(ids, mask)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight * 2)
+        inside = model(ids, mask)
+    assert (inside - 2 * before).abs().max() <= TOL and (inside - model(ids, mask)).abs().max() <= TOL
