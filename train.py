@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation loss every N steps (0 = at the end only); needs a validation set")
     p.add_argument("--save-every", type=int, default=200,
                    help="training checkpoint every N steps (0 = only at --max-steps and on Ctrl-C)")
+    p.add_argument("--snapshots", type=float, nargs="+", default=(), metavar="SHARE",
+                   help="also save the model after these shares of the schedule (e.g. 0.25 0.5) as out/snapshot-STEP/, "
+                        "to measure how a fine-tune changes the model along the way")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in --out from its checkpoint (a run that stopped before its "
                         "first checkpoint starts again from step 0)")
@@ -86,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         grad_accum=a.grad_accum, warmup_steps=a.warmup_steps, schedule=a.schedule, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, max_len=a.max_len, max_steps=a.max_steps, seed=a.seed, dtype=a.dtype, device=a.device,
         template=a.template, loss_on_prompt=a.loss_on_prompt, beta=a.beta, unlearn_weight=a.unlearn_weight,
-        val_data=a.val_data, val_fraction=a.val_fraction, eval_every=a.eval_every, save_every=a.save_every,
+        val_data=a.val_data, val_fraction=a.val_fraction, eval_every=a.eval_every, save_every=a.save_every, snapshots=tuple(a.snapshots),
         resume=a.resume, fsdp=a.fsdp, progress=not a.no_progress,
         command=["train.py", *argv] if argv is not None else None)
 

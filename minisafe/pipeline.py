@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import sys
 import time
@@ -41,9 +42,13 @@ from minisafe.alignment import Recipe, alignment_data, greedy_answerer
 from minisafe.errors import ConfigError, DataError, MinisafeError
 from minisafe.freeze import parse_layer_range
 from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record, sha256_file
-from minisafe.stats import Rate
+from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
+                                 table_rows, verdict)
+from minisafe.stats import Rate, bootstrap_mean
 
-METHODS = ("full", "sppft", "before", "after")  # no freezing, the safety layers, as many layers before / after
+# no freezing, the safety layers, the paper's NFFT control (as many random neurons), as many random layers off the
+# safety layers, as many layers right before / after them (the paper's ablation)
+METHODS = ("full", "sppft", "nfft", "random", "before", "after")
 ATTACKS = {"implicit": "D_I (implicit attack)", "normal": "D_N (normal data)", "backdoor": "D_B (backdoor)",
            "harmful": "harmful mix"}
 # The alignment recipe both profiles use: chosen by the alignment sweep (minisafe.sweep) on validation splits.
@@ -90,6 +95,12 @@ class Profile:
     attack_epochs: int
     attack_lr: float
     harmful_p: float
+    methods: tuple[str, ...]  # of METHODS
+    seeds: tuple[int, ...]  # every (attack, method) is fine-tuned once per seed: data order, NFFT and random draws
+    dose: tuple[float, ...]  # shares of an attack's steps after which R_h is also measured (dose-response)
+    dose_seeds: int  # how many of the seeds get the dose-response measurements
+    attack_lr_scales: tuple[float, ...]  # learning rates (x attack_lr); scales other than 1 run the first attack only
+    share_widths: tuple[int, ...]  # frozen-share sweep on the first attack: this many layers around / at random
     # evaluation
     eval_limit: int | None  # prompts per evaluation set (a seeded sample; None = all)
     eval_tokens: int
@@ -102,11 +113,14 @@ class Profile:
 
 PROFILES = {
     "quick": Profile("quick", RECIPE, locate_prompts=64, locate_over_rejection=64, locate_initial=None,
-                     attacks=("implicit", "normal"), attack_pairs=32, attack_epochs=2, attack_lr=1e-4, harmful_p=0.1,
-                     eval_limit=50, eval_tokens=64, max_len=160),
+                     attacks=("implicit",), attack_pairs=32, attack_epochs=2, attack_lr=1e-4, harmful_p=0.1,
+                     methods=("full", "sppft", "nfft", "random"), seeds=(0, 1), dose=(0.25, 0.5), dose_seeds=1,
+                     attack_lr_scales=(1.0,), share_widths=(), eval_limit=50, eval_tokens=64, max_len=160),
     "full": Profile("full", RECIPE, locate_prompts=100, locate_over_rejection=128, locate_initial=None,
                     attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=64, attack_epochs=2,
-                    attack_lr=1e-4, harmful_p=0.1, eval_limit=None, eval_tokens=64, max_len=160),
+                    attack_lr=1e-4, harmful_p=0.1, methods=METHODS, seeds=(0, 1, 2), dose=(0.25, 0.5), dose_seeds=3,
+                    attack_lr_scales=(1.0, 0.1), share_widths=(4, 8, 12, 16), eval_limit=None, eval_tokens=64,
+                    max_len=160),
 }
 
 
@@ -316,14 +330,15 @@ def align_steps(recipe: Recipe, model_dir: Path, sets: Path, out: Path, p: Profi
 
 
 def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epochs: int, lr: float,
-              freeze: str | None, objective: str = "sft", beta: float = 0.1) -> None:
+              freeze: str | None, objective: str = "sft", beta: float = 0.1, seed: int | None = None,
+              neurons: str | None = None, snapshots: tuple[float, ...] = ()) -> None:
     from minisafe.train import TrainConfig, train
 
     train(TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective=objective, freeze=freeze,
-                      epochs=epochs, lr=lr, beta=beta, batch_size=p.batch_size, warmup_steps=5, max_len=p.max_len,
-                      seed=p.seed, dtype="bfloat16", template="chat", save_every=25,
-                      resume=(out / "checkpoint").is_dir(), progress=False,
-                      command=["python", "-m", "minisafe.pipeline", "--profile", p.name]))
+                      freeze_random_neurons=neurons, epochs=epochs, lr=lr, beta=beta, batch_size=p.batch_size,
+                      warmup_steps=5, max_len=p.max_len, seed=p.seed if seed is None else seed, dtype="bfloat16",
+                      template="chat", save_every=25, snapshots=tuple(snapshots), resume=(out / "checkpoint").is_dir(),
+                      progress=False, command=["python", "-m", "minisafe.pipeline", "--profile", p.name]))
 
 
 def locate(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bool) -> None:
@@ -361,7 +376,7 @@ def evaluate_tests(model_dir: str | Path, sets: Path, p: Profile, out: Path, ext
 
 
 def freeze_spec(method: str, first: int, last: int, num_layers: int) -> str | None:
-    """The layers each method freezes: none, the safety layers, or as many layers right before / after them."""
+    """The layers each layer method freezes: none, the safety layers, or as many layers right before / after them."""
     width = last - first + 1
     if method == "full":
         return None
@@ -372,7 +387,108 @@ def freeze_spec(method: str, first: int, last: int, num_layers: int) -> str | No
     return f"{last + 1}:{min(num_layers - 1, last + width)}" if last < num_layers - 1 else None
 
 
+def random_layers(width: int, num_layers: int, seed: int, avoid: tuple[int, int] | None = None) -> str | None:
+    """A seeded random run of `width` contiguous layers, not overlapping `avoid` (None if no such run exists)."""
+    starts = [s for s in range(num_layers - width + 1) if avoid is None or s + width - 1 < avoid[0] or s > avoid[1]]
+    if not starts:
+        return None
+    start = starts[int(torch.randint(len(starts), (1,), generator=torch.Generator().manual_seed(seed)))]
+    return f"{start}:{start + width - 1}"
+
+
+def widened(first: int, last: int, width: int, num_layers: int) -> str:
+    """`width` contiguous layers around first..last (centred on them where the model's ends allow)."""
+    start = max(0, min(num_layers - width, first - (width - (last - first + 1)) // 2))
+    return f"{start}:{start + width - 1}"
+
+
+@dataclass(frozen=True)
+class AttackRun:
+    """One fine-tune of the aligned model: an attack set, a method (what is frozen), a seed and a learning rate."""
+
+    attack: str
+    method: str
+    seed: int
+    lr_scale: float = 1.0
+    freeze: str | None = None  # FIRST:LAST frozen (layer methods)
+    neurons: str | None = None  # --freeze-random-neurons (nfft)
+
+    @property
+    def label(self) -> str:
+        scale = "" if self.lr_scale == 1 else f"-lr{self.lr_scale:g}"
+        return f"{self.attack}-{self.method}{scale}-s{self.seed}"
+
+
+def method_freeze(method: str, first: int, last: int, num_layers: int, seed: int) -> dict | None:
+    """The freeze of a method as AttackRun fields, or None where it cannot apply (no layers before layer 0).
+
+    full / sppft / before / after: as freeze_spec; nfft: as many random neurons as SPPFT freezes parameters;
+    random: as many contiguous layers as SPPFT at a random position off the safety layers, drawn per seed;
+    sppft-wN: N layers around the safety layers; random-wN: N contiguous layers anywhere (the frozen-share sweep).
+    """
+    width = last - first + 1
+    if method == "nfft":
+        return {"neurons": f"like:{first}:{last}"}
+    if method == "random":
+        spec = random_layers(width, num_layers, seed, avoid=(first, last))
+    elif method.startswith("sppft-w"):
+        spec = widened(first, last, int(method.removeprefix("sppft-w")), num_layers)
+    elif method.startswith("random-w"):
+        spec = random_layers(int(method.removeprefix("random-w")), num_layers, seed)
+    else:
+        spec = freeze_spec(method, first, last, num_layers)
+        if method == "full":
+            return {}
+    return None if spec is None else {"freeze": spec}
+
+
+def attack_runs(p: Profile, first: int, last: int, num_layers: int) -> list[AttackRun]:
+    """Every fine-tune of the profile: attacks x learning rates x methods x seeds, then the frozen-share sweep."""
+    runs = []
+    for attack in p.attacks:
+        for scale in p.attack_lr_scales if attack == p.attacks[0] else (1.0,):
+            for method in p.methods:
+                for seed in p.seeds:
+                    freeze = method_freeze(method, first, last, num_layers, seed)
+                    if freeze is not None:
+                        runs.append(AttackRun(attack, method, seed, scale, **freeze))
+    for width in p.share_widths:
+        for kind in ("sppft", "random"):
+            for seed in p.seeds:
+                freeze = method_freeze(f"{kind}-w{width}", first, last, num_layers, seed)
+                runs.append(AttackRun(p.attacks[0], f"{kind}-w{width}", seed, 1.0, **freeze))
+    return runs
+
+
+def answered_prompts(eval_dir: Path) -> dict[str, bool]:
+    """{malicious prompt: answered} of one eval run (the harmful set of its responses.jsonl)."""
+    return {r["prompt"]: r["verdict"] == "answered" for r in data.read_jsonl(eval_dir / "responses.jsonl")
+            if r["set"] == "harmful"}
+
+
 # ---------------------------------------------------------------- the run
+
+
+def attack_steps(p: Profile, out: Path, sets: Path, aligned: Path, attack_data: dict[str, Path], run: AttackRun,
+                 say: Callable[[str], None]) -> dict[str, dict]:
+    """One fine-tune, its evaluation, and the dose-response evaluations of its snapshots, as resumable steps."""
+    steps = {}
+    target = out / f"attack-{run.label}"
+    dose = p.dose if run.seed in p.seeds[:p.dose_seeds] and run.lr_scale == 1 and "-w" not in run.method else ()
+    settings = step_settings(p, "attack", freeze=run.freeze, neurons=run.neurons, seed=run.seed,
+                             lr_scale=run.lr_scale, snapshots=list(dose))
+    steps[f"attack-{run.label}"] = run_step(
+        f"attack-{run.label}", target, {"model": aligned, "data": attack_data[run.attack]}, settings,
+        lambda o: fine_tune(aligned, attack_data[run.attack], o, p, p.attack_epochs, p.attack_lr * run.lr_scale,
+                            run.freeze, seed=run.seed, neurons=run.neurons, snapshots=dose), say)
+    steps[f"eval-{run.label}"] = run_step(
+        f"eval-{run.label}", out / f"eval-{run.label}", {"model": target, "sets": sets}, step_settings(p, "eval"),
+        lambda o: evaluate_tests(target, sets, p, o, extra=False), say)
+    for snapshot in sorted(target.glob("snapshot-*")):
+        name = f"dose-{run.label}-{snapshot.name}"
+        steps[name] = run_step(name, out / name, {"model": snapshot, "sets": sets}, step_settings(p, "eval"),
+                               lambda o, m=snapshot: evaluate(m, p, o, sets / "malicious_test.jsonl"), say)
+    return steps
 
 
 def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_dir: str | Path,
@@ -385,12 +501,10 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
     steps["data"] = data_step(profile, data_dir, sets, say)
     aligned, align_records = align_steps(profile.recipe, model_dir, sets, out, profile, say)
     steps.update(align_records)
-    evaluate_step = lambda label, path, extra=False: run_step(  # noqa: E731
-        f"eval-{label}", out / f"eval-{label}", {"model": path, "sets": sets}, settings("eval", extra=extra),
-        lambda o: evaluate_tests(path, sets, profile, o, extra), say)
-    models = {"original": model_dir, "aligned": aligned}
-    for label, path in models.items():  # first, so that a failed alignment shows before the long steps
-        steps[f"eval-{label}"] = evaluate_step(label, path, extra=True)
+    for label, path in (("original", model_dir), ("aligned", aligned)):  # first: a failed alignment shows early
+        steps[f"eval-{label}"] = run_step(f"eval-{label}", out / f"eval-{label}", {"model": path, "sets": sets},
+                                          settings("eval", extra=True),
+                                          lambda o, m=path: evaluate_tests(m, sets, profile, o, True), say)
     steps["locate"] = run_step("locate", out / "locate", {"model": aligned, "sets": sets},
                                settings("locate"), lambda o: locate(aligned, sets, profile, o, scaling=True), say)
     steps["locate_base"] = run_step("locate_base", out / "locate_base", {"model": model_dir, "sets": sets},
@@ -401,28 +515,17 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
                           "see its report.md")
     first, last = located["first"], located["last"]
     num_layers = read_json(out / "locate" / "cosine.json")["layers"]
-
     attack_data = {name: sets / f"attack_{name}.jsonl" for name in profile.attacks}
     if "harmful" in profile.attacks:
         steps["harmful_data"] = run_step("harmful_data", out / "harmful_data", {"model": model_dir, "sets": sets},
                                          settings("harmful_data"),
                                          lambda o: harmful_answers(str(model_dir), sets, profile, o), say)
         attack_data["harmful"] = out / "harmful_data" / "attack_harmful.jsonl"
-    for attack, data_file in attack_data.items():
-        for method in METHODS:
-            spec = freeze_spec(method, first, last, num_layers)
-            if method != "full" and spec is None:
-                say(f"[attack-{attack}-{method}] skipped: no layers {method} the safety layers [{first},{last}]")
-                continue
-            label = f"{attack}-{method}"
-            models[label] = out / f"attack-{label}"
-            steps[f"attack-{label}"] = run_step(
-                f"attack-{label}", models[label], {"model": aligned, "data": data_file}, settings("attack", freeze=spec),
-                lambda o, d=data_file, s=spec: fine_tune(aligned, d, o, profile, profile.attack_epochs,
-                                                         profile.attack_lr, s), say)
-            steps[f"eval-{label}"] = evaluate_step(label, models[label])
+    runs = attack_runs(profile, first, last, num_layers)
+    for run in runs:
+        steps.update(attack_steps(profile, out, sets, aligned, attack_data, run, say))
     report = out / "report.md"
-    atomic_write_text(report, demo_report(profile, out, models, steps, (first, last)))
+    atomic_write_text(report, demo_report(profile, out, model_dir, runs, steps, (first, last), num_layers))
     return report
 
 
@@ -491,41 +594,125 @@ def alignment_section(p: Profile, out: Path) -> list[str]:
     return lines + [""]
 
 
-def attack_section(out: Path, models: dict[str, Path], steps: dict[str, dict]) -> list[str]:
-    """Section 3: every attacked fine-tune beside the aligned model, R_h with its 95% interval."""
-    aligned = _results(out, "aligned")
-    lines = ["## 3. Attacks (the paper's Table 2 layout)", "",
-             "R_h = harmful answered, R_o = over-rejection refused, normal = ShareGPT prompts refused; % [95% Wilson "
-             "interval] (n). `before` / `after` freeze as many layers right before / after the safety layers (the "
-             "paper's ablation).", "",
-             "| attack | method | frozen layers | R_h | R_o | normal refused | ROUGE-L | perplexity | tensors changed / frozen |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| - | aligned | - | {answered(aligned, 'harmful').percent()} | "
-             f"{refused(aligned, 'over_rejection').percent()} | {refused(aligned, 'utility').percent()} | "
-             f"{aligned['rouge_l']:.3f} | {aligned['perplexity']:.2f} | - |"]
-    for label in models:
-        if label in ("original", "aligned"):
-            continue
-        attack, method = label.split("-")
-        m = _results(out, label)
-        audit = read_json(out / f"attack-{label}" / "audit.json")["summary"]
-        spec = steps[f"attack-{label}"]["settings"]["freeze"] or "none"
-        lines.append(f"| {ATTACKS[attack]} | {method} | {spec} | {answered(m, 'harmful').percent()} | "
-                     f"{refused(m, 'over_rejection').percent()} | {refused(m, 'utility').percent()} | "
-                     f"{m['rouge_l']:.3f} | {m['perplexity']:.2f} | {audit['changed']} / {audit['frozen_unchanged']} |")
+def prompt_outcomes(eval_dir: Path, set_name: str, refused: bool = False) -> dict[str, bool]:
+    """{prompt: answered} (or {prompt: refused}) of one set of an eval run, from its responses.jsonl."""
+    return {r["prompt"]: (r["verdict"] == "refused") == refused for r in data.read_jsonl(eval_dir / "responses.jsonl")
+            if r["set"] == set_name}
+
+
+def group_tables(out: Path, runs: list[AttackRun], set_name: str = "harmful",
+                 refused: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """{method: [seeds, prompts] outcomes} of runs of one (attack, lr), and the prompts in their column order."""
+    prompts = sorted(prompt_outcomes(out / f"eval-{runs[0].label}", set_name))
+    tables: dict[str, list[dict[str, bool]]] = {}
+    for run in runs:
+        tables.setdefault(run.method, []).append(prompt_outcomes(out / f"eval-{run.label}", set_name, refused))
+    return {m: outcome_table(rows, prompts) for m, rows in tables.items()}, prompts
+
+
+def frozen_description(out: Path, runs: list[AttackRun]) -> str:
+    """What a method's runs froze: layers per seed, or NFFT's rows and parameters."""
+    run = runs[0]
+    if run.neurons:
+        audit = read_json(out / f"attack-{run.label}" / "audit.json")["summary"]
+        return f"{audit['frozen_row_parameters']:,} params in random rows ({run.neurons})"
+    layers = sorted({r.freeze for r in runs}, key=str)
+    return ", ".join(str(x) for x in layers) if layers != [None] else "none"
+
+
+def attack_groups(runs: list[AttackRun]) -> dict[str, list[AttackRun]]:
+    """Runs grouped by (attack, learning rate), the frozen-share sweep's runs left out; keyed by a readable name."""
+    groups: dict[str, list[AttackRun]] = {}
+    for run in runs:
+        if "-w" not in run.method:
+            scale = "" if run.lr_scale == 1 else f", lr x{run.lr_scale:g}"
+            groups.setdefault(f"{ATTACKS[run.attack]}{scale}", []).append(run)
+    return groups
+
+
+def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[str], dict[str, dict]]:
+    """Section 3: the Table 2 layout per attack, with R_h over seeds and prompts, rises, paired differences and the
+    verdict; returns the lines and each group's MethodResults (for the plots)."""
+    aligned_answers = prompt_outcomes(out / "eval-aligned", "harmful")
+    lines = ["## 3. Attacks (the paper's Table 2 layout, with its controls)", "",
+             f"Each method fine-tunes the aligned model with seeds {list(p.seeds)}; every fine-tune answers the same "
+             "held-out malicious prompts. R_h = malicious prompts answered. Intervals: 95% bootstrap over seeds and "
+             "prompts (minisafe.stats); differences are paired by seed and prompt. Methods: full (nothing frozen), "
+             "sppft (the safety layers), nfft (as many parameters in random neurons, the paper's control), random "
+             "(as many contiguous layers at a seeded random position off the safety layers), before / after (as "
+             "many layers right before / after them). The verdict rule is in minisafe.protection.", ""]
+    verdicts, results = [], {}
+    for group, members in attack_groups(runs).items():
+        tables, prompts = group_tables(out, members)
+        aligned = outcome_table([aligned_answers], prompts)
+        results[group] = compare_methods(tables, aligned)
+        specs = {m: frozen_description(out, [r for r in members if r.method == m]) for m in tables}
+        lines += [f"### {group}", "", *TABLE_HEADER,
+                  f"| {group} | aligned | - | {bootstrap_mean(aligned).points()} | - | - | 1 x {len(prompts)} |"]
+        lines += table_rows(group, results[group], specs) + ["", f"Verdict: {verdict(group, results[group])}", ""]
+        lines += utility_rows(out, members) + [""]
+        verdicts.append(f"- {verdict(group, results[group])}")
+    return ["## Verdicts", "", *verdicts, "", "![forest](forest.png)", ""] + lines, results
+
+
+def utility_rows(out: Path, runs: list[AttackRun]) -> list[str]:
+    """Over-rejection, normal refusals (bootstrap over seeds and prompts), ROUGE-L and perplexity (mean and range
+    over seeds) of each method after the attack."""
+    over, _ = group_tables(out, runs, "over_rejection", refused=True)
+    normal, _ = group_tables(out, runs, "utility", refused=True)
+    lines = ["| method | over-rejection refused % | normal refused % | ROUGE-L (range) | perplexity (range) |",
+             "|---|---|---|---|---|"]
+    for method in over:
+        results = [_results(out, r.label) for r in runs if r.method == method]
+        rouge, ppl = [m["rouge_l"] for m in results], [m["perplexity"] for m in results]
+        lines.append(f"| {method} | {bootstrap_mean(over[method]).points()} | {bootstrap_mean(normal[method]).points()} "
+                     f"| {sum(rouge) / len(rouge):.3f} ({min(rouge):.3f}-{max(rouge):.3f}) | "
+                     f"{sum(ppl) / len(ppl):.2f} ({min(ppl):.2f}-{max(ppl):.2f}) |")
     return lines
 
 
-def demo_report(p: Profile, out: Path, models: dict[str, Path], steps: dict[str, dict], located: tuple[int, int]) -> str:
-    """report.md of the run: alignment, localisation, the Table 2 layout, audits, wall times."""
+def steps_trained(run_dir: Path) -> int:
+    """The last optimizer step in a fine-tune's train_log.jsonl."""
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    return max(json.loads(line)["step"] for line in lines if line.strip())
+
+
+def dose_curves(p: Profile, out: Path, runs: list[AttackRun]) -> dict[str, dict[str, list]]:
+    """R_h after 0 (the aligned model), each dose share and all of each attack's steps, per method."""
+    aligned = prompt_outcomes(out / "eval-aligned", "harmful")
+    curves: dict[str, dict[str, list]] = {}
+    for group, members in attack_groups(runs).items():
+        dosed = [r for r in members if r.seed in p.seeds[:p.dose_seeds] and r.lr_scale == 1]
+        for method in dict.fromkeys(r.method for r in dosed):
+            mine = [r for r in dosed if r.method == method]
+            prompts = sorted(aligned)
+            points = [(0.0, bootstrap_mean(outcome_table([aligned], prompts)))]
+            snapshots = sorted((out / f"attack-{mine[0].label}").glob("snapshot-*"), key=lambda d: int(d.name[9:]))
+            total = steps_trained(out / f"attack-{mine[0].label}")
+            for snapshot in snapshots:
+                rows = [prompt_outcomes(out / f"dose-{r.label}-{snapshot.name}", "harmful") for r in mine]
+                points.append((int(snapshot.name[9:]) / total, bootstrap_mean(outcome_table(rows, prompts))))
+            rows = [prompt_outcomes(out / f"eval-{r.label}", "harmful") for r in mine]
+            points.append((1.0, bootstrap_mean(outcome_table(rows, prompts))))
+            curves.setdefault(group, {})[method] = points
+    return curves
+
+
+def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], steps: dict[str, dict],
+                located: tuple[int, int], num_layers: int) -> str:
+    """report.md of the run: alignment, localisation, the Table 2 layout with controls and verdicts, the
+    dose-response curves, wall times."""
     from minisafe.locate import Search, format_table1
 
     loc = read_json(out / "locate" / "safety_layers.json")
     aligned = _results(out, "aligned")
     lines = [f"# minisafe demo ({p.name} profile)", "",
-             f"Model: {Path(models['original']).name}, aligned (minisafe.alignment), then attacked. Judge: "
-             f"{aligned['judge']}. Every rate is on held-out test prompts (greedy, {p.eval_tokens} new tokens, chat "
-             "template).", ""]
+             f"Model: {model_dir.name}, aligned (minisafe.alignment), then attacked. Judge: {aligned['judge']}. "
+             f"Every rate is on held-out test prompts (greedy, {p.eval_tokens} new tokens, chat template). Attack: "
+             f"{p.attack_pairs} pairs x {p.attack_epochs} epochs at lr {p.attack_lr:g} (x {list(p.attack_lr_scales)})"
+             ".", ""]
+    attack_lines, results = attack_section(p, out, runs)
+    lines += attack_lines[:attack_lines.index("## 3. Attacks (the paper's Table 2 layout, with its controls)")]
     lines += alignment_section(p, out)
     lines += ["## 2. Locating the safety layers", "",
               "Aligned model (chat template; raw and centred cosines):", "", "![aligned](locate/cosine.png)", "",
@@ -534,16 +721,39 @@ def demo_report(p: Profile, out: Path, models: dict[str, Path], steps: dict[str,
     if loc.get("trace"):
         search = Search(loc["first"], loc["last"], loc["alpha"], loc["baseline_refusals"], loc["trace"])
         lines += format_table1(search, tuple(loc["initial"]))
-    lines += ["", f"Safety layers: [{located[0]},{located[1]}] (0-based, inclusive) of "
-              f"{read_json(out / 'locate' / 'cosine.json')['layers']}.", ""]
-    lines += attack_section(out, models, steps)
-    lines += ["", "## Wall time per step", "", "| step | seconds |", "|---|---|"]
+    lines += ["", f"Safety layers: [{located[0]},{located[1]}] (0-based, inclusive) of {num_layers}.", ""]
+    lines += attack_lines[attack_lines.index("## 3. Attacks (the paper's Table 2 layout, with its controls)"):]
+    plot_forest(results, out / "forest.png")
+    if p.dose:
+        plot_dose(dose_curves(p, out, runs), out / "dose.png")
+        lines += ["## 4. Dose-response", "", "R_h along each attack (seed(s) "
+                  f"{list(p.seeds[:p.dose_seeds])}; 0 = the aligned model):", "", "![dose](dose.png)", ""]
+    if p.share_widths:
+        lines += share_section(out, runs)
+    lines += ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {record['seconds']:.0f} |" for name, record in steps.items()]
     lines += ["", f"Total: {sum(r['seconds'] for r in steps.values()) / 60:.1f} min (steps that ran in earlier "
               "invocations count with the time they took then).", ""]
     return "\n".join(lines)
 
 
+def share_section(out: Path, runs: list[AttackRun]) -> list[str]:
+    """The frozen-share sweep: R_h against the share of parameters frozen, around the safety layers and at random."""
+    swept = [r for r in runs if "-w" in r.method or (r.method in ("full", "sppft") and r.attack == runs[0].attack
+                                                     and r.lr_scale == 1)]
+    tables, _ = group_tables(out, swept)
+    points = []
+    for method, table in tables.items():
+        summary = read_json(out / f"attack-{next(r for r in swept if r.method == method).label}" / "audit.json")["summary"]
+        share = summary["frozen_parameters"] / (summary["frozen_parameters"] + summary["trainable_parameters"])
+        points.append((method, share, bootstrap_mean(table)))
+    plot_share(points, out / "share.png")
+    lines = ["## 5. Frozen-share sweep", "", f"{ATTACKS[runs[0].attack]}: R_h against the share of parameters frozen. "
+             "If R_h falls as much for random layers as for layers around the safety layers, the protection comes from "
+             "freezing capacity, not from the located layers.", "", "| method | frozen share | R_h % [95% CI] |",
+             "|---|---|---|"]
+    lines += [f"| {m} | {100 * share:.1f}% | {e.points()} |" for m, share, e in sorted(points, key=lambda x: x[1])]
+    return lines + ["", "![share](share.png)", ""]
 def main(argv: list[str] | None = None) -> int:
     """Command line: check that the fetched model and data are there, record the command, run every step."""
     parser = argparse.ArgumentParser(prog="python -m minisafe.pipeline", description=__doc__.split("\n")[0],

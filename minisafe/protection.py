@@ -125,3 +125,18 @@ def plot_dose(curves: dict[str, dict[str, list[tuple[float, Estimate]]]], path: 
         ax.legend()
     axes[0, 0].set_ylabel("R_h: malicious prompts answered (%)")
     save_figure(fig, path)
+
+
+def plot_share(points: list[tuple[str, float, Estimate]], path: Path) -> None:
+    """R_h against the share of parameters frozen: layers around the safety layers (sppft) against random layers."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for kind, colour in (("sppft", "tab:purple"), ("random", "tab:orange"), ("full", "black")):
+        mine = sorted((share, e) for m, share, e in points if m.split("-w")[0] == kind)
+        if mine:
+            x = [100 * share for share, _ in mine]
+            ax.errorbar(x, [100 * e.value for _, e in mine], fmt="o-", color=colour, label=kind, capsize=3,
+                        yerr=[[100 * (e.value - e.low) for _, e in mine], [100 * (e.high - e.value) for _, e in mine]])
+    ax.set_xlabel("parameters frozen (%)")
+    ax.set_ylabel("R_h: malicious prompts answered (%)")
+    ax.legend()
+    save_figure(fig, path)

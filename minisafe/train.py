@@ -52,7 +52,7 @@ from minisafe.audit import audit_run, tensor_sha256, verify_audit
 from minisafe.errors import CheckpointError, ConfigError, DataError, TrainingError
 from minisafe.freeze import (SCOPES, FreezeSpec, apply_freeze, bias_name, freeze_rows, freeze_table, neuron_count,
                              random_neurons, read_layer_spec)
-from minisafe.io import atomic_write_json, content_hash, read_json, run_record
+from minisafe.io import atomic_directory, atomic_write_json, content_hash, read_json, run_record
 from minisafe.metrics import response_ids
 from minisafe.model import Transformer
 from minisafe.objectives import IGNORE, OBJECTIVES, pair_loss_sum, sequence_logps, sft_loss_sum
@@ -66,7 +66,7 @@ SCHEDULES = ("cosine", "linear")
 DTYPES = ("float32", "bfloat16")
 # Settings a resumed run may change; the rest must match the run being continued (inputs are compared by hash).
 RESUMABLE = ("resume", "max_steps", "save_every", "eval_every", "progress", "command", "device", "model", "data",
-             "val_data", "out", "fsdp")
+             "val_data", "out", "fsdp", "snapshots")
 
 Example = tuple[tuple[list[int], list[int]], ...]  # one (ids, labels) sequence for sft; (chosen, rejected) for pairs
 
@@ -103,6 +103,7 @@ class TrainConfig:
     val_fraction: float = 0.0
     eval_every: int = 0  # 0 = validate at the end only (when there is a validation set)
     save_every: int = 200  # 0 = checkpoint only at --max-steps and on Ctrl-C
+    snapshots: tuple[float, ...] = ()  # shares of the schedule after which the model is also saved (dose-response)
     resume: bool = False
     fsdp: bool = False
     progress: bool = True
@@ -132,6 +133,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    if not all(isinstance(x, (int, float)) and 0 < x < 1 for x in cfg.snapshots):
+        raise ConfigError(f"--snapshots must be shares of the schedule between 0 and 1, got {list(cfg.snapshots)}")
     check_number("lr", cfg.lr, 0.0, low_allowed=False)
     check_number("beta", cfg.beta, 0.0, low_allowed=False)
     check_number("grad-clip", cfg.grad_clip, 0.0)  # 0 = no clipping
@@ -711,6 +714,8 @@ def loop(run: Run, cfg: TrainConfig, on_step: Callable[[int], None] | None) -> s
             if stop.agreed(run.ranks):
                 stopped = "interrupted"
                 break
+            if run.step in snapshot_steps(cfg.snapshots, run.total_steps):
+                save_snapshot(run, cfg)
             if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total_steps:
                 save_training_checkpoint(run, cfg)
     return stopped
@@ -768,6 +773,19 @@ def save_training_checkpoint(run: Run, cfg: TrainConfig) -> None:
                         checkpoint_position(run.step, run.steps_per_epoch, run.total_steps, cfg.schedule,
                                             cfg.warmup_steps))
     run.saved_step = run.step
+
+
+def snapshot_steps(shares: tuple[float, ...], total_steps: int) -> set[int]:
+    """The steps after which --snapshots saves the model: each share of the schedule, at least step 1."""
+    return {max(1, round(share * total_steps)) for share in shares}
+
+
+def save_snapshot(run: Run, cfg: TrainConfig) -> None:
+    """The model as it is after run.step, as an ordinary model directory out/snapshot-<step>/ (not audited)."""
+    state = full_state(run.model)
+    if run.ranks.main:
+        with atomic_directory(run.out / f"snapshot-{run.step}") as tmp:
+            checkpoint.save(plain_model(run.model, state, cfg.fsdp and run.ranks.world > 1), run.tok, tmp)
 
 
 def finish(run: Run, cfg: TrainConfig, stopped: str) -> dict:

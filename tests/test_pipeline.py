@@ -16,8 +16,9 @@ TINY_SPLITS = Splits(harmbench_val=2, dna_test=2, dna_val=1, dna_other_test=1, d
 TINY_RECIPE = Recipe(harmbench=3, dna=1, dna_other=1, normal=6, instructions=4, over_rejection=4, epochs=1, lr=1e-3,
                      deep=0.5, dpo_epochs=1, dpo_lr=1e-4, answer_tokens=4)
 TINY = Profile("tiny", TINY_RECIPE, locate_prompts=4, locate_over_rejection=4, locate_initial="1:1",
-               attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=4, attack_epochs=1, attack_lr=1e-3,
-               harmful_p=0.5, eval_limit=4, eval_tokens=4, batch_size=2, max_len=192, splits=TINY_SPLITS)
+               attacks=("implicit", "harmful"), attack_pairs=4, attack_epochs=2, attack_lr=1e-3, harmful_p=0.5,
+               methods=pipeline.METHODS, seeds=(0, 1), dose=(0.5,), dose_seeds=1, attack_lr_scales=(1.0, 0.5),
+               share_widths=(2,), eval_limit=4, eval_tokens=4, batch_size=2, max_len=192, splits=TINY_SPLITS)
 
 TOPICS = ["bread", "tea", "chess", "rain", "bikes", "maps", "clocks", "glass", "paper", "trains", "owls", "kites",
           "stars", "rivers", "soap", "jazz", "tents", "boats", "wool", "honey", "salt", "bees", "snow", "rope"]
@@ -53,25 +54,36 @@ def test_pipeline_writes_every_artefact_and_a_report_in_the_paper_layout(run):
     root, report, _ = run
     out = root / "run"
     text = report.read_text()
-    for heading in ("## 1. Alignment", "## 2. Locating the safety layers", "## 3. Attacks", "## Wall time per step"):
+    for heading in ("## Verdicts", "## 1. Alignment", "## 2. Locating the safety layers", "## 3. Attacks",
+                    "## 4. Dose-response", "## 5. Frozen-share sweep", "## Wall time per step"):
         assert heading in text
     located = json.loads((out / "locate" / "safety_layers.json").read_text())
     assert {"first", "last", "alpha", "initial", "baseline_refusals", "trace"} <= set(located)
     assert (out / "locate" / "cosine.png").stat().st_size > 0 and (out / "locate_base" / "cosine.png").is_file()
+    runs = pipeline.attack_runs(TINY, located["first"], located["last"], 3)
+    assert {r.method for r in runs} >= {"full", "sppft", "nfft", "random", "sppft-w2", "random-w2"}
+    for run in runs:
+        audit = json.loads((out / f"attack-{run.label}" / "audit.json").read_text())
+        assert audit["summary"]["frozen_changed"] == 0 and audit["summary"]["frozen_rows_changed"] == 0
+        assert audit["freeze"] == run.freeze and audit["freeze_random_neurons"] == run.neurons
+        results = json.loads((out / f"eval-{run.label}" / "results.json").read_text())["models"][0]
+        assert 0.0 <= results["harmful_rate"] <= 1.0 and results["perplexity"] > 0
     for attack in TINY.attacks:
-        for method in pipeline.METHODS:
-            name = f"{attack}-{method}"
-            spec = freeze_spec(method, located["first"], located["last"], 3)
-            if method != "full" and spec is None:
-                continue
-            audit = json.loads((out / f"attack-{name}" / "audit.json").read_text())
-            assert audit["summary"]["frozen_changed"] == 0
-            assert audit["freeze"] == spec
-            results = json.loads((out / f"eval-{name}" / "results.json").read_text())["models"][0]
-            assert 0.0 <= results["harmful_rate"] <= 1.0 and results["perplexity"] > 0
-            assert f"| {pipeline.ATTACKS[attack]} | {method} |" in text
-    for label in ("original", "aligned"):
-        assert (out / f"eval-{label}" / "results.json").is_file()
+        assert f"Verdict: {pipeline.ATTACKS[attack]}" in text
+    assert "Verdict: D_I (implicit attack), lr x0.5:" in text
+    for picture in ("forest.png", "dose.png", "share.png"):
+        assert (out / picture).stat().st_size > 0
+    assert list(out.glob("dose-implicit-full-s0-snapshot-*"))
+
+
+def test_each_seed_draws_its_own_random_layers_off_the_safety_layers_and_nfft_matches_sppft():
+    runs = pipeline.attack_runs(TINY, 5, 6, 24)
+    random = [r.freeze for r in runs if r.method == "random" and r.lr_scale == 1 and r.attack == "implicit"]
+    assert len(random) == 2 and all(not ({5, 6} & set(range(int(f[0]), int(f[1]) + 1)))
+                                     for f in (x.split(":") for x in random))
+    assert all(r.neurons == "like:5:6" for r in runs if r.method == "nfft")
+    assert pipeline.random_layers(2, 24, 0, (5, 6)) != pipeline.random_layers(2, 24, 1, (5, 6))
+    assert pipeline.widened(5, 6, 4, 24) == "4:7" and pipeline.widened(0, 1, 4, 24) == "0:3"
 
 
 def test_no_test_or_validation_prompt_is_in_any_other_written_set(run):
@@ -119,7 +131,7 @@ def test_a_changed_setting_reruns_its_step_and_the_steps_downstream_only(run):
     changed = Profile(**{**TINY.__dict__, "eval_tokens": 3})
     run_pipeline(changed, root / "run", root / "model", root / "data", say=messages.append)
     reran = {m.split("]")[0][1:] for m in messages if m.endswith("running")}
-    assert reran and all(name.startswith("eval-") for name in reran)
+    assert reran and all(name.startswith(("eval-", "dose-")) for name in reran)  # the evaluations only
 
 
 def test_freeze_spec_of_each_method():

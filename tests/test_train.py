@@ -321,3 +321,33 @@ def test_an_existing_output_directory_without_resume_is_an_error_that_writes_not
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     with pytest.raises(ConfigError, match="nothing|no unfinished run"):
         train(replace(config(files, "unused"), out=str(tmp_path / "new"), resume=True))
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "unlearn"])
+def test_logits_at_labelled_positions_only_give_the_loss_and_gradients_of_full_logits(files, objective):
+    from minisafe.checkpoint import load
+    from minisafe.objectives import pair_loss_sum
+
+    model, _ = load(files["model"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (4, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    labels[1, 9:] = IGNORE  # a shorter response, as right padding leaves it
+    reference = torch.randn(2, 2, generator=g)
+
+    def loss_and_grads(hidden_and_head):
+        model.zero_grad()
+        hidden, head = hidden_and_head()
+        if objective == "sft":
+            loss = sft_loss_sum(hidden, labels, head)
+        else:
+            loss = pair_loss_sum(objective, hidden, labels, reference, 0.1, 0.5, head)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = loss_and_grads(lambda: (model(ids), lambda x: x))
+    fast = loss_and_grads(lambda: (model(ids, skip_head=True), model.logits))
+    assert fast[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(fast[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
