@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,26 +25,43 @@ MULTIMODAL_PREFIXES = {"language_model.model.": "model.", "model.language_model.
                        "language_model.lm_head.": "lm_head."}
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-         ) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer from a Hugging Face directory (config.json, *.safetensors, tokenizer.json)."""
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         allow_non_finite: bool = False) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer from a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
+
+    A weight that is NaN or infinite is an error naming the tensors; allow_non_finite=True loads such a model anyway
+    (to inspect a diverged run, say) with a warning instead.
+    """
     path = Path(path)
     if dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"dtype {dtype} cannot run the model; use one of {', '.join(map(str, FLOAT_DTYPES))}")
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(_pickle_message(path))
+    problem = model_file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a model directory (expected config.json, model.safetensors, tokenizer.json)")
     cfg = load_config(path)
-    model = load_model(path, cfg, dtype, device)
+    model = load_model(path, cfg, dtype, device, allow_non_finite)
     generation = read_json(path / "generation_config.json", CheckpointError) or {}
     extra_eos = cfg.eos_token_id + as_id_list(generation.get("eos_token_id"))
-    return model, Tokenizer.from_dir(path, extra_eos_ids=extra_eos)
+    return model, Tokenizer.from_dir(path, extra_eos_ids=extra_eos, context=cfg.max_position_embeddings)
 
 
-def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Transformer:
+def model_file_problem(path: str | Path) -> str | None:
+    """What is wrong, in words, when a model path names a file (a pickle, or a file of a model directory); else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if path.suffix in PICKLE_SUFFIXES:
+        return _pickle_message(path).removeprefix(f"{path}: ")
+    return (f"a file, not a model directory; pass the directory that holds config.json, the *.safetensors "
+            f"weights and tokenizer.json (perhaps {path.parent})")
+
+
+def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device,
+               allow_non_finite: bool = False) -> Transformer:
     """Build the model without initialising it, then fill every parameter from the checkpoint (strict)."""
-    tensors = read_state_dict(path, dtype)
+    tensors = read_state_dict(path, dtype, allow_non_finite)
     if cfg.hf.get("model_type") == "gemma3":
         tensors = _text_part(tensors)
     with torch.device("meta"):
@@ -66,32 +84,55 @@ def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str | t
     return model.eval()
 
 
-def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of a single-file or sharded safetensors checkpoint, cast to dtype."""
-    files = weight_files(path)
+def read_state_dict(path: Path, dtype: torch.dtype, allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a single-file or sharded safetensors checkpoint, cast to dtype; NaN or inf weights are refused
+    (or, with allow_non_finite, warned about)."""
     tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    tensor = f.get_tensor(name)
-                    if tensor.dtype not in FLOAT_DTYPES + (torch.float64,):
-                        raise CheckpointError(f"{file}: tensor {name} is {tensor.dtype}; minisafe loads floating-point "
-                                              "weights only (dequantize first)")
-                    tensors[name] = tensor.to(dtype)
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    for file in weight_files(path):
+        found = read_weights_file(file, dtype)
+        _check_finite(file, found, allow_non_finite)
+        tensors.update(found)
     return tensors
+
+
+def read_weights_file(file: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file, cast to dtype; integer (quantized) tensors are refused."""
+    tensors = {}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if tensor.dtype not in FLOAT_DTYPES + (torch.float64,):
+                    raise CheckpointError(f"{file}: tensor {name} is {tensor.dtype}; minisafe loads floating-point "
+                                          "weights only (dequantize first)")
+                tensors[name] = tensor.to(dtype)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return tensors
+
+
+def _check_finite(file: Path, tensors: dict[str, torch.Tensor], allow_non_finite: bool) -> None:
+    """Refuse (or warn about) the tensors of one weights file that hold NaN or inf, checked after the dtype cast,
+    which can itself overflow to inf."""
+    bad = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if not bad:
+        return
+    message = (f"{file}: non-finite weights (NaN or inf) in tensor {_names(bad)}; a model with them gives "
+               "meaningless outputs")
+    if not allow_non_finite:
+        raise CheckpointError(message + " (load with allow_non_finite=True to inspect it anyway)")
+    warnings.warn(message)
 
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory; pickle checkpoints are refused."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = (read_json(index, CheckpointError) or {}).get("weight_map")
+        contents = read_json(index, CheckpointError)
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: has no 'weight_map' naming the shard of each tensor")
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        files = list(dict.fromkeys(_shard_path(index, tensor, shard) for tensor, shard in weight_map.items()))
         for file in files:
             if not file.exists():
                 raise CheckpointError(f"{index}: lists shard {file.name}, which is missing from {path}")
@@ -102,6 +143,29 @@ def weight_files(path: Path) -> list[Path]:
     if pickles:
         raise CheckpointError(_pickle_message(pickles[0]))
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _shard_path(index: Path, tensor: str, shard: object) -> Path:
+    """The file of one weight_map entry, which must lie inside the model directory: an index that points elsewhere
+    (../x, /abs/x, a symlink out) would load weights that the directory, and every hash of it, does not hold."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index}: weight_map entry {tensor!r} must name a shard file, got {shard!r}")
+    name = Path(shard)
+    target = (index.parent / name).resolve()
+    if name.is_absolute() or ".." in name.parts or not any(target.is_relative_to(d) for d in _shard_homes(index)):
+        raise CheckpointError(f"{index}: weight_map entry {tensor!r} -> {shard!r} resolves to {target}, outside the "
+                              f"model directory {index.parent}; shards must be files inside it")
+    return index.parent / name
+
+
+def _shard_homes(index: Path) -> list[Path]:
+    """Where a shard may really live: the model directory, and for a snapshot in the Hugging Face hub cache (whose
+    files are symlinks to ../../blobs) that repository's blobs folder."""
+    folder = index.parent.resolve()
+    homes = [folder]
+    if folder.parent.name == "snapshots":
+        homes.append(folder.parent.parent / "blobs")
+    return homes
 
 
 def save(model: Transformer, tokenizer: Tokenizer, path: str | Path) -> None:

@@ -101,34 +101,38 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported; expected one of {', '.join(FAMILIES)}")
     r = _Reader(raw, source, model_type)
     is_gemma = model_type.startswith("gemma")
-    num_heads = r.need("num_attention_heads")
-    hidden = r.need("hidden_size")
-    num_layers = r.need("num_hidden_layers")
+    num_heads = r.integer("num_attention_heads")
+    hidden = r.integer("hidden_size")
+    num_layers = r.integer("num_hidden_layers")
+    if hidden < num_heads and raw.get("head_dim") is None:
+        raise ConfigError(f"{source}: hidden_size ({hidden}) is smaller than num_attention_heads ({num_heads}), "
+                          "which leaves no head_dim; set head_dim or fix the sizes")
     cfg = ModelConfig(
         model_type=model_type,
-        vocab_size=r.need("vocab_size"),
+        vocab_size=r.integer("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=r.need("intermediate_size"),
+        intermediate_size=r.integer("intermediate_size"),
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=r.get("num_key_value_heads", None) or num_heads,
-        head_dim=r.get("head_dim", None) or hidden // num_heads,
-        max_position_embeddings=r.get("max_position_embeddings", 4096),
-        rms_norm_eps=r.get("rms_norm_eps", 1e-5 if model_type == "phi3" else 1e-6),
-        tie_word_embeddings=r.get("tie_word_embeddings", is_gemma),
+        num_kv_heads=r.integer("num_key_value_heads", num_heads),
+        head_dim=r.integer("head_dim", hidden // num_heads),
+        max_position_embeddings=r.integer("max_position_embeddings", 4096),
+        rms_norm_eps=r.number("rms_norm_eps", 1e-5 if model_type == "phi3" else 1e-6),
+        tie_word_embeddings=r.flag("tie_word_embeddings", is_gemma),
         norm_unit_offset=is_gemma,
         scale_embeddings=is_gemma,
         activation=_activation(r, model_type),
-        qkv_bias=model_type == "qwen2" or r.get("attention_bias", False),
-        o_bias=r.get("attention_bias", False),
-        mlp_bias=r.get("mlp_bias", False),
+        qkv_bias=model_type == "qwen2" or r.flag("attention_bias", False),
+        o_bias=r.flag("attention_bias", False),
+        mlp_bias=r.flag("mlp_bias", False),
         fused_qkv=model_type == "phi3",
         fused_gate_up=model_type == "phi3",
         qk_norm=model_type == "gemma3_text",
         sandwich_norms=model_type in ("gemma2", "gemma3_text"),
-        attn_softcap=r.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
-        final_softcap=r.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None),
-        query_pre_attn_scalar=r.get("query_pre_attn_scalar", 256) if model_type in ("gemma2", "gemma3_text") else None,
+        attn_softcap=r.number("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
+        final_softcap=r.number("final_logit_softcapping", 30.0 if model_type == "gemma2" else None),
+        query_pre_attn_scalar=(r.number("query_pre_attn_scalar", 256)
+                               if model_type in ("gemma2", "gemma3_text") else None),
         bos_token_id=r.get("bos_token_id", None),
         eos_token_id=as_id_list(r.get("eos_token_id", None)),
         pad_token_id=r.get("pad_token_id", None),
@@ -143,7 +147,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
 
 
 class _Reader:
-    """Field access on a config dict that names the file and the field when one is missing."""
+    """Field access on a config dict that names the file and the field when one is missing or has the wrong type."""
 
     def __init__(self, raw: dict[str, Any], source: str, model_type: str):
         self.raw, self.source, self.model_type = raw, source, model_type
@@ -156,6 +160,33 @@ class _Reader:
     def get(self, key: str, default: Any) -> Any:
         value = self.raw.get(key, default)
         return default if value is None and default is not None else value
+
+    def integer(self, key: str, default: int | None = None, minimum: int = 1) -> int:
+        """A whole-number field of at least `minimum` (sizes and counts); without a default the field is required."""
+        return self.whole(key, self.need(key) if default is None else self.get(key, default), minimum)
+
+    def whole(self, name: str, value: Any, minimum: int = 1) -> int:
+        """value itself, if it is an int of at least `minimum` (not a bool, though Python counts bools as ints)."""
+        if type(value) is not int or value < minimum:
+            raise ConfigError(f"{self.source}: field {name!r} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float | None) -> float | None:
+        """A positive finite number field (epsilons, bases, softcaps); None when absent without a default."""
+        value = self.get(key, default)
+        return None if value is None else self.positive(key, value)
+
+    def positive(self, name: str, value: Any) -> float:
+        """value as a float, if it is a finite number above zero."""
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{self.source}: field {name!r} must be a finite number > 0, got {value!r}")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.source}: field {key!r} must be true or false, got {value!r}")
+        return value
 
 
 def as_id_list(ids: int | list[int] | None) -> list[int]:
@@ -175,6 +206,8 @@ def _activation(r: _Reader, model_type: str) -> str:
 def _sliding(r: _Reader, model_type: str, num_layers: int) -> tuple[int | None, list[str]]:
     """Which layers attend through a sliding window, and how wide it is."""
     window = r.get("sliding_window", None)
+    if window is not None:
+        r.whole("sliding_window", window)
     if model_type == "qwen2" and not r.get("use_sliding_window", False):
         window = None
     if model_type in ("llama", "gemma"):
@@ -184,16 +217,16 @@ def _sliding(r: _Reader, model_type: str, num_layers: int) -> tuple[int | None, 
         if model_type == "gemma2":
             types = [SLIDING if (i + 1) % 2 else FULL for i in range(num_layers)]
         elif model_type == "gemma3_text":
-            pattern = r.get("sliding_window_pattern", 6)
+            pattern = r.integer("sliding_window_pattern", 6)
             types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
         elif model_type == "qwen2" and window is not None:
-            first = r.get("max_window_layers", 28)
+            first = r.integer("max_window_layers", 28, minimum=0)
             types = [SLIDING if i >= first else FULL for i in range(num_layers)]
         elif model_type == "phi3" and window is not None:
             types = [SLIDING] * num_layers  # Phi-3 applies its window in every layer
         else:
             types = [FULL] * num_layers
-    if len(types) != num_layers or not set(types) <= {SLIDING, FULL}:
+    if not isinstance(types, list) or len(types) != num_layers or not set(types) <= {SLIDING, FULL}:
         raise ConfigError(f"{r.source}: layer_types must list {num_layers} entries of {SLIDING!r} / {FULL!r}")
     if SLIDING in types and not window:
         raise ConfigError(f"{r.source}: layer_types has sliding layers but sliding_window is not set")
@@ -203,6 +236,9 @@ def _sliding(r: _Reader, model_type: str, num_layers: int) -> tuple[int | None, 
 def _rope(r: _Reader, model_type: str, cfg: ModelConfig) -> dict[str, RopeConfig]:
     """Rotary settings per layer type, from either the old (rope_theta + rope_scaling) or new (rope_parameters) form."""
     params = r.get("rope_parameters", None)
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(r.raw.get(key) or {}, dict):
+            raise ConfigError(f"{r.source}: field {key!r} must be an object (or null), got {r.raw[key]!r}")
     nested = isinstance(params, dict) and set(params) & {SLIDING, FULL}
     if model_type == "gemma3_text":
         if nested:
@@ -232,21 +268,23 @@ def _rope_one(r: _Reader, p: dict[str, Any]) -> RopeConfig:
     kind = {"su": "longrope"}.get(kind, kind)
     if kind not in ("default", "linear", "llama3", "longrope"):
         raise ConfigError(f"{r.source}: rope type {kind!r} is not supported; expected default, linear, llama3 or longrope")
-    rope = RopeConfig(theta=float(p["rope_theta"]), kind=kind,
-                      partial_rotary_factor=float(p.get("partial_rotary_factor", 1.0)))
+    rope = RopeConfig(theta=r.positive("rope_theta", p["rope_theta"]), kind=kind,
+                      partial_rotary_factor=r.positive("partial_rotary_factor", p.get("partial_rotary_factor", 1.0)))
     if kind in ("linear", "llama3"):
-        rope.factor = float(_rope_field(r, p, "factor"))
+        rope.factor = r.positive("rope_scaling.factor", _rope_field(r, p, "factor"))
     if kind == "llama3":
-        rope.low_freq_factor = float(_rope_field(r, p, "low_freq_factor"))
-        rope.high_freq_factor = float(_rope_field(r, p, "high_freq_factor"))
-        rope.original_max_position_embeddings = int(_rope_field(r, p, "original_max_position_embeddings"))
+        rope.low_freq_factor = r.positive("rope_scaling.low_freq_factor", _rope_field(r, p, "low_freq_factor"))
+        rope.high_freq_factor = r.positive("rope_scaling.high_freq_factor", _rope_field(r, p, "high_freq_factor"))
+        rope.original_max_position_embeddings = r.whole("rope_scaling.original_max_position_embeddings",
+                                                        _rope_field(r, p, "original_max_position_embeddings"))
     if kind == "longrope":
-        rope.short_factor = list(map(float, _rope_field(r, p, "short_factor")))
-        rope.long_factor = list(map(float, _rope_field(r, p, "long_factor")))
-        rope.original_max_position_embeddings = int(
-            p.get("original_max_position_embeddings") or r.need("original_max_position_embeddings"))
-        rope.factor = float(p.get("factor") or 0.0)
-        rope.attention_factor = float(p["attention_factor"]) if p.get("attention_factor") is not None else 1.0
+        rope.short_factor = _factors(r, _rope_field(r, p, "short_factor"), "rope_scaling.short_factor")
+        rope.long_factor = _factors(r, _rope_field(r, p, "long_factor"), "rope_scaling.long_factor")
+        rope.original_max_position_embeddings = r.whole("original_max_position_embeddings", (
+            p.get("original_max_position_embeddings") or r.need("original_max_position_embeddings")))
+        rope.factor = r.positive("rope_scaling.factor", p["factor"]) if p.get("factor") is not None else 0.0
+        if p.get("attention_factor") is not None:
+            rope.attention_factor = r.positive("rope_scaling.attention_factor", p["attention_factor"])
     return rope
 
 
@@ -254,3 +292,10 @@ def _rope_field(r: _Reader, p: dict[str, Any], key: str) -> Any:
     if p.get(key) is None:
         raise ConfigError(f"{r.source}: rope_scaling field {key!r} is missing; rope type {p.get('rope_type', p.get('type'))!r} needs it")
     return p[key]
+
+
+def _factors(r: _Reader, values: Any, name: str) -> list[float]:
+    """A list of positive rescale factors (longrope's short_factor and long_factor)."""
+    if not isinstance(values, list):
+        raise ConfigError(f"{r.source}: field {name!r} must be a list of numbers, got {values!r}")
+    return [r.positive(f"{name}[{i}]", v) for i, v in enumerate(values)]

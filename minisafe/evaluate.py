@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from minisafe import builders, data
+from minisafe.checkpoint import load, model_file_problem
 from minisafe.errors import ConfigError, DataError
 from minisafe.generate import generate
 from minisafe.io import atomic_write_json, atomic_write_text, run_record, sha256_file
@@ -153,8 +154,6 @@ def weights_sha256(model_dir: str | Path) -> dict[str, str]:
 
 def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """Metrics of one checkpoint on every set, and one row per (set, prompt) with its response and verdict."""
-    from minisafe.checkpoint import load
-
     start = time.perf_counter()
     model, tok = load(path, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     stops = ALPACA_STOPS if cfg.template == "alpaca" else ()
@@ -166,7 +165,7 @@ def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) 
         t0 = time.perf_counter()
         if cfg.progress:
             print(f"{Path(path).name}: {name} set, {len(s.prompts)} prompts", file=sys.stderr, flush=True)
-        ids = [tok.prompt_ids(p, cfg.template) for p in s.prompts]
+        ids = tok.prompts_ids(s.prompts, cfg.template, s.path)
         texts = generate(model, tok, ids, cfg.max_new_tokens, cfg.batch_size, seed=cfg.seed, stop_strings=stops,
                          progress=cfg.progress).texts
         refused = judge.refusals(s.prompts, texts)
@@ -238,18 +237,18 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def _check_config(cfg: EvalConfig) -> None:
-    """Flag values the run cannot use, and model directories that do not exist, before any work is done."""
+    """Model paths that are not model directories, and choices the run cannot use, before any work is done (numeric
+    flags are checked where eval.py parses them, by minisafe.cli)."""
     if not cfg.models:
         raise ConfigError("no --model given")
     if len(set(cfg.models)) != len(cfg.models):
         raise ConfigError(f"a --model is given twice: {', '.join(cfg.models)}")
     for path in cfg.models:
+        problem = model_file_problem(path)
+        if problem:
+            raise ConfigError(f"--model {path}: {problem}")
         if not Path(path).is_dir():
             raise ConfigError(f"--model {path}: no such model directory")
-    for flag, value in (("--max-new-tokens", cfg.max_new_tokens), ("--batch-size", cfg.batch_size),
-                        ("--limit", 1 if cfg.limit is None else cfg.limit)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}")
     if cfg.template not in ("chat", "alpaca"):
         raise ConfigError(f"--template must be chat or alpaca, got {cfg.template!r}")
     if cfg.dtype not in ("float32", "bfloat16"):

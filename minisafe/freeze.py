@@ -64,10 +64,13 @@ def read_layer_spec(spec: str | None) -> tuple[int, int] | None:
     if not path.is_file():
         raise ConfigError(f"--freeze {spec!r}: neither FIRST:LAST, 'none', nor an existing safety_layers.json file")
     found = read_json(path, ConfigError)
-    if not isinstance(found, dict) or not all(isinstance(found.get(k), int) for k in ("first", "last")):
-        raise ConfigError(f"{path}: expected integer 'first' and 'last' fields (as locate.py writes them); "
-                          f"got first={found.get('first') if isinstance(found, dict) else None!r}, "
-                          f"last={found.get('last') if isinstance(found, dict) else None!r}")
+    if not isinstance(found, dict):
+        raise ConfigError(f"{path}: expected a JSON object with integer 'first' and 'last' fields (as locate.py "
+                          f"writes them), got {type(found).__name__}")
+    for key in ("first", "last"):
+        if type(found.get(key)) is not int or found[key] < 0:  # bool is an int subclass, and true is no layer
+            raise ConfigError(f"{path}: field '{key}' is {found.get(key)!r}; expected integer 'first' and 'last' "
+                              "fields (layer numbers >= 0, as locate.py writes them)")
     return parse_layer_range(f"{found['first']}:{found['last']}")
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
 from minisafe.generate import generate, similar_length_batches
 from minisafe.hooks import check_layer_range, record_layers, scaled_layers
@@ -36,9 +37,10 @@ PAIR_TYPES = ("N-N", "N-M", "M-M")
 
 @torch.inference_mode()
 def last_token_vectors(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], template: str,
-                       batch_size: int = 16, progress: bool = True) -> Tensor:
-    """Output of every layer at each prompt's last token: [N, L, D] float32 (prompt pass only, no generation)."""
-    ids = [tokenizer.prompt_ids(p, template) for p in prompts]
+                       batch_size: int = 16, progress: bool = True, source: str = "prompts") -> Tensor:
+    """Output of every layer at each prompt's last token: [N, L, D] float32 (prompt pass only, no generation).
+    `source` names the prompt set in errors."""
+    ids = tokenizer.prompts_ids(prompts, template, source)
     out = torch.empty(len(ids), model.config.num_layers, model.config.hidden_size)
     with record_layers(model) as records, fast_inference(model):
         for rows in tqdm(similar_length_batches(ids, batch_size), desc="layer vectors", disable=not progress):
@@ -192,9 +194,10 @@ class RefusalCounter:
     """R_o of a model with a layer range scaled; generations are made once per (range, alpha) and kept."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], judge, template: str,
-                 max_new_tokens: int = 16, batch_size: int = 32, scale_o_proj: bool = True, progress: bool = True):
+                 max_new_tokens: int = 16, batch_size: int = 32, scale_o_proj: bool = True, progress: bool = True,
+                 source: str = "over-rejection prompts"):
         self.model, self.tokenizer, self.prompts, self.judge = model, tokenizer, list(prompts), judge
-        self.ids = [tokenizer.prompt_ids(p, template) for p in self.prompts]
+        self.ids = tokenizer.prompts_ids(self.prompts, template, source)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.scale_o_proj, self.progress = scale_o_proj, progress
         self.responses: dict[tuple, list[str]] = {}
@@ -264,24 +267,46 @@ class LocateConfig:
     progress: bool = True
 
 
+def cosine_prompt_sets(cfg: LocateConfig) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
+    """The seeded normal and malicious samples of the cosine analysis, each after the name of its set. Pairs are of
+    distinct prompts, so each sample needs two at least."""
+    from minisafe import data
+
+    malicious = str(cfg.malicious or data.default_malicious_path())
+    sets = ((cfg.normal or "bundled normal prompts",
+             data.read_prompts(cfg.normal) if cfg.normal else data.bundled_prompts("normal")),
+            (malicious, data.read_prompts(malicious)))
+    for source, prompts in sets:
+        if len(prompts) < 2:
+            raise DataError(f"{source}: {len(prompts)} prompt(s); the cosine analysis pairs distinct prompts and "
+                            "needs at least 2")
+    return tuple((source, pick(prompts, cfg.n_prompts, cfg.seed)) for source, prompts in sets)
+
+
+def check_initial(model: Transformer, initial: tuple[int, int]) -> None:
+    """A ConfigError naming --initial unless the range lies inside the model."""
+    try:
+        check_layer_range(model, *initial)
+    except ConfigError as e:
+        raise ConfigError(f"--initial {initial[0]}:{initial[1]}: {e}") from None
+
+
 def run_locate(cfg: LocateConfig) -> dict:
     """The whole procedure; writes cosine.json, cosine.png, safety_layers.json, report.md and run.json into cfg.out."""
     from minisafe import checkpoint, data
     from minisafe.io import atomic_write_json, atomic_write_text, run_record
     from minisafe.plots import plot_cosine
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # created by its first file, so that a run failing before any result leaves nothing
     timings: dict[str, float] = {}
+    (normal_source, normal), (malicious_source, malicious) = cosine_prompt_sets(cfg)
     model, tok = checkpoint.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     if cfg.initial is not None:
-        check_layer_range(model, *cfg.initial)
-    normal = pick(data.read_prompts(cfg.normal) if cfg.normal else data.bundled_prompts("normal"), cfg.n_prompts, cfg.seed)
-    malicious = pick(data.read_prompts(cfg.malicious or data.default_malicious_path()), cfg.n_prompts, cfg.seed)
+        check_initial(model, cfg.initial)
 
     start = time.perf_counter()
-    vectors_n = last_token_vectors(model, tok, normal, cfg.template, cfg.batch_size, cfg.progress)
-    vectors_m = last_token_vectors(model, tok, malicious, cfg.template, cfg.batch_size, cfg.progress)
+    vectors_n = last_token_vectors(model, tok, normal, cfg.template, cfg.batch_size, cfg.progress, normal_source)
+    vectors_m = last_token_vectors(model, tok, malicious, cfg.template, cfg.batch_size, cfg.progress, malicious_source)
     analyses = {"raw": cosine_analysis(vectors_n, vectors_m, cfg.pairs, cfg.seed)}
     if cfg.center:
         analyses["centred"] = cosine_analysis(vectors_n, vectors_m, cfg.pairs, cfg.seed, center=True)
@@ -305,7 +330,8 @@ def run_locate(cfg: LocateConfig) -> dict:
         over = data.read_prompts(cfg.over_rejection) if cfg.over_rejection else data.bundled_prompts("over_rejection")
         over = pick(over, cfg.n_over_rejection, cfg.seed)
         counter = RefusalCounter(model, tok, over, load_judge(cfg.judge), cfg.template, cfg.max_new_tokens,
-                                 cfg.batch_size, cfg.scale_o_proj, cfg.progress)
+                                 cfg.batch_size, cfg.scale_o_proj, cfg.progress,
+                                 cfg.over_rejection or "bundled over-rejection set")
         baseline = counter()
         alpha, alpha_trace = cfg.alpha, []
         if alpha is None:
