@@ -1,13 +1,15 @@
-"""What safety fine-tuning changes inside a model (Jain et al., NeurIPS 2024): compare two checkpoints, or run the
-synthetic task-concept lab.
+"""What safety fine-tuning changes inside a model (Jain et al., NeurIPS 2024): compare two checkpoints, run the
+synthetic task-concept lab, or attack models with optimised input embeddings.
 
     python mechanistic.py compare --before DIR --after DIR --out DIR [--layers I:J] [--template chat|alpaca]
     python mechanistic.py synthetic --out DIR
+    python mechanistic.py attack --model DIR [--model DIR ...] --out DIR [--budgets 20 100] [--layers I:J]
 """
 
 import argparse
 import sys
 
+from minisafe.attacks import AttackRunConfig, run_attack
 from minisafe.cli import (Parser, device, non_negative_float, non_negative_int, output_dir, positive_float,
                           positive_int, whole)
 from minisafe.errors import MinisafeError
@@ -18,8 +20,15 @@ from minisafe.synthetic import LabConfig, ModelSize, run_lab, summary_rows
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    add_compare_parser(sub)
+    add_synthetic_parser(sub)
+    add_attack_parser(sub)
+    return p.parse_args(argv)
 
+
+def add_compare_parser(sub) -> None:
+    """The compare subcommand: tau and weight changes of a before / after pair."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     c = sub.add_parser("compare", formatter_class=fmt, help="tau per layer and weight changes of a before/after pair",
                        description="tau per layer (safe / unsafe / jailbreak prompts) before and after, and the "
                                    "weight change of every projection matrix; writes mechanistic.json, report.md, "
@@ -44,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--device", default="cpu", type=device, help="cpu or cuda")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
+
+def add_synthetic_parser(sub) -> None:
+    """The synthetic subcommand: the task-concept lab, its embedding attack included."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     s = sub.add_parser("synthetic", formatter_class=fmt, help="the synthetic lab: pre-train, SSFT / DPO / unlearning, "
                                                               "analyse",
                        description="PCFG text x bijective operators; pre-train a small minisafe model, safety "
@@ -76,8 +89,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="safe and unsafe samples behind the cluster means of tau")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype,
                    help="autocast dtype of training (weights stay float32)")
+    s.add_argument("--attack-samples", type=int, default=d.attack_samples,
+                   help="unsafe evaluation samples the embedding attack runs on, per safety fine-tuned model (0: none)")
+    s.add_argument("--attack-budgets", type=int, nargs="+", default=list(d.attack_budgets), metavar="STEPS",
+                   help="Adam step budgets of the embedding attack (success is reported within each)")
+    s.add_argument("--attack-slots", type=int, default=d.attack_slots, help="free embedding vectors of the attack")
+    s.add_argument("--attack-lr", type=float, default=d.attack_lr,
+                   help="the attack's Adam step, in units of the embedding matrix's root-mean-square entry")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    return p.parse_args(argv)
+
+
+def add_attack_parser(sub) -> None:
+    """The attack subcommand: the embedding attack on real models, judged like R_h, with tau per layer."""
+    d = AttackRunConfig(models=[], out="")
+    a = sub.add_parser("attack", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="the continuous-embedding attack on real models: success rate and tau per layer",
+                       description="optimise a soft suffix of free embedding vectors towards a compliant opening on "
+                                   "held-out malicious prompts; judge the greedy continuations like R_h and score "
+                                   "the attacked inputs with tau per layer; writes results.json, responses.jsonl, "
+                                   "report.md, tau.png, attack.png, run.json")
+    a.add_argument("--model", dest="models", action="append", required=True,
+                   help="Hugging Face model directory; repeat the flag to attack several models")
+    a.add_argument("--out", required=True, type=output_dir, help="output directory")
+    a.add_argument("--malicious", help="malicious prompts (any format minisafe reads); default: the HarmBench test "
+                                       "split that eval.py's R_h uses. Half are attacked, half build tau's unsafe mean")
+    a.add_argument("--safe", help="normal prompts for tau's safe mean and safe set; default: the bundled normal ones")
+    a.add_argument("--layers", metavar="I:J",
+                   help="safety layers to shade in the tau plot: FIRST:LAST (0-based, inclusive) or a "
+                        "safety_layers.json")
+    a.add_argument("--budgets", type=int, nargs="+", default=list(d.budgets), metavar="STEPS",
+                   help="Adam step budgets; success is reported within each (0 steps, the random suffix, always)")
+    a.add_argument("--target", default=d.target, help="the opening the attack makes greedy decoding write")
+    a.add_argument("--slots", type=positive_int, default=d.slots, help="free embedding vectors in the soft suffix")
+    a.add_argument("--lr", type=positive_float, default=d.lr,
+                   help="Adam step, in units of the embedding matrix's root-mean-square entry")
+    a.add_argument("--limit", type=int, default=d.limit,
+                   help="at most N attacked prompts (and reference prompts per kind)")
+    a.add_argument("--template", choices=["chat", "alpaca"], default=d.template,
+                   help="prompt format: the model's own chat template or the Alpaca template")
+    a.add_argument("--judge", default=d.judge, help="refusal judge: 'keywords' or a judge model directory")
+    a.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens, help="greedy tokens the judge reads")
+    a.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="prompts per forward pass")
+    a.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of the suffixes' start and the reference split")
+    a.add_argument("--device", default=d.device, type=device, help="cpu or cuda")
+    a.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def run_compare(a: argparse.Namespace) -> None:
@@ -97,16 +152,33 @@ def run_synthetic(a: argparse.Namespace) -> None:
                     safety_samples=a.safety_samples, safety_epochs=a.safety_epochs, safety_lr=a.safety_lr,
                     dpo_lr=a.dpo_lr, batch_size=a.batch_size, beta=a.beta, unlearn_weight=a.unlearn_weight,
                     eval_samples=a.eval_samples, reference_samples=a.reference_samples, dtype=a.dtype,
-                    progress=not a.no_progress)
+                    attack_samples=a.attack_samples, attack_budgets=tuple(a.attack_budgets),
+                    attack_slots=a.attack_slots, attack_lr=a.attack_lr, progress=not a.no_progress)
     results = run_lab(cfg)
     print("\n".join(summary_rows(results)))
     print(f"Wall time {results['timings']['total_s']:.0f} s. Report: {a.out}/report.md")
 
 
+def run_attack_command(a: argparse.Namespace) -> None:
+    cfg = AttackRunConfig(models=a.models, out=a.out, malicious=a.malicious, safe=a.safe, layers=a.layers,
+                          budgets=tuple(a.budgets), target=a.target, slots=a.slots, lr=a.lr, limit=a.limit,
+                          template=a.template, judge=a.judge, max_new_tokens=a.max_new_tokens,
+                          batch_size=a.batch_size, seed=a.seed, device=a.device, progress=not a.no_progress)
+    result = run_attack(cfg)
+    top = str(max(cfg.budgets))
+    for name, m in result["models"].items():
+        print(f"{name}: answered {m['answered']['plain']['rate']:.2f} plain, {m['answered'][top]['rate']:.2f} after "
+              f"{top} attack steps (n={m['answered'][top]['n']})")
+    print(f"Report: {a.out}/report.md")
+
+
+COMMANDS = {"compare": run_compare, "synthetic": run_synthetic, "attack": run_attack_command}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         a = parse_args(argv)
-        (run_compare if a.command == "compare" else run_synthetic)(a)
+        COMMANDS[a.command](a)
     except MinisafeError as e:
         print(f"mechanistic.py: error: {e}", file=sys.stderr)
         return 2

@@ -194,10 +194,17 @@ def mlp_activations(model: Transformer, tok: Tokenizer, prompts: Sequence[str], 
         for rows in tqdm(similar_length_batches(ids, batch_size), desc="MLP activations", disable=not progress):
             input_ids, mask = tok.pad_left([ids[i] for i in rows])
             model(input_ids.to(device), mask.to(device), last_logits_only=True)
-            batch = torch.stack([records[layer].pop() for layer in range(len(model.layers))], dim=1)
-            if out is None:
-                out = torch.empty(len(ids), *batch.shape[1:])
-            out[rows] = batch
+            out = stack_records(records, rows, len(ids), out)
+    return out
+
+
+def stack_records(records: dict[int, list[Tensor]], rows: Sequence[int], n: int, out: Tensor | None) -> Tensor:
+    """Move one forward pass's recorded down_proj inputs ({layer: [[B, F]]}) into `rows` of out [n, L, F] (made on
+    first use) and return it."""
+    batch = torch.stack([records[layer].pop() for layer in range(len(records))], dim=1)
+    if out is None:
+        out = torch.empty(n, *batch.shape[1:])
+    out[list(rows)] = batch
     return out
 
 
@@ -208,15 +215,21 @@ def tau(activations: Tensor, mu_safe: Tensor, mu_unsafe: Tensor) -> Tensor:
 
 def clustering_scores(model: Transformer, tok: Tokenizer, sets: dict[str, Sequence[str]],
                       reference_safe: Sequence[str], reference_unsafe: Sequence[str], template: str = "chat",
-                      batch_size: int = 16, progress: bool = True) -> dict[str, dict[str, list[float]]]:
-    """Per evaluated set: mean and std over its prompts of tau per layer, against this model's reference means."""
+                      batch_size: int = 16, progress: bool = True,
+                      activations: dict[str, Tensor] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Per evaluated set: mean and std over its prompts of tau per layer, against this model's reference means.
+
+    activations: more sets given as their MLP activations [N, L, F] read elsewhere (attacked inputs, say), scored
+    against the same means."""
     mu_safe = mlp_activations(model, tok, reference_safe, template, batch_size, progress).mean(0)
     mu_unsafe = mlp_activations(model, tok, reference_unsafe, template, batch_size, progress).mean(0)
+    read = {name: mlp_activations(model, tok, prompts, template, batch_size, progress)
+            for name, prompts in sets.items()}
     out = {}
-    for name, prompts in sets.items():
-        scores = tau(mlp_activations(model, tok, prompts, template, batch_size, progress), mu_safe, mu_unsafe)
+    for name, acts in {**read, **(activations or {})}.items():
+        scores = tau(acts, mu_safe, mu_unsafe)
         out[name] = {"mean": scores.mean(0).tolist(),
-                     "std": (scores.std(0, unbiased=False) if len(prompts) > 1 else torch.zeros_like(scores[0])).tolist()}
+                     "std": (scores.std(0, unbiased=False) if len(acts) > 1 else torch.zeros_like(scores[0])).tolist()}
     return out
 
 
@@ -282,7 +295,8 @@ def weight_table(stats: dict, kinds: Sequence[str] = ("gate_proj", "up_proj", "g
 
 
 SET_COLOURS = {"safe": "tab:green", "unsafe": "tab:red", "jailbreak": "tab:orange", "competing_operator": "tab:orange",
-               "competing_text": "gold", "mismatched_operator": "tab:purple", "mismatched_text": "tab:brown"}
+               "competing_text": "gold", "mismatched_operator": "tab:purple", "mismatched_text": "tab:brown",
+               "attack": "black"}
 
 
 def _shade(ax, layers: tuple[int, int] | None) -> None:
@@ -300,8 +314,9 @@ def plot_tau(panels: dict[str, dict[str, dict[str, list[float]]]], path: str | P
                 continue
             mean, std = np.array(scores[s]["mean"]), np.array(scores[s]["std"])
             x = np.arange(len(mean))
-            ax.plot(x, mean, marker=".", label=s, color=SET_COLOURS.get(s))
-            ax.fill_between(x, mean - std, mean + std, alpha=0.12, color=SET_COLOURS.get(s))
+            colour = SET_COLOURS.get(s.split("@")[0])  # "attack@100": the attacked inputs after 100 steps
+            ax.plot(x, mean, marker=".", label=s, color=colour)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.12, color=colour)
         ax.axhline(0, color="grey", linewidth=0.5)
         _shade(ax, layers)
         ax.set_title(f"{title}: {name}")

@@ -39,7 +39,10 @@ closest minisafe family to the paper's GELU GPT), pre-train it on the safe + uns
 the correct outputs), then safety fine-tune three copies with train.py's sft, dpo and unlearn objectives (DPO at its
 own learning rate, `DPO_LR`), then measure accuracy, null rate and jailbreak success (greedy decoding, checked exactly
 by one teacher-forced pass: greedy decoding writes the target iff every target token is the argmax given the target
-before it), the clustering score tau per layer, and the weight changes (minisafe.mechanistic).
+before it), the clustering score tau per layer, and the weight changes (minisafe.mechanistic). The three safety
+fine-tuned models also face the continuous-embedding attack (minisafe.attacks, `lab_attack`) on unsafe evaluation
+samples, its target the true output: success within each budget, and tau of the attacked inputs ("attack@b") beside
+the other sets.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ from tokenizers import models, pre_tokenizers
 from tqdm import tqdm
 
 from minisafe import checkpoint
+from minisafe.attacks import (AttackConfig, attack_summary, attack_table, attacked_activations, embedding_attack,
+                              plot_attack_curves)
 from minisafe.config import config_from_dict
 from minisafe.errors import ConfigError
 from minisafe.io import atomic_write_json, atomic_write_text, run_record
@@ -391,6 +396,10 @@ class LabConfig:
     eval_samples: int = 200
     reference_samples: int = 200
     dtype: str = "bfloat16"
+    attack_samples: int = 50  # unsafe evaluation samples the embedding attack runs on, per safety fine-tuned model
+    attack_budgets: tuple[int, ...] = (20, 100)
+    attack_slots: int = 8
+    attack_lr: float = 0.1
     progress: bool = True
 
 
@@ -469,12 +478,8 @@ def run_lab(cfg: LabConfig) -> dict:
     models = ("pretrained",) + METHODS
     results: dict = {"format": 1, "models": {}, "settings": _settings(cfg)}
     for name in tqdm(models, desc="analyse", disable=not cfg.progress):
-        model, _ = checkpoint.load(out / name)
-        tau = mechanistic.clustering_scores(
-            model, tok, {k: [s.prompt for s in v] for k, v in sets.items()},
-            [s.prompt for s in reference["safe"]], [s.prompt for s in reference["unsafe"]], template="chat",
-            progress=False)
-        results["models"][name] = {"behaviour": behaviour(model, tok, sets), "tau": tau, "training": training[name]}
+        results["models"][name] = analyse_model(cfg, out / name, tok, sets, reference, attack=name in METHODS)
+        results["models"][name]["training"] = training[name]
     results["weights"] = {m: mechanistic.weight_change_stats(out / "pretrained", out / m) for m in METHODS}
     timings["analysis_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
@@ -482,11 +487,48 @@ def run_lab(cfg: LabConfig) -> dict:
 
     atomic_write_json(out / "results.json", results)
     mechanistic.plot_tau({m: results["models"][m]["tau"] for m in models}, out / "tau.png",
-                         sets=["safe", "unsafe", *JAILBREAKS], title="synthetic lab")
+                         sets=["safe", "unsafe", *JAILBREAKS, f"attack@{max(cfg.attack_budgets)}"],
+                         title="synthetic lab")
+    attacked = {m: results["models"][m]["attack"] for m in METHODS if "attack" in results["models"][m]}
+    if attacked:
+        plot_attack_curves(attacked, out / "attack.png")
     mechanistic.plot_weight_stats(results["weights"], out / "weights.png")
     atomic_write_text(out / "report.md", lab_report(results))
     atomic_write_json(out / "run.json", run_record(cfg.seed, {}, **{k: v for k, v in _settings(cfg).items() if k != "seed"}))
     return results
+
+
+def analyse_model(cfg: LabConfig, path: Path, tok: Tokenizer, sets: dict[str, list[Sample]],
+                  reference: dict[str, list[Sample]], attack: bool) -> dict:
+    """One lab model: behaviour on every set, the embedding attack (when asked) and tau per layer of every set,
+    the attacked inputs included."""
+    from minisafe.mechanistic import clustering_scores
+
+    model, _ = checkpoint.load(path)
+    entry = {"behaviour": behaviour(model, tok, sets)}
+    attacked = {}
+    if attack and cfg.attack_samples:
+        entry["attack"], attacked = lab_attack(model, tok, sets["unsafe"][:cfg.attack_samples], cfg)
+    entry["tau"] = clustering_scores(model, tok, {k: [s.prompt for s in v] for k, v in sets.items()},
+                                     [s.prompt for s in reference["safe"]], [s.prompt for s in reference["unsafe"]],
+                                     template="chat", progress=False, activations=attacked)
+    return entry
+
+
+def lab_attack(model: Transformer, tok: Tokenizer, samples: list[Sample], cfg: LabConfig) -> tuple[dict, dict]:
+    """The embedding attack on unsafe samples, target the true output then EOS, the soft prompt before the operators
+    (see minisafe.attacks: a suffix would shift the copy distance the model learnt). Returns its summary (success
+    per budget, 0 = the random start) and the attacked inputs' MLP activations per budget ({"attack@b": [N, L, F]})."""
+    started = time.perf_counter()
+    budgets = sorted({0, *cfg.attack_budgets})
+    attack_cfg = AttackConfig(slots=cfg.attack_slots, budgets=tuple(budgets), lr=cfg.attack_lr, place="prefix",
+                              batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
+    results = embedding_attack(model, tok, [s.prompt for s in samples], [s.answer for s in samples], attack_cfg,
+                               template="chat", eos=True)
+    summary = attack_summary(results, budgets)
+    activations = {f"attack@{b}": attacked_activations(model, tok, results, b, cfg.batch_size) for b in budgets}
+    summary["seconds"] = time.perf_counter() - started
+    return summary, activations
 
 
 def _settings(cfg: LabConfig) -> dict:
@@ -502,6 +544,21 @@ def summary_rows(results: dict) -> list[str]:
         rows.append(f"| {name} | {b['safe']['output_rate']:.3f} | {b['unsafe']['null_rate']:.3f} | "
                     + " | ".join(f"{b[k]['output_rate']:.3f}" for k in JAILBREAKS) + " |")
     return rows
+
+
+def attack_section(results: dict) -> list[str]:
+    """The lab report's embedding-attack part: success per budget for each attacked model (none when not run)."""
+    attacked = {name: e["attack"] for name, e in results["models"].items() if "attack" in e}
+    if not attacked:
+        return []
+    s = results["settings"]
+    budgets = sorted({0, *s["attack_budgets"]})
+    lines = ["## Embedding attack", "",
+             f"{s['attack_slots']} free embedding vectors before the operators, optimised with Adam (step "
+             f"{s['attack_lr']} x the embedding RMS) on unsafe evaluation samples until greedy decoding writes the "
+             "true output and EOS. Success within b steps, with 95% Wilson intervals; 0 steps = the seeded random "
+             "start, not optimised (control).", ""]
+    return lines + attack_table(attacked, budgets) + ["", "![attack](attack.png)", ""]
 
 
 def lab_report(results: dict) -> str:
@@ -526,9 +583,11 @@ def lab_report(results: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{v['null_rate']:.3f}" for v in entry["behaviour"].values()) + " |")
     from minisafe.mechanistic import tau_table, weight_table
 
-    lines += ["", "## Clustering score tau per layer", "",
+    lines += [""] + attack_section(results)
+    lines += ["## Clustering score tau per layer", "",
               "tau(x) = ||a(x) - mu_unsafe|| - ||a(x) - mu_safe|| (a = input of down_proj at <sep>); > 0 = nearer "
-              "the safe cluster. Mean per set; reference means from a separate split.", "", "![tau](tau.png)", ""]
+              "the safe cluster. Mean per set; reference means from a separate split. attack@b = the attacked "
+              "unsafe inputs with their soft prompt after b steps.", "", "![tau](tau.png)", ""]
     for name, entry in results["models"].items():
         lines += [f"### {name}", ""] + tau_table(entry["tau"]) + [""]
     lines += ["## Weight change from the pre-trained model (MLP matrices, per layer)", "", "![weights](weights.png)", ""]

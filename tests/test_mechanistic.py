@@ -11,15 +11,7 @@ import minisafe
 from minisafe.errors import DataError
 from minisafe.mechanistic import (CompareConfig, compare, delta_stats, effective_rank, jailbreak_prompts,
                                   mlp_activations, split_reference, tau, weight_change_stats)
-from tiny import save_tiny
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tiny import one_thread, save_tiny  # noqa: F401 (one_thread: an autouse fixture)
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:

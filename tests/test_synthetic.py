@@ -127,6 +127,13 @@ def test_a_tiny_lab_run_writes_well_formed_results(tmp_path):
     lrs = {m: json.loads((tmp_path / "lab" / m / "run.json").read_text())["settings"]["lr"] for m in S.METHODS}
     assert lrs == {"ssft": 5e-4, "dpo": 2e-4, "unlearn": 5e-4}
     assert (tmp_path / "lab" / "tau.png").stat().st_size > 0
+    # the embedding attack: on the safety fine-tuned models only, success per budget, tau of the attacked inputs
+    assert "attack" not in saved["models"]["pretrained"]
+    for method in S.METHODS:
+        attack = saved["models"][method]["attack"]
+        assert attack["success"].keys() == {"0", "20", "100"} and attack["n"] == 6
+        assert {"attack@0", "attack@20", "attack@100"} <= saved["models"][method]["tau"].keys()
+    assert "## Embedding attack" in report and (tmp_path / "lab" / "attack.png").stat().st_size > 0
     assert results["timings"]["total_s"] > 0
     with pytest.raises(S.ConfigError, match="not empty"):
         S.run_lab(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -86,3 +87,12 @@ def save_tiny(path: Path, family: str, seed: int = 0, dtype: torch.dtype = torch
     model.to(dtype).save_pretrained(path, **kwargs)
     write_tokenizer(path)
     return model.float()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on one thread: more only adds overhead, and runs must repeat bit for bit. Autouse where imported."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
