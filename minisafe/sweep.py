@@ -98,13 +98,20 @@ def distance(s: dict, base: dict, target: Target = TARGET) -> float:
     normal_cap = min(target.normal, base["normal"]["k"] / base["normal"]["n"] + target.normal_over_unaligned)
     gaps = [target.malicious - value("malicious"), value("normal") - normal_cap,
             value("over_rejection") - target.over_rejection,
-            (1 - target.utility) - s["rouge_l"] / base["rouge_l"], s["perplexity"] / base["perplexity"] - (1 + target.utility)]
+            (1 - target.utility) - ratio(s["rouge_l"], base["rouge_l"]),
+            ratio(s["perplexity"], base["perplexity"]) - (1 + target.utility)]
     return round(100 * sum(max(0.0, g) for g in gaps), 2)
 
 
-def run_sweep(out: Path, weights: Path, data_dir: Path, grid: list[tuple[str, Recipe]], say=print) -> dict:
-    """Every recipe of the grid, its validation scores, and the choice; writes sweep.json, sweep.md, front.png."""
-    p = PROFILES["full"]
+def ratio(value: float, unaligned: float) -> float:
+    """value / unaligned; 1 when the unaligned value is 0 (a model with no ROUGE-L to lose loses none)."""
+    return value / unaligned if unaligned else 1.0
+
+
+def run_sweep(out: Path, weights: Path, data_dir: Path, grid: list[tuple[str, Recipe]], p: Profile = PROFILES["full"],
+              say=print) -> dict:
+    """Every recipe of the grid (trained with profile p's settings), its validation scores, and the choice; writes
+    sweep.json, sweep.md and front.png after every recipe."""
     sets = out / "data"
     data_step(p, data_dir, sets, say)
     unaligned = {model: scores(validation_scores(out / f"unaligned-{model}", sets, weights / model, p, say))
@@ -118,6 +125,12 @@ def run_sweep(out: Path, weights: Path, data_dir: Path, grid: list[tuple[str, Re
         train_seconds = sum(r["seconds"] for key, r in steps.items() if key != "align_data")
         rows.append({"name": name, "recipe": recipe.settings(), **result, "train_seconds": train_seconds,
                      "distance": distance(result, unaligned[recipe.model])})
+        summary = write_summary(out, unaligned, rows)  # after every recipe: an interrupted sweep keeps its table
+    return summary
+
+
+def write_summary(out: Path, unaligned: dict, rows: list[dict]) -> dict:
+    """sweep.json, sweep.md and front.png of the recipes finished so far, with the choice among them."""
     chosen = min(rows, key=lambda r: (r["distance"], r["train_seconds"]))["name"] if rows else None
     summary = {"format": 1, "target": asdict(TARGET), "unaligned": unaligned, "recipes": rows, "chosen": chosen,
                "command": ["python", "-m", "minisafe.sweep", *sys.argv[1:]]}
