@@ -334,11 +334,14 @@ def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epo
               neurons: str | None = None, snapshots: tuple[float, ...] = ()) -> None:
     from minisafe.train import TrainConfig, train
 
-    train(TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective=objective, freeze=freeze,
+    cfg = TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective=objective, freeze=freeze,
                       freeze_random_neurons=neurons, epochs=epochs, lr=lr, beta=beta, batch_size=p.batch_size,
                       warmup_steps=5, max_len=p.max_len, seed=p.seed if seed is None else seed, dtype="bfloat16",
                       template="chat", save_every=25, snapshots=tuple(snapshots), resume=(out / "checkpoint").is_dir(),
-                      progress=False, command=["python", "-m", "minisafe.pipeline", "--profile", p.name]))
+                      progress=False, command=["python", "-m", "minisafe.pipeline", "--profile", p.name])
+    summary = train(cfg)
+    if summary["stopped"] != "completed":  # Ctrl-C: the checkpoint is saved; the step must not count as done
+        raise KeyboardInterrupt(f"{out}: training stopped at step {summary['step']}; rerun to continue")
 
 
 def locate(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bool) -> None:
