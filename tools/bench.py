@@ -3,7 +3,8 @@
     python -m tools.bench --model weights/smollm2-135m-instruct [--only prefill,generate,eval,profile,train,sppft]
 
 Prefill, generation and the eval workload run once per --dtypes entry, both sides in that dtype, and so does a profile
-of minisafe's decoding steps (where a step's time goes); training runs in float32, SPPFT in bfloat16 autocast.
+of minisafe's decoding steps (where a step's time goes); training and SPPFT run at the pipeline's settings (bfloat16
+autocast, its batches: see tools/bench_train.py).
 Reports tokens/s for each side, the ratio, and the share of this machine's matmul peak (for the same dtype) reached
 by the prefill. The JSON written with --out also records the command, the machine and the versions;
 `python -m minisafe.report bench runs/bench --out docs/bench.md` turns such files into docs/bench.md.
@@ -28,7 +29,7 @@ from minisafe import data
 from minisafe.fastpath import fast_inference
 from minisafe.generate import generate, generate_ids, greedy, similar_length_batches
 from minisafe.io import atomic_write_json
-from tools import fetch_data, weights
+from tools import bench_train, fetch_data, weights
 
 PARTS = ("prefill", "generate", "eval", "profile", "train", "sppft")
 DTYPE_PARTS = ("prefill", "generate", "eval", "profile")
@@ -203,69 +204,6 @@ def profile_decoding(ours, batch: int = 50, length: int = 48, warm: int = 16, st
             "rest_top": dict(sorted(rest.items(), key=lambda kv: -kv[1])[:5])}
 
 
-def bench_train(ours, theirs, batch: int = 4, length: int = 128, steps: int = 3) -> dict:
-    """Training tokens/s: forward, cross-entropy, backward, AdamW step; same batch, both in float32."""
-    ids = random_batch(ours.config.vocab_size, batch, length)
-
-    def step_fn(model, logits_of):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-        def step():
-            logits = logits_of(model)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    ours.train(), theirs.train()
-    t_ours, t_theirs = best_times(step_fn(ours, lambda m: m(ids)), step_fn(theirs, lambda m: m(input_ids=ids).logits),
-                                  repeat=steps)
-    ours.eval(), theirs.eval()
-    return {"batch": batch, "length": length, "minisafe_tok_s": batch * length / t_ours,
-            "transformers_tok_s": batch * length / t_theirs, "ratio": t_theirs / t_ours}
-
-
-def _freeze_step(path: str, freeze: str | None, threads: int, batch: int, length: int, steps: int) -> dict:
-    """One configuration of bench_sppft, run in a fresh process: step time, peak RSS, optimizer-state bytes."""
-    from minisafe.freeze import FreezeSpec, apply_freeze, parse_layer_range
-
-    torch.set_num_threads(threads)
-    model, _ = minisafe.load(path)
-    model.train()
-    apply_freeze(model, FreezeSpec(layers=parse_layer_range(freeze) if freeze else None))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    ids = random_batch(model.config.vocab_size, batch, length)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(ids)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    seconds = best_time(step, repeat=steps)
-    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    return {"freeze": freeze or "none", "step_s": seconds, "tok_s": batch * length / seconds,
-            "trainable_params": sum(p.numel() for p in params), "optimizer_state_bytes": state,
-            "peak_rss_mb": peak_rss_mb()}
-
-
-def bench_sppft(path: str, freeze: str, threads: int, batch: int = 8, length: int = 128, steps: int = 3) -> dict:
-    """Full fine-tuning against SPPFT (the layers of `freeze` frozen): bfloat16 autocast training steps, each
-    configuration in its own process so that peak memory is its own."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        runs = [pool.apply(_freeze_step, (path, spec, threads, batch, length, steps)) for spec in (None, freeze)]
-    full, sppft = runs
-    return {"batch": batch, "length": length, "full": full, "sppft": sppft,
-            "step_time_ratio": sppft["step_s"] / full["step_s"],
-            "optimizer_state_ratio": sppft["optimizer_state_bytes"] / full["optimizer_state_bytes"]}
-
-
 def summarize(part: str, run: dict) -> None:
     """One line per finished part, so that a long run shows its numbers as they come."""
     peak = f", {run['share_of_peak']:.0%} of peak" if "share_of_peak" in run else ""
@@ -312,9 +250,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--eval-prompts", type=int, default=200, help="eval part: HarmBench test prompts (default: 200)")
     p.add_argument("--eval-batch", type=int, default=50, help="eval part: batch size (default: 50, the pipeline's)")
-    p.add_argument("--freeze", default="11:17",
-                   help="sppft part: the layers to freeze, FIRST:LAST (default: 7 of SmolLM2's 30, the paper's Llama-3 "
-                        "share)")
+    p.add_argument("--freeze", default="11:19",
+                   help="sppft part: the layers to freeze, FIRST:LAST (default: 9 of SmolLM2's 30, the paper's "
+                        "Llama-2 share)")
+    p.add_argument("--train-data", nargs="+", metavar="FILE",
+                   help="train and sppft parts: sft data files, one workload each (default: attack and alignment "
+                        "batches built from the fetched data, see tools/bench_train.py)")
+    p.add_argument("--train-steps", type=int, default=8, help="train and sppft parts: timed steps per contender")
     p.add_argument("--out", help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
     a.parts = a.only.split(",")
@@ -349,6 +291,29 @@ def run_dtype_parts(a: argparse.Namespace, prompts: list[str], results: dict) ->
         del ours, theirs
 
 
+def run_train_parts(a: argparse.Namespace, results: dict) -> None:
+    """Training at the pipeline's settings (three contenders, every workload) and SPPFT against full fine-tuning."""
+    workloads = (bench_train.read_rows(a.train_data) if a.train_data else
+                 {name: bench_train.workload_rows(name) for name in ("attack", "align")})
+    peak = results["peak_gflop_s"]["bfloat16"]["peak"]
+    if "train" in a.parts:
+        theirs = load_transformers(a.model)
+        results["train"] = {}
+        for name, rows in workloads.items():
+            run = results["train"][name] = bench_train.bench_train_workload(a.model, theirs, rows, a.train_steps, peak)
+            print(f"training ({name}): minisafe {run['minisafe_tok_s']:.0f} tok/s, before {run['minisafe-before_tok_s']:.0f}"
+                  f", transformers {run['transformers_tok_s']:.0f}; {run['ratio_vs_before']:.2f}x before, "
+                  f"{run['ratio_vs_transformers']:.2f}x transformers, {run['share_of_bf16_peak']:.0%} of the bf16 peak",
+                  flush=True)
+    if "sppft" in a.parts:
+        rows = next(iter(workloads.values()))
+        run = results["sppft"] = {**bench_train.bench_sppft_steps(a.model, rows, a.freeze, a.train_steps),
+                                  "memory": bench_train.bench_sppft_memory(a.model, rows, a.freeze, a.threads)}
+        print(f"sppft {a.freeze} ({run['frozen_parameter_share']:.0%} of parameters frozen) against full: median step "
+              f"time ratio {run['step_time_ratio']:.2f}, AdamW state {run['memory']['optimizer_state_ratio']:.2f}x, "
+              f"peak RSS {run['memory']['peak_rss_ratio']:.2f}x", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen parts, print each part's line as it ends, then every number (as JSON, or into --out)."""
     a = parse_args(argv)
@@ -356,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     import transformers  # the yardstick, a test-only dependency: deferred so that --help works without it
 
-    fetch_bundled(a.model, need_data="eval" in a.parts)  # before any timing, so that a missing input fails early
+    fetch_bundled(a.model, need_data=bool({"eval", "train", "sppft"} & set(a.parts)))  # before any timing, so that a missing input fails early
     prompts = data.read_prompts(data.default_malicious_path())[: a.eval_prompts] if "eval" in a.parts else []
     results: dict = {"command": ["python", "-m", "tools.bench", *(sys.argv[1:] if argv is None else argv)],
                      "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
@@ -364,16 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                      "transformers": transformers.__version__,
                      "peak_gflop_s": {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}}
     run_dtype_parts(a, prompts, results)
-    if "train" in a.parts:
-        ours, _ = minisafe.load(a.model)
-        results["train"] = bench_train(ours, load_transformers(a.model))
-        summarize("float32 training step", results["train"])
-    if "sppft" in a.parts:
-        results["sppft"] = bench_sppft(a.model, a.freeze, a.threads)
-        sppft = results["sppft"]
-        print(f"sppft {a.freeze} against full fine-tuning: step time {sppft['step_time_ratio']:.2f}x, "
-              f"AdamW state {sppft['optimizer_state_ratio']:.2f}x, peak RSS {sppft['sppft']['peak_rss_mb']:.0f} / "
-              f"{sppft['full']['peak_rss_mb']:.0f} MB", flush=True)
+    if "train" in a.parts or "sppft" in a.parts:
+        run_train_parts(a, results)
     results["max_rss_mb"] = peak_rss_mb()
     if a.out:
         atomic_write_json(a.out, results)
