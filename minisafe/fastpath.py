@@ -1,4 +1,5 @@
-"""A faster path for inference on the CPU, switched on around a block by `with fast_inference(model):`.
+"""Faster paths on the CPU: `with fast_inference(model):` for inference, `with fast_training(model):` for training
+(attention written out as two matmuls, see training_attention).
 
 Inside the block some methods of the model's modules are swapped for faster ones that compute the same thing, and
 on exit the originals come back (also when an exception escapes):
@@ -228,12 +229,21 @@ def fast_inference(model: Transformer) -> Iterator[None]:
     if id(model) in _active or model.model.embed_tokens.weight.device.type != "cpu":
         yield
         return
-    swaps = fast_methods(model)
-    hidden = [module.__dict__.get(name) for module, name, _ in swaps]  # instance attributes a swap would hide
     _active.add(id(model))
     try:
+        with swapped(fast_methods(model)):
+            yield
+    finally:
+        _active.discard(id(model))
+
+
+@contextmanager
+def swapped(swaps: list[tuple[nn.Module, str, Callable]]) -> Iterator[None]:
+    """Set each (module, name, method) as an instance attribute, which hides the class's method; restore on exit."""
+    hidden = [module.__dict__.get(name) for module, name, _ in swaps]  # instance attributes a swap would hide
+    try:
         for module, name, method in swaps:
-            setattr(module, name, method)  # an instance attribute: it hides the class's method
+            setattr(module, name, method)
         yield
     finally:
         for (module, name, _), before in zip(swaps, hidden):
@@ -241,4 +251,32 @@ def fast_inference(model: Transformer) -> Iterator[None]:
                 module.__dict__.pop(name, None)
             else:
                 setattr(module, name, before)
-        _active.discard(id(model))
+
+
+# ---------------------------------------------------------------- training
+
+# Up to this many positions, training attention runs as two matmuls (matmul_attention): at the lengths the pipeline
+# trains on, the backward of the fused CPU kernel behind SDPA costs several times theirs. Longer sequences keep the
+# fused kernel, which never holds the whole score matrix.
+MATMUL_TRAINING_LENGTH = 512
+
+
+def training_attention(attention: Attention) -> Callable[..., Tensor]:
+    """Attention.attend for training: two matmuls up to MATMUL_TRAINING_LENGTH positions, else the plain method."""
+    plain = attention.attend
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        if k.shape[2] > MATMUL_TRAINING_LENGTH:
+            return plain(q, k, v, mask)
+        return matmul_attention(q, k, v, mask, attention.cfg.attn_scale, attention.cfg.attn_softcap)
+    return attend
+
+
+@contextmanager
+def fast_training(model: Transformer) -> Iterator[None]:
+    """Inside this block training steps take the attention of training_attention; on exit, the model's own."""
+    if model.model.embed_tokens.weight.device.type != "cpu":
+        yield
+        return
+    with swapped([(block.self_attn, "attend", training_attention(block.self_attn)) for block in model.layers]):
+        yield

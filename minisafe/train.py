@@ -50,6 +50,7 @@ from tqdm import tqdm
 from minisafe import checkpoint, data
 from minisafe.audit import audit_run, tensor_sha256, verify_audit
 from minisafe.errors import CheckpointError, ConfigError, DataError, TrainingError
+from minisafe.fastpath import fast_training
 from minisafe.freeze import (SCOPES, FreezeSpec, apply_freeze, bias_name, freeze_rows, freeze_table, neuron_count,
                              random_neurons, read_layer_spec)
 from minisafe.io import atomic_directory, atomic_write_json, content_hash, read_json, run_record
@@ -574,7 +575,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     try:
         resuming = claim_output_dir(out, cfg.resume, ranks, say)
         run = setup(cfg, out, ranks, resuming, say)
-        stopped = loop(run, cfg, on_step)
+        with fast_training(run.model):
+            stopped = loop(run, cfg, on_step)
         return finish(run, cfg, stopped)
     except OSError as e:  # reading the inputs or writing the log: name the file, not a traceback
         raise TrainingError(f"{e.filename or out}: {e.strerror or e}") from None

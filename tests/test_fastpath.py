@@ -258,3 +258,29 @@ def test_a_weight_replaced_inside_the_block_is_the_one_used(tmp_path):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight * 2)
         inside = model(ids, mask)
     assert (inside - 2 * before).abs().max() <= TOL and (inside - model(ids, mask)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+def test_fast_training_gives_the_loss_and_gradients_of_the_plain_model(tmp_path, family):
+    from minisafe.fastpath import fast_training
+    from minisafe.objectives import IGNORE, sft_loss_sum
+
+    save_tiny(tmp_path, family)
+    model, _ = minisafe.load(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = sft_loss_sum(model(ids, skip_head=True), labels, model.logits)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = loss_and_grads()
+    with fast_training(model):
+        fast = loss_and_grads()
+    assert "attend" not in model.layers[0].self_attn.__dict__  # the plain method is back
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-6)
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(fast[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

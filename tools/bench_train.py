@@ -6,7 +6,8 @@ Workloads (--train-data FILE ... or, by default, built from the fetched data the
   align:  alignment-style rows: HarmBench prompts -> a refusal phrasing, ShareGPT prompts -> their answers.
 Each is tokenized by train.py's encode (chat template, max_len 160) and cut into batches of 8 in a seeded order.
 Every contender trains in bfloat16 autocast with float32 weights, clips the gradient norm at 1 and steps AdamW:
-  minisafe         train.micro_loss_sum (the head only at labelled positions) and the fused AdamW, as train.py runs;
+  minisafe         train.micro_loss_sum (the head only at labelled positions) inside fastpath.fast_training (attention
+                   as two matmuls) and the fused AdamW, as train.py runs;
   minisafe-before  logits at every position, copied to float32 for the loss, and the unfused AdamW: train.py's
                    path before the training-speed change;
   transformers     AutoModelForCausalLM with labels (its own loss over all positions) and the fused AdamW.
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 import minisafe
 from minisafe import builders, data
+from minisafe.fastpath import fast_training
 from minisafe.freeze import FreezeSpec, apply_freeze, parse_layer_range
 from minisafe.objectives import IGNORE
 from minisafe.train import Example, TrainConfig, collate, micro_loss_sum, tokenize
@@ -72,8 +74,9 @@ def minisafe_step(model, pad_id: int) -> Step:
     def step(batch):
         examples = [(sequence,) for sequence in batch]
         count = sum(sum(label != IGNORE for label in labels[1:]) for _, labels in batch)
-        loss = micro_loss_sum(model, examples, list(range(len(batch))), cfg, None, pad_id, torch.device("cpu"))
-        finish_step(model, loss / count, optimizer)
+        with fast_training(model):
+            loss = micro_loss_sum(model, examples, list(range(len(batch))), cfg, None, pad_id, torch.device("cpu"))
+            finish_step(model, loss / count, optimizer)
     step.optimizer = optimizer  # type: ignore[attr-defined]  # for the memory part's AdamW-state count
     return step
 
