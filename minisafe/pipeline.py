@@ -502,7 +502,8 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
     steps: dict[str, dict] = {}
     sets = out / "data"
     steps["data"] = data_step(profile, data_dir, sets, say)
-    aligned, align_records = align_steps(profile.recipe, model_dir, sets, out, profile, say)
+    # The own-answers cache lives beside the steps, so a changed recipe regenerates only the answers it lacks.
+    aligned, align_records = align_steps(profile.recipe, model_dir, sets, out, profile, say, out / "answers.jsonl")
     steps.update(align_records)
     for label, path in (("original", model_dir), ("aligned", aligned)):  # first: a failed alignment shows early
         steps[f"eval-{label}"] = run_step(f"eval-{label}", out / f"eval-{label}", {"model": path, "sets": sets},
