@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +26,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from minisafe.checkpoint import DTYPES
+from minisafe.cli import (device_name, layer_range, non_negative_int, option, output_dir, positive_float, positive_int,
+                          whole)
 from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
 from minisafe.generate import generate, similar_length_batches
 from minisafe.hooks import check_layer_range, record_layers, scaled_layers
 from minisafe.model import Transformer
-from minisafe.tokenizer import Tokenizer
+from minisafe.tokenizer import TEMPLATES, Tokenizer
 
 PAIR_TYPES = ("N-N", "N-M", "M-M")
 
@@ -240,31 +244,68 @@ def format_table1(search: Search, initial: tuple[int, int]) -> list[str]:
     ]
 
 
+AUTO_ALPHAS = ("auto", "auto-down")
+
+
+def alpha_value(text: str) -> str | float:
+    """--alpha: 'auto', 'auto-down', or a finite scaling factor > 0 other than 1 (which would scale nothing)."""
+    if text in AUTO_ALPHAS:
+        return text
+    try:
+        value = positive_float(text)
+    except argparse.ArgumentTypeError:
+        value = None
+    if value is None or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto', 'auto-down' or a finite scaling factor > 0 other than 1 "
+                                         f"(1 scales nothing), got {text!r}")
+    return value
+
+
+def alpha_fields(value: str | float) -> dict:
+    """The LocateConfig fields of an --alpha value: a factor, or None (automatic) and the direction of the steps."""
+    return {"alpha": None if value in AUTO_ALPHAS else value, "alpha_down": value == "auto-down"}
+
+
 @dataclass
 class LocateConfig:
-    model: str
-    out: str
-    normal: str | None = None  # default: the bundled normal instructions
-    malicious: str | None = None  # default: the fetched HarmBench prompts
-    over_rejection: str | None = None  # default: the bundled over-rejection set
-    n_prompts: int = 100  # P = Q
-    n_over_rejection: int | None = None  # a seeded sample of the over-rejection set (None = all of it)
-    pairs: int = 500
-    template: str = "alpaca"
-    center: bool = False
-    initial: tuple[int, int] | None = None
-    alpha: float | None = None  # None = automatic (the paper's stepping rule)
-    alpha_down: bool = False  # automatic alpha steps below 1 (look for the fewest refusals)
-    sweep: int = 2
-    skip_scaling: bool = False
-    scale_o_proj: bool = True
-    max_new_tokens: int = 16
-    batch_size: int = 32
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0
-    judge: str = "keywords"
-    progress: bool = True
+    model: str = field(metadata=option("Hugging Face model directory (safetensors)"))
+    out: str = field(metadata=option("output directory for cosine.json/png, safety_layers.json, report.md",
+                                     type=output_dir))
+    normal: str | None = field(default=None, metadata=option(
+        "normal prompts (txt/csv/json/jsonl); default: the bundled normal instructions"))
+    malicious: str | None = field(default=None, metadata=option(
+        "malicious prompts (AdvBench CSV works as is); default: fetched HarmBench"))
+    over_rejection: str | None = field(default=None, metadata=option(
+        "benign prompts with dangerous-sounding words; default: the bundled set"))
+    n_prompts: int = field(default=100, metadata=option(
+        "P = Q: normal and malicious prompts sampled (seeded)", type=whole(2)))
+    n_over_rejection: int | None = field(default=None, metadata=option(
+        "score a seeded sample of N over-rejection prompts in the scaling search (default: all)", type=positive_int,
+        metavar="N"))
+    pairs: int = field(default=500, metadata=option("random pairs drawn per type (N-N, N-M, M-M)", type=whole(2)))
+    template: str = field(default="alpaca", metadata=option(
+        "prompt format: the paper's Alpaca template or the model's own chat template", choices=TEMPLATES))
+    center: bool = field(default=False, metadata=option(
+        "also analyse after subtracting each layer's mean vector; the range is read off that curve"))
+    initial: tuple[int, int] | None = field(default=None, metadata=option(
+        "initial range (0-based, inclusive) instead of the gap-curve rule", type=layer_range, metavar="I:J"))
+    alpha: float | None = field(default=None, metadata=option(  # None = automatic (the paper's stepping rule)
+        "scaling factor (> 0, not 1), or 'auto' (step by 0.05 above 1 until R_o moves clearly), or 'auto-down'",
+        type=alpha_value, to_fields=alpha_fields, cli_default="auto"))
+    alpha_down: bool = False  # automatic alpha steps below 1 (look for the fewest refusals); set by --alpha auto-down
+    sweep: int = field(default=2, metadata=option("each bound is swept over +-SWEEP layers", type=non_negative_int))
+    skip_scaling: bool = field(default=False, metadata=option("cosine analysis only; no over-rejection search"))
+    scale_o_proj: bool = field(default=True, metadata=option(
+        "leave o_proj unscaled, as the paper-era script effectively did"))
+    max_new_tokens: int = field(default=16, metadata=option(
+        "greedy tokens generated per over-rejection prompt", type=positive_int))
+    batch_size: int = field(default=32, metadata=option("prompts per forward pass", type=positive_int))
+    device: str = field(default="cpu", metadata=option("cpu or cuda", type=device_name))
+    dtype: str = field(default="float32", metadata=option("weights and activations", choices=DTYPES))
+    seed: int = field(default=0, metadata=option("seed of the prompt sample and the pairs", type=non_negative_int))
+    judge: str = field(default="keywords", metadata=option(
+        "refusal judge: 'keywords' or a judge model directory"))
+    progress: bool = field(default=True, metadata=option("hide the progress bars"))
 
 
 def cosine_prompt_sets(cfg: LocateConfig) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:

@@ -40,7 +40,7 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +48,15 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from minisafe.cli import (check_fields, device_name, non_negative_float, non_negative_int, option, output_dir,
+                          positive_int, whole)
 from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
 from minisafe.generate import similar_length_batches
 from minisafe.hooks import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 from minisafe.model import Transformer
 from minisafe.plots import plt, save_figure
-from minisafe.tokenizer import Tokenizer
+from minisafe.tokenizer import TEMPLATES, Tokenizer
 
 TOP_K = 8  # singular vectors of dW whose null-space share is weighed
 ENERGY = 0.9  # share of sum(s^2) the effective rank must hold
@@ -336,20 +338,28 @@ def plot_weight_stats(runs: dict[str, dict], path: str | Path, layers: tuple[int
 
 @dataclass
 class CompareConfig:
-    before: str
-    after: str
-    out: str
-    safe: str | None = None  # default: the bundled normal prompts
-    unsafe: str | None = None  # default: the fetched HarmBench prompts
-    layers: str | None = None  # FIRST:LAST or a safety_layers.json, shaded in the plots
-    template: str = "chat"
-    limit: int | None = None  # at most this many evaluated prompts per set (and reference prompts per kind)
-    batch_size: int = 16
-    top_k: int = TOP_K
-    rank_rtol: float = RANK_RTOL
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
+    before: str = field(metadata=option("Hugging Face model directory before fine-tuning"))
+    after: str = field(metadata=option("Hugging Face model directory after fine-tuning (same tensor names)"))
+    out: str = field(metadata=option("output directory", type=output_dir))
+    safe: str | None = field(default=None, metadata=option(
+        "safe prompts (txt/csv/json/jsonl); default: the bundled normal instructions"))
+    unsafe: str | None = field(default=None, metadata=option(
+        "malicious prompts (AdvBench CSV works as is); default: fetched HarmBench"))
+    layers: str | None = field(default=None, metadata=option(
+        "safety layers to shade in the plots: FIRST:LAST (0-based, inclusive) or a safety_layers.json", metavar="I:J"))
+    template: str = field(default="chat", metadata=option(
+        "prompt format: the model's own chat template or the Alpaca template", choices=TEMPLATES))
+    limit: int | None = field(default=None, metadata=option(
+        "at most N evaluated prompts per set, and N reference prompts per kind", type=whole(2)))
+    batch_size: int = field(default=16, metadata=option("prompts per forward pass", type=positive_int))
+    top_k: int = field(default=TOP_K, metadata=option(
+        "top singular vectors of dW weighed in the null-space share", type=positive_int))
+    rank_rtol: float = field(default=RANK_RTOL, metadata=option(
+        "singular values of W_before below this times the largest do not count towards its span",
+        type=non_negative_float))
+    seed: int = field(default=0, metadata=option("seed of the reference / evaluated split", type=non_negative_int))
+    device: str = field(default="cpu", metadata=option("cpu or cuda", type=device_name))
+    progress: bool = field(default=True, metadata=option("hide the progress bars"))
 
 
 def compare(cfg: CompareConfig) -> dict:
@@ -358,8 +368,7 @@ def compare(cfg: CompareConfig) -> dict:
     from minisafe.freeze import read_layer_spec
     from minisafe.io import atomic_write_json, atomic_write_text, run_record
 
-    if cfg.limit is not None and cfg.limit < 2:
-        raise ConfigError(f"--limit must be at least 2, got {cfg.limit}")
+    check_fields(cfg)
     layers = read_layer_spec(cfg.layers)
     out = Path(cfg.out)
     timings: dict[str, float] = {}

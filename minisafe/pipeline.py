@@ -24,14 +24,13 @@ inputs then change too). An interrupted fine-tune continues from its training ch
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,8 @@ import torch
 
 from minisafe import builders, data
 from minisafe.alignment import Recipe, alignment_data, greedy_answerer
-from minisafe.errors import ConfigError, DataError, MinisafeError
+from minisafe.cli import non_negative_int, option, parse_config, run_script
+from minisafe.errors import ConfigError, DataError
 from minisafe.freeze import parse_layer_range
 from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record, sha256_file
 from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
@@ -754,38 +754,42 @@ def share_section(out: Path, runs: list[AttackRun]) -> list[str]:
              "|---|---|---|"]
     lines += [f"| {m} | {100 * share:.1f}% | {e.points()} |" for m, share, e in sorted(points, key=lambda x: x[1])]
     return lines + ["", "![share](share.png)", ""]
-def main(argv: list[str] | None = None) -> int:
-    """Command line: check that the fetched model and data are there, record the command, run every step."""
-    parser = argparse.ArgumentParser(prog="python -m minisafe.pipeline", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="quick: the make-demo sizes (minutes); full: the make-reproduce sizes (about an hour)")
-    parser.add_argument("--out", default="runs/demo", help="run directory: one sub-directory per step and report.md")
-    parser.add_argument("--model", default=f"weights/{RECIPE.model}",
-                        help="unaligned chat model to align and attack (the bundled one: "
-                             f"`python -m tools.weights fetch {RECIPE.model}`)")
-    parser.add_argument("--data", default="data",
-                        help="directory of the fetched datasets (`python -m tools.fetch_data` writes them)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = parser.parse_args(argv)
+@dataclass
+class PipelineCommand:
+    """The command line of python -m minisafe.pipeline."""
+    profile: str = field(default="quick", metadata=option(
+        "quick: the make-demo sizes (minutes); full: the make-reproduce sizes (about an hour)",
+        choices=sorted(PROFILES)))
+    out: str = field(default="runs/demo", metadata=option("run directory: one sub-directory per step and report.md"))
+    model: str = field(default=f"weights/{RECIPE.model}", metadata=option(
+        f"unaligned chat model to align and attack (the bundled one: `python -m tools.weights fetch {RECIPE.model}`)"))
+    data: str = field(default="data", metadata=option(
+        "directory of the fetched datasets (`python -m tools.fetch_data` writes them)"))
+    threads: int = field(default=0, metadata=option("torch threads (0 = torch's default)", type=non_negative_int))
+
+
+def run_command(argv: list[str] | None) -> int:
+    """Check that the fetched model and data are there, record the command, run every step."""
+    args = parse_config(PipelineCommand, argv, __doc__.split("\n")[0], prog="python -m minisafe.pipeline")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        # The fetch commands are tooling outside the library (tools/); `make demo` runs them before this.
-        if not (Path(args.model) / "config.json").is_file():
-            raise ConfigError(f"{args.model}: no model directory (no config.json); run `python -m tools.weights fetch "
-                              f"{RECIPE.model}` for the bundled model, or pass --model DIR")
-        for name in ("harmbench", "donotanswer", "sharegpt"):
-            data.fetched(name, args.data)  # names `python -m tools.fetch_data` when a dataset is missing
-        record = run_record(PROFILES[args.profile].seed, {"model": args.model, "data": args.data}, profile=args.profile)
-        record["command"] = ["python", "-m", "minisafe.pipeline", *(sys.argv[1:] if argv is None else argv)]
-        atomic_write_json(Path(args.out) / "run.json", record)  # the command docs/results.md shows for this run
-        report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data)
-    except MinisafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # The fetch commands are tooling outside the library (tools/); `make demo` runs them before this.
+    if not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"{args.model}: no model directory (no config.json); run `python -m tools.weights fetch "
+                          f"{RECIPE.model}` for the bundled model, or pass --model DIR")
+    for name in ("harmbench", "donotanswer", "sharegpt"):
+        data.fetched(name, args.data)  # names `python -m tools.fetch_data` when a dataset is missing
+    record = run_record(PROFILES[args.profile].seed, {"model": args.model, "data": args.data}, profile=args.profile)
+    record["command"] = ["python", "-m", "minisafe.pipeline", *(sys.argv[1:] if argv is None else argv)]
+    atomic_write_json(Path(args.out) / "run.json", record)  # the command docs/results.md shows for this run
+    report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data)
     print(f"report: {report}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: 0 when every step is done, 2 with one "error: ..." line for a user error."""
+    return run_script(run_command, argv)
 
 
 if __name__ == "__main__":

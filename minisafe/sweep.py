@@ -23,16 +23,16 @@ the one that trained fastest.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minisafe.alignment import Recipe
-from minisafe.errors import ConfigError, MinisafeError
+from minisafe.cli import non_negative_int, option, parse_config, run_script
+from minisafe.errors import ConfigError
 from minisafe.io import atomic_write_json, atomic_write_text, read_json
 from minisafe.pipeline import PROFILES, Profile, align_steps, data_step, evaluate, run_step
 from minisafe.plots import plt, save_figure
@@ -174,31 +174,42 @@ def plot_front(summary: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minisafe.sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/sweep", help="sweep directory (resumed when it exists)")
-    parser.add_argument("--weights", default="weights", help="directory holding the bundled models by name")
-    parser.add_argument("--data", default="data", help="directory of the fetched datasets")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these recipes of the grid (by name)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = parser.parse_args(argv)
+@dataclass
+class SweepCommand:
+    """The command line of python -m minisafe.sweep."""
+    out: str = field(default="runs/sweep", metadata=option("sweep directory (resumed when it exists)"))
+    weights: str = field(default="weights", metadata=option("directory holding the bundled models by name"))
+    data: str = field(default="data", metadata=option("directory of the fetched datasets"))
+    only: list[str] | None = field(default=None, metadata=option(
+        "run only these recipes of the grid (by name)", nargs="+", metavar="NAME"))
+    threads: int = field(default=0, metadata=option("torch threads (0 = torch's default)", type=non_negative_int))
+
+
+def chosen_grid(only: list[str] | None) -> list[tuple[str, Recipe]]:
+    """The recipes of the grid to run: all of them, or those named by --only (a ConfigError names an unknown one)."""
+    grid = expand_grid()
+    if not only:
+        return grid
+    unknown = sorted(set(only) - {name for name, _ in grid})
+    if unknown:
+        raise ConfigError(f"--only: no recipe named {', '.join(unknown)} (the grid: {', '.join(n for n, _ in grid)})")
+    return [(name, recipe) for name, recipe in grid if name in only]
+
+
+def run_command(argv: list[str] | None) -> int:
+    """Run the chosen recipes, then name the winner and the table."""
+    args = parse_config(SweepCommand, argv, __doc__.split("\n")[0], prog="python -m minisafe.sweep")
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid = expand_grid()
-    if args.only:
-        unknown = sorted(set(args.only) - {name for name, _ in grid})
-        if unknown:
-            print(f"error: --only: no recipe named {', '.join(unknown)} (the grid: "
-                  f"{', '.join(n for n, _ in grid)})", file=sys.stderr)
-            return 2
-        grid = [(name, recipe) for name, recipe in grid if name in args.only]
-    try:
-        summary = run_sweep(Path(args.out), Path(args.weights), Path(args.data), grid)
-    except MinisafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    grid = chosen_grid(args.only)
+    summary = run_sweep(Path(args.out), Path(args.weights), Path(args.data), grid)
     print(f"chosen: {summary['chosen']}; table: {Path(args.out) / 'sweep.md'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: 0 when the sweep is done, 2 with one "error: ..." line for a user error."""
+    return run_script(run_command, argv)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ from tokenizers import models, pre_tokenizers
 from tqdm import tqdm
 
 from minisafe import checkpoint
+from minisafe.checkpoint import DTYPES
+from minisafe.cli import (check_fields, group, non_negative_float, non_negative_int, option, output_dir, positive_float,
+                          positive_int)
 from minisafe.config import config_from_dict
 from minisafe.errors import ConfigError
 from minisafe.io import atomic_write_json, atomic_write_text, run_record
@@ -309,10 +312,10 @@ def build_tokenizer() -> Tokenizer:
 
 @dataclass
 class ModelSize:
-    layers: int = 6
-    heads: int = 6
-    width: int = 192
-    mlp: int = 768
+    layers: int = field(default=6, metadata=option("decoder layers", type=positive_int, flag="--n-layers"))
+    heads: int = field(default=6, metadata=option("attention heads", type=positive_int))
+    width: int = field(default=192, metadata=option("hidden size", type=positive_int))
+    mlp: int = field(default=768, metadata=option("MLP hidden size", type=positive_int))
 
 
 def build_model(size: ModelSize, tok: Tokenizer, seed: int) -> Transformer:
@@ -375,23 +378,30 @@ def _mean(flags: Sequence[bool]) -> float:
 
 @dataclass
 class LabConfig:
-    out: str
-    seed: int = 0
-    size: ModelSize = field(default_factory=ModelSize)
-    pretrain_samples: int = 28000
-    pretrain_epochs: int = 1
-    pretrain_lr: float = 1e-3
-    safety_samples: int = 1500
-    safety_epochs: int = 2
-    safety_lr: float = 5e-4  # sft and unlearn
-    dpo_lr: float = DPO_LR
-    batch_size: int = 32
-    beta: float = 0.1
-    unlearn_weight: float = 0.2
-    eval_samples: int = 200
-    reference_samples: int = 200
-    dtype: str = "bfloat16"
-    progress: bool = True
+    out: str = field(metadata=option("output directory (must not exist or be empty)", type=output_dir))
+    seed: int = field(default=0, metadata=option(
+        "seed of the world, the data, the model and training", type=non_negative_int))
+    size: ModelSize = field(default_factory=ModelSize, metadata=group())
+    pretrain_samples: int = field(default=28000, metadata=option("pre-training samples", type=positive_int))
+    pretrain_epochs: int = field(default=1, metadata=option("pre-training epochs", type=positive_int))
+    pretrain_lr: float = field(default=1e-3, metadata=option("pre-training peak learning rate", type=positive_float))
+    safety_samples: int = field(default=1500, metadata=option("safety fine-tuning samples", type=positive_int))
+    safety_epochs: int = field(default=2, metadata=option("safety fine-tuning epochs", type=positive_int))
+    safety_lr: float = field(default=5e-4, metadata=option(
+        "safety fine-tuning peak learning rate of sft and unlearn", type=positive_float))
+    dpo_lr: float = field(default=DPO_LR, metadata=option(
+        "DPO peak learning rate (own default, picked on a validation draw: at the shared --safety-lr DPO diverged)",
+        type=positive_float))
+    batch_size: int = field(default=32, metadata=option("samples per optimizer step", type=positive_int))
+    beta: float = field(default=0.1, metadata=option("DPO beta", type=positive_float))
+    unlearn_weight: float = field(default=0.2, metadata=option(
+        "unlearning: weight of the gradient ascent on the rejected output", type=non_negative_float))
+    eval_samples: int = field(default=200, metadata=option("samples per evaluation set", type=positive_int))
+    reference_samples: int = field(default=200, metadata=option(
+        "safe and unsafe samples behind the cluster means of tau", type=positive_int))
+    dtype: str = field(default="bfloat16", metadata=option(
+        "autocast dtype of training (weights stay float32)", choices=DTYPES))
+    progress: bool = field(default=True, metadata=option("hide the progress bars"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -442,6 +452,7 @@ def run_lab(cfg: LabConfig) -> dict:
     """Build, pre-train, safety fine-tune three ways, analyse; writes results.json, report.md, tau.png, run.json."""
     from minisafe import mechanistic
 
+    check_fields(cfg)
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
