@@ -7,11 +7,11 @@ be written, a checkpoint with NaN or inf weights, a prompt longer than the model
 import sys
 
 from minisafe.cli import parse_config, run_script
-from minisafe.evaluate import EvalConfig, run_eval, summary
+from minisafe.evaluation import EvalConfig, run_eval, summary
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
-    """The EvalConfig of a command line: one flag per field, declared with the field in minisafe.evaluate."""
+    """The EvalConfig of a command line: one flag per field, declared with the field in minisafe.evaluation."""
     return parse_config(EvalConfig, argv, __doc__, command=["eval.py", *argv] if argv is not None else None)
 
 

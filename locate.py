@@ -7,11 +7,11 @@ be written, a checkpoint with NaN or inf weights, a prompt longer than the model
 import sys
 
 from minisafe.cli import parse_config, run_script
-from minisafe.locate import LocateConfig, run_locate
+from minisafe.locating import LocateConfig, run_locate
 
 
 def parse_args(argv: list[str] | None = None) -> LocateConfig:
-    """The LocateConfig of a command line: one flag per field, declared with the field in minisafe.locate."""
+    """The LocateConfig of a command line: one flag per field, declared with the field in minisafe.locating."""
     return parse_config(LocateConfig, argv, __doc__)
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from minisafe.cli import Parser, add_options, config_from_args, run_script
-from minisafe.mechanistic import CompareConfig, compare, separation
+from minisafe.analysis import CompareConfig, compare, separation
 from minisafe.synthetic import LabConfig, run_lab, summary_rows
 
 COMMANDS = {"compare": CompareConfig, "synthetic": LabConfig}

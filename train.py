@@ -7,11 +7,11 @@ Data: JSONL (or any format minisafe.data reads) with {"prompt", "response"} rows
 import sys
 
 from minisafe.cli import parse_config, run_script
-from minisafe.train import TrainConfig, train
+from minisafe.training import TrainConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The TrainConfig of a command line: one flag per field, declared with the field in minisafe.train."""
+    """The TrainConfig of a command line: one flag per field, declared with the field in minisafe.training."""
     return parse_config(TrainConfig, argv, __doc__, command=["train.py", *argv] if argv is not None else None)
 
 

@@ -332,7 +332,7 @@ def align_steps(recipe: Recipe, model_dir: Path, sets: Path, out: Path, p: Profi
 def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epochs: int, lr: float,
               freeze: str | None, objective: str = "sft", beta: float = 0.1, seed: int | None = None,
               neurons: str | None = None, snapshots: tuple[float, ...] = ()) -> None:
-    from minisafe.train import TrainConfig, train
+    from minisafe.training import TrainConfig, train
 
     train(TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective=objective, freeze=freeze,
                       freeze_random_neurons=neurons, epochs=epochs, lr=lr, beta=beta, batch_size=p.batch_size,
@@ -341,8 +341,9 @@ def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epo
                       progress=False, command=["python", "-m", "minisafe.pipeline", "--profile", p.name]))
 
 
-def locate(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bool) -> None:
-    from minisafe.locate import LocateConfig, run_locate
+def locate_step(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bool) -> None:
+    """locate.py on one model: chat template, centred cosines; the scaling search only with `scaling`."""
+    from minisafe.locating import LocateConfig, run_locate
 
     run_locate(LocateConfig(model=str(model_dir), out=str(out), normal=str(sets / "normal_cosine.jsonl"),
                             malicious=str(sets / "malicious_test.jsonl"),
@@ -355,10 +356,10 @@ def locate(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bo
 EXTRA_MALICIOUS = ("dna_test", "dna_other_test", "reformulated_test")
 
 
-def evaluate(model_dir: str | Path, p: Profile, out: Path, harmful: Path, over_rejection: Path | None = None,
-             utility: Path | None = None) -> None:
+def evaluate_step(model_dir: str | Path, p: Profile, out: Path, harmful: Path, over_rejection: Path | None = None,
+                  utility: Path | None = None) -> None:
     """eval.py on one model: greedy, chat template, bfloat16 (faster, and what the pipeline trains in)."""
-    from minisafe.evaluate import EvalConfig, run_eval
+    from minisafe.evaluation import EvalConfig, run_eval
 
     run_eval(EvalConfig(models=[str(model_dir)], out=str(out), harmful=str(harmful),
                         over_rejection=str(over_rejection or "none"), utility=str(utility or "none"),
@@ -369,10 +370,10 @@ def evaluate(model_dir: str | Path, p: Profile, out: Path, harmful: Path, over_r
 
 def evaluate_tests(model_dir: str | Path, sets: Path, p: Profile, out: Path, extra: bool) -> None:
     """The test splits: HarmBench, over-rejection and utility in out/; with extra, EXTRA_MALICIOUS in out/<set>/."""
-    evaluate(model_dir, p, out, sets / "malicious_test.jsonl", sets / "over_rejection_test.jsonl",
-             sets / "utility_test.jsonl")
+    evaluate_step(model_dir, p, out, sets / "malicious_test.jsonl", sets / "over_rejection_test.jsonl",
+                  sets / "utility_test.jsonl")
     for name in EXTRA_MALICIOUS if extra else ():
-        evaluate(model_dir, p, out / name, sets / f"{name}.jsonl")
+        evaluate_step(model_dir, p, out / name, sets / f"{name}.jsonl")
 
 
 def freeze_spec(method: str, first: int, last: int, num_layers: int) -> str | None:
@@ -487,7 +488,7 @@ def attack_steps(p: Profile, out: Path, sets: Path, aligned: Path, attack_data: 
     for snapshot in sorted(target.glob("snapshot-*")):
         name = f"dose-{run.label}-{snapshot.name}"
         steps[name] = run_step(name, out / name, {"model": snapshot, "sets": sets}, step_settings(p, "eval"),
-                               lambda o, m=snapshot: evaluate(m, p, o, sets / "malicious_test.jsonl"), say)
+                               lambda o, m=snapshot: evaluate_step(m, p, o, sets / "malicious_test.jsonl"), say)
     return steps
 
 
@@ -506,9 +507,10 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
                                           settings("eval", extra=True),
                                           lambda o, m=path: evaluate_tests(m, sets, profile, o, True), say)
     steps["locate"] = run_step("locate", out / "locate", {"model": aligned, "sets": sets},
-                               settings("locate"), lambda o: locate(aligned, sets, profile, o, scaling=True), say)
+                               settings("locate"), lambda o: locate_step(aligned, sets, profile, o, scaling=True), say)
     steps["locate_base"] = run_step("locate_base", out / "locate_base", {"model": model_dir, "sets": sets},
-                                    settings("locate"), lambda o: locate(model_dir, sets, profile, o, scaling=False), say)
+                                    settings("locate"),
+                                    lambda o: locate_step(model_dir, sets, profile, o, scaling=False), say)
     located = read_json(out / "locate" / "safety_layers.json")
     if located.get("first") is None:
         raise ConfigError(f"{out / 'locate'}: locate found no safety layers (the gap curve shows no gap); "
@@ -702,7 +704,7 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
                 located: tuple[int, int], num_layers: int) -> str:
     """report.md of the run: alignment, localisation, the Table 2 layout with controls and verdicts, the
     dose-response curves, wall times."""
-    from minisafe.locate import Search, format_table1
+    from minisafe.locating import Search, format_table1
 
     loc = read_json(out / "locate" / "safety_layers.json")
     aligned = _results(out, "aligned")

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
-# The pair types of the cosine analysis (minisafe.locate.PAIR_TYPES), each with its colour.
+# The pair types of the cosine analysis (minisafe.locating.PAIR_TYPES), each with its colour.
 COLOURS = {"N-N": "tab:blue", "N-M": "tab:red", "M-M": "tab:green"}
 
 

@@ -34,7 +34,7 @@ from minisafe.alignment import Recipe
 from minisafe.cli import non_negative_int, option, parse_config, run_script
 from minisafe.errors import ConfigError
 from minisafe.io import atomic_write_json, atomic_write_text, read_json
-from minisafe.pipeline import PROFILES, Profile, align_steps, data_step, evaluate, run_step
+from minisafe.pipeline import PROFILES, Profile, align_steps, data_step, evaluate_step, run_step
 from minisafe.plots import plt, save_figure
 from minisafe.stats import Rate
 
@@ -81,7 +81,7 @@ def expand_grid(base: Recipe = BASE, variations: dict[str, list[Any]] = VARIATIO
 def validation_scores(out: Path, sets: Path, model_dir: Path, p: Profile, say) -> dict:
     """eval.py of one model on the validation splits, as a resumable step; returns its results."""
     record = run_step("val", out, {"model": model_dir, "sets": sets}, {"seed": p.seed, "eval_tokens": p.eval_tokens},
-                      lambda o: evaluate(model_dir, p, o, *(sets / f"{VALIDATION[k]}.jsonl" for k in VALIDATION)), say)
+                      lambda o: evaluate_step(model_dir, p, o, *(sets / f"{VALIDATION[k]}.jsonl" for k in VALIDATION)), say)
     return {**read_json(out / "results.json")["models"][0], "seconds_eval": record["seconds"]}
 
 

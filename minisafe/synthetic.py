@@ -39,7 +39,7 @@ closest minisafe family to the paper's GELU GPT), pre-train it on the safe + uns
 the correct outputs), then safety fine-tune three copies with train.py's sft, dpo and unlearn objectives (DPO at its
 own learning rate, `DPO_LR`), then measure accuracy, null rate and jailbreak success (greedy decoding, checked exactly
 by one teacher-forced pass: greedy decoding writes the target iff every target token is the argmax given the target
-before it), the clustering score tau per layer, and the weight changes (minisafe.mechanistic).
+before it), the clustering score tau per layer, and the weight changes (minisafe.analysis).
 """
 
 from __future__ import annotations
@@ -428,7 +428,7 @@ def write_datasets(cfg: LabConfig, perms: list[list[int]]) -> dict[str, Path]:
 def train_stage(cfg: LabConfig, model_dir: Path, data: Path, out: Path, objective: str, epochs: int,
                 lr: float) -> dict:
     """One train.py run on the lab's data (the chat template of the lab's tokenizer formats the samples)."""
-    from minisafe.train import TrainConfig, train
+    from minisafe.training import TrainConfig, train
 
     steps = epochs * math.ceil(sum(1 for _ in open(data)) / cfg.batch_size)
     tc = TrainConfig(model=str(model_dir), data=str(data), out=str(out), objective=objective, epochs=epochs, lr=lr,
@@ -450,7 +450,7 @@ def method_lr(cfg: LabConfig, method: str) -> float:
 
 def run_lab(cfg: LabConfig) -> dict:
     """Build, pre-train, safety fine-tune three ways, analyse; writes results.json, report.md, tau.png, run.json."""
-    from minisafe import mechanistic
+    from minisafe import analysis
 
     check_fields(cfg)
     out = Path(cfg.out)
@@ -481,20 +481,20 @@ def run_lab(cfg: LabConfig) -> dict:
     results: dict = {"format": 1, "models": {}, "settings": _settings(cfg)}
     for name in tqdm(models, desc="analyse", disable=not cfg.progress):
         model, _ = checkpoint.load(out / name)
-        tau = mechanistic.clustering_scores(
+        tau = analysis.clustering_scores(
             model, tok, {k: [s.prompt for s in v] for k, v in sets.items()},
             [s.prompt for s in reference["safe"]], [s.prompt for s in reference["unsafe"]], template="chat",
             progress=False)
         results["models"][name] = {"behaviour": behaviour(model, tok, sets), "tau": tau, "training": training[name]}
-    results["weights"] = {m: mechanistic.weight_change_stats(out / "pretrained", out / m) for m in METHODS}
+    results["weights"] = {m: analysis.weight_change_stats(out / "pretrained", out / m) for m in METHODS}
     timings["analysis_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     results["timings"] = timings
 
     atomic_write_json(out / "results.json", results)
-    mechanistic.plot_tau({m: results["models"][m]["tau"] for m in models}, out / "tau.png",
+    analysis.plot_tau({m: results["models"][m]["tau"] for m in models}, out / "tau.png",
                          sets=["safe", "unsafe", *JAILBREAKS], title="synthetic lab")
-    mechanistic.plot_weight_stats(results["weights"], out / "weights.png")
+    analysis.plot_weight_stats(results["weights"], out / "weights.png")
     atomic_write_text(out / "report.md", lab_report(results))
     atomic_write_json(out / "run.json", run_record(cfg.seed, {}, **{k: v for k, v in _settings(cfg).items() if k != "seed"}))
     return results
@@ -535,7 +535,7 @@ def lab_report(results: dict) -> str:
               "|---|" + "---|" * len(results["models"]["pretrained"]["behaviour"])]
     for name, entry in results["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v['null_rate']:.3f}" for v in entry["behaviour"].values()) + " |")
-    from minisafe.mechanistic import tau_table, weight_table
+    from minisafe.analysis import tau_table, weight_table
 
     lines += ["", "## Clustering score tau per layer", "",
               "tau(x) = ||a(x) - mu_unsafe|| - ||a(x) - mu_safe|| (a = input of down_proj at <sep>); > 0 = nearer "
