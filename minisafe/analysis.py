@@ -52,6 +52,7 @@ from minisafe.cli import (check_fields, device_name, non_negative_float, non_neg
                           positive_int, whole)
 from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
+from minisafe.freeze import check_layer_range
 from minisafe.generate import similar_length_batches
 from minisafe.hooks import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 from minisafe.model import Transformer
@@ -362,6 +363,14 @@ class CompareConfig:
     progress: bool = field(default=True, metadata=option("hide the progress bars"))
 
 
+def check_shaded_layers(spec: str, layers: tuple[int, int], num_layers: int, path: str) -> None:
+    """A ConfigError naming --layers and the model unless the shaded range lies inside it."""
+    try:
+        check_layer_range(num_layers, *layers)
+    except ConfigError as e:
+        raise ConfigError(f"--layers {spec} ({path}): {e}") from None
+
+
 def compare(cfg: CompareConfig) -> dict:
     """tau before and after, and the weight changes between them; writes the files named in the module docstring."""
     from minisafe import checkpoint, data
@@ -384,9 +393,8 @@ def compare(cfg: CompareConfig) -> dict:
     for which, path in (("before", cfg.before), ("after", cfg.after)):
         t0 = time.perf_counter()
         model, tok = checkpoint.load(path, device=cfg.device)
-        if layers is not None and layers[1] >= model.config.num_layers:
-            raise ConfigError(f"--layers {cfg.layers}: layer {layers[1]} is outside this "
-                              f"{model.config.num_layers}-layer model ({path})")
+        if layers is not None:
+            check_shaded_layers(cfg.layers, layers, model.config.num_layers, path)
         scores[which] = clustering_scores(model, tok, sets, ref_safe, ref_unsafe, cfg.template, cfg.batch_size,
                                           cfg.progress)
         del model

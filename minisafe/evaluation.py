@@ -37,7 +37,7 @@ from minisafe.checkpoint import DTYPES, load, model_file_problem
 from minisafe.cli import check_fields, device_name, non_negative_int, option, output_dir, positive_int
 from minisafe.errors import ConfigError, DataError
 from minisafe.generate import generate
-from minisafe.io import atomic_write_json, atomic_write_text, run_record, sha256_file
+from minisafe.io import atomic_write_json, atomic_write_text, file_hashes, run_record
 from minisafe.metrics import mean_rouge_l, response_nll, rouge_l
 from minisafe.tokenizer import TEMPLATES
 
@@ -164,11 +164,6 @@ def load_sets(cfg: EvalConfig) -> dict[str, EvalSet]:
 # ---------------------------------------------------------------- one model
 
 
-def weights_sha256(model_dir: str | Path) -> dict[str, str]:
-    """sha256 of each safetensors file of a model directory."""
-    return {f.name: sha256_file(f) for f in sorted(Path(model_dir).glob("*.safetensors"))}
-
-
 def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """Metrics of one checkpoint on every set, and one row per (set, prompt) with its response and verdict."""
     start = time.perf_counter()
@@ -208,7 +203,7 @@ def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) 
             rows.append(row)
         result["seconds"][name] = round(time.perf_counter() - t0, 2)
     result["seconds"]["total"] = round(time.perf_counter() - start, 2)
-    result["weights_sha256"] = weights_sha256(path)
+    result["weights_sha256"] = file_hashes(path, suffixes=(".safetensors",))
     del model
     gc.collect()
     return result, rows

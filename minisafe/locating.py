@@ -32,7 +32,8 @@ from minisafe.cli import (device_name, layer_range, non_negative_int, option, ou
 from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
 from minisafe.generate import generate, similar_length_batches
-from minisafe.hooks import check_layer_range, record_layers, scaled_layers
+from minisafe.freeze import check_layer_range
+from minisafe.hooks import record_layers, scaled_layers
 from minisafe.model import Transformer
 from minisafe.tokenizer import TEMPLATES, Tokenizer
 
@@ -218,7 +219,7 @@ class RefusalCounter:
                             progress=self.progress).texts
         if first is None:
             return run()
-        check_layer_range(self.model, first, last)
+        check_layer_range(self.model.config.num_layers, first, last)
         with scaled_layers(self.model, first, last, alpha, self.scale_o_proj):
             return run()
 
@@ -327,7 +328,7 @@ def cosine_prompt_sets(cfg: LocateConfig) -> tuple[tuple[str, list[str]], tuple[
 def check_initial(model: Transformer, initial: tuple[int, int]) -> None:
     """A ConfigError naming --initial unless the range lies inside the model."""
     try:
-        check_layer_range(model, *initial)
+        check_layer_range(model.config.num_layers, *initial)
     except ConfigError as e:
         raise ConfigError(f"--initial {initial[0]}:{initial[1]}: {e}") from None
 

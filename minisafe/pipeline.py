@@ -24,7 +24,6 @@ inputs then change too). An interrupted fine-tune continues from its training ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -41,7 +40,7 @@ from minisafe.alignment import Recipe, alignment_data, greedy_answerer
 from minisafe.cli import non_negative_int, option, parse_config, run_script
 from minisafe.errors import ConfigError, DataError
 from minisafe.freeze import parse_layer_range
-from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record, sha256_file
+from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record
 from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
                                  table_rows, verdict)
 from minisafe.stats import Rate, bootstrap_mean
@@ -147,24 +146,16 @@ def step_settings(p: Profile, step: str, **extra: Any) -> dict[str, Any]:
     return {**{name: value(name) for name in STEP_FIELDS[step]}, **extra}
 
 
-def tree_hash(path: str | Path) -> str:
-    """sha256 over every file below path (names and contents), leaving out step records and training checkpoints."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for file in sorted(f for f in path.rglob("*") if f.is_file()):
-        relative = file.relative_to(path)
-        if relative.name == "step.json" or relative.parts[0] == "checkpoint":
-            continue
-        h.update(str(relative).encode() + b"\0" + sha256_file(file).encode())
-    return h.hexdigest()
+def step_input_hash(path: str | Path) -> str:
+    """sha256 over every file below path (names and contents), leaving out step records and training checkpoints,
+    which say how an output was made, not what it is."""
+    return content_hash(path, suffixes=None, recursive=True, exclude=("step.json", "checkpoint"))
 
 
 def run_step(name: str, out: Path, inputs: dict[str, str | Path], settings: dict[str, Any],
              work: Callable[[Path], None], say: Callable[[str], None] = print) -> dict:
     """Run work(out) unless out/step.json records the same input hashes and settings; returns the step record."""
-    record = {"step": name, "inputs": {k: tree_hash(v) for k, v in inputs.items()}, "settings": settings}
+    record = {"step": name, "inputs": {k: step_input_hash(v) for k, v in inputs.items()}, "settings": settings}
     done = read_json(out / "step.json")
     if done and {k: done.get(k) for k in record} == record:
         say(f"[{name}] up to date ({done['seconds']:.0f} s when it ran); skipped")

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 from minisafe.cli import Parser, add_options, config_from_args, option, run_script
 from minisafe.errors import ConfigError
-from minisafe.io import atomic_write_text
+from minisafe.io import atomic_copy, atomic_write_text
 
 RECORDS = ("run.json", "step.json", "results.json")  # where a run directory may record its command line
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
@@ -78,17 +77,6 @@ def shift_headings(text: str, levels: int) -> str:
     return "\n".join(lines)
 
 
-def copy_atomically(source: Path, target: Path) -> None:
-    """Copy a file so that a reader of target sees the old file or the whole new one (a copy beside it, renamed)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def relink_images(text: str, report_dir: Path, run: Path, img_dir: Path, doc_dir: Path) -> str:
     """Copy every figure a report links to into img_dir as <run>-<path in the run>, and point the link there."""
     def relink(match: re.Match) -> str:
@@ -103,7 +91,7 @@ def relink_images(text: str, report_dir: Path, run: Path, img_dir: Path, doc_dir
         except ValueError:  # a figure outside the run keeps the report directory's name only
             inside = Path(source.name)
         target = img_dir / "-".join((run.name, *inside.parts))
-        copy_atomically(source, target)
+        atomic_copy(source, target)
         return f"![{alt}]({Path(os.path.relpath(target, doc_dir)).as_posix()})"
 
     return IMAGE.sub(relink, text)
