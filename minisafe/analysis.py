@@ -48,13 +48,16 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from minisafe import checkpoint, data
+from minisafe.checkpoint import read_state_dict, weight_files
 from minisafe.cli import (check_fields, device_name, non_negative_float, non_negative_int, option, output_dir,
                           positive_int, whole)
 from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
-from minisafe.freeze import check_layer_range
+from minisafe.freeze import check_layer_range, read_layer_spec
 from minisafe.generate import similar_length_batches
 from minisafe.hooks import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from minisafe.io import atomic_write_json, atomic_write_text, run_record
 from minisafe.model import Transformer
 from minisafe.plots import plt, save_figure
 from minisafe.tokenizer import TEMPLATES, Tokenizer
@@ -154,7 +157,6 @@ def weight_change_stats(before: str | Path | dict[str, Tensor], after: str | Pat
 def _state(source: str | Path | dict[str, Tensor]) -> dict[str, Tensor]:
     if isinstance(source, dict):
         return source
-    from minisafe.checkpoint import read_state_dict, weight_files
 
     path = Path(source)
     if not path.is_dir():
@@ -373,10 +375,6 @@ def check_shaded_layers(spec: str, layers: tuple[int, int], num_layers: int, pat
 
 def compare(cfg: CompareConfig) -> dict:
     """tau before and after, and the weight changes between them; writes the files named in the module docstring."""
-    from minisafe import checkpoint, data
-    from minisafe.freeze import read_layer_spec
-    from minisafe.io import atomic_write_json, atomic_write_text, run_record
-
     check_fields(cfg)
     layers = read_layer_spec(cfg.layers)
     out = Path(cfg.out)

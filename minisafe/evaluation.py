@@ -38,6 +38,7 @@ from minisafe.cli import check_fields, device_name, non_negative_int, option, ou
 from minisafe.errors import ConfigError, DataError
 from minisafe.generate import generate
 from minisafe.io import atomic_write_json, atomic_write_text, file_hashes, run_record
+from minisafe.judge import load_judge
 from minisafe.metrics import mean_rouge_l, response_nll, rouge_l
 from minisafe.tokenizer import TEMPLATES
 
@@ -215,8 +216,6 @@ def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate every model of cfg; writes results.json, responses.jsonl and report.md into cfg.out (after each
     model, so a long run keeps what it has finished)."""
-    from minisafe.judge import load_judge
-
     _check_config(cfg)
     torch.manual_seed(cfg.seed)
     sets = load_sets(cfg)

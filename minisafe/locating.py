@@ -26,15 +26,19 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from minisafe import checkpoint, data
 from minisafe.checkpoint import DTYPES
 from minisafe.cli import (device_name, layer_range, non_negative_int, option, output_dir, positive_float, positive_int,
                           whole)
 from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
-from minisafe.generate import generate, similar_length_batches
 from minisafe.freeze import check_layer_range
+from minisafe.generate import generate, similar_length_batches
 from minisafe.hooks import record_layers, scaled_layers
+from minisafe.io import atomic_write_json, atomic_write_text, run_record
+from minisafe.judge import load_judge
 from minisafe.model import Transformer
+from minisafe.plots import plot_cosine
 from minisafe.tokenizer import TEMPLATES, Tokenizer
 
 PAIR_TYPES = ("N-N", "N-M", "M-M")
@@ -312,8 +316,6 @@ class LocateConfig:
 def cosine_prompt_sets(cfg: LocateConfig) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
     """The seeded normal and malicious samples of the cosine analysis, each after the name of its set. Pairs are of
     distinct prompts, so each sample needs two at least."""
-    from minisafe import data
-
     malicious = str(cfg.malicious or data.default_malicious_path())
     sets = ((cfg.normal or "bundled normal prompts",
              data.read_prompts(cfg.normal) if cfg.normal else data.bundled_prompts("normal")),
@@ -335,10 +337,6 @@ def check_initial(model: Transformer, initial: tuple[int, int]) -> None:
 
 def run_locate(cfg: LocateConfig) -> dict:
     """The whole procedure; writes cosine.json, cosine.png, safety_layers.json, report.md and run.json into cfg.out."""
-    from minisafe import checkpoint, data
-    from minisafe.io import atomic_write_json, atomic_write_text, run_record
-    from minisafe.plots import plot_cosine
-
     out = Path(cfg.out)  # created by its first file, so that a run failing before any result leaves nothing
     timings: dict[str, float] = {}
     (normal_source, normal), (malicious_source, malicious) = cosine_prompt_sets(cfg)
@@ -367,7 +365,6 @@ def run_locate(cfg: LocateConfig) -> dict:
     search = None
     if initial and not cfg.skip_scaling:
         start = time.perf_counter()
-        from minisafe.judge import load_judge
 
         over = data.read_prompts(cfg.over_rejection) if cfg.over_rejection else data.bundled_prompts("over_rejection")
         over = pick(over, cfg.n_over_rejection, cfg.seed)

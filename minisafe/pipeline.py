@@ -39,11 +39,14 @@ from minisafe import builders, data
 from minisafe.alignment import Recipe, alignment_data, greedy_answerer
 from minisafe.cli import non_negative_int, option, parse_config, run_script
 from minisafe.errors import ConfigError, DataError
+from minisafe.evaluation import EvalConfig, run_eval
 from minisafe.freeze import parse_layer_range
 from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record
+from minisafe.locating import LocateConfig, Search, format_table1, run_locate
 from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
                                  table_rows, verdict)
 from minisafe.stats import Rate, bootstrap_mean
+from minisafe.training import TrainConfig, train
 
 # no freezing, the safety layers, the paper's NFFT control (as many random neurons), as many random layers off the
 # safety layers, as many layers right before / after them (the paper's ablation)
@@ -323,8 +326,6 @@ def align_steps(recipe: Recipe, model_dir: Path, sets: Path, out: Path, p: Profi
 def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epochs: int, lr: float,
               freeze: str | None, objective: str = "sft", beta: float = 0.1, seed: int | None = None,
               neurons: str | None = None, snapshots: tuple[float, ...] = ()) -> None:
-    from minisafe.training import TrainConfig, train
-
     train(TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective=objective, freeze=freeze,
                       freeze_random_neurons=neurons, epochs=epochs, lr=lr, beta=beta, batch_size=p.batch_size,
                       warmup_steps=5, max_len=p.max_len, seed=p.seed if seed is None else seed, dtype="bfloat16",
@@ -334,8 +335,6 @@ def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epo
 
 def locate_step(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bool) -> None:
     """locate.py on one model: chat template, centred cosines; the scaling search only with `scaling`."""
-    from minisafe.locating import LocateConfig, run_locate
-
     run_locate(LocateConfig(model=str(model_dir), out=str(out), normal=str(sets / "normal_cosine.jsonl"),
                             malicious=str(sets / "malicious_test.jsonl"),
                             over_rejection=str(sets / "over_rejection_locate.jsonl"), n_prompts=p.locate_prompts,
@@ -350,8 +349,6 @@ EXTRA_MALICIOUS = ("dna_test", "dna_other_test", "reformulated_test")
 def evaluate_step(model_dir: str | Path, p: Profile, out: Path, harmful: Path, over_rejection: Path | None = None,
                   utility: Path | None = None) -> None:
     """eval.py on one model: greedy, chat template, bfloat16 (faster, and what the pipeline trains in)."""
-    from minisafe.evaluation import EvalConfig, run_eval
-
     run_eval(EvalConfig(models=[str(model_dir)], out=str(out), harmful=str(harmful),
                         over_rejection=str(over_rejection or "none"), utility=str(utility or "none"),
                         max_new_tokens=p.eval_tokens, limit=p.eval_limit, batch_size=50, template="chat",
@@ -695,8 +692,6 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
                 located: tuple[int, int], num_layers: int) -> str:
     """report.md of the run: alignment, localisation, the Table 2 layout with controls and verdicts, the
     dose-response curves, wall times."""
-    from minisafe.locating import Search, format_table1
-
     loc = read_json(out / "locate" / "safety_layers.json")
     aligned = _results(out, "aligned")
     lines = [f"# minisafe demo ({p.name} profile)", "",

@@ -57,7 +57,8 @@ from tokenizers import Tokenizer as FastTokenizer
 from tokenizers import models, pre_tokenizers
 from tqdm import tqdm
 
-from minisafe import checkpoint
+from minisafe import analysis, checkpoint
+from minisafe.analysis import tau_table, weight_table
 from minisafe.checkpoint import DTYPES
 from minisafe.cli import (check_fields, group, non_negative_float, non_negative_int, option, output_dir, positive_float,
                           positive_int)
@@ -66,6 +67,7 @@ from minisafe.errors import ConfigError
 from minisafe.io import atomic_write_json, atomic_write_text, run_record
 from minisafe.model import Transformer
 from minisafe.tokenizer import Tokenizer
+from minisafe.training import TrainConfig, train
 
 N_LETTERS, N_OPERATORS, BLOCK = 30, 16, 5
 LETTERS = [f"t{i:02d}" for i in range(N_LETTERS)]
@@ -428,8 +430,6 @@ def write_datasets(cfg: LabConfig, perms: list[list[int]]) -> dict[str, Path]:
 def train_stage(cfg: LabConfig, model_dir: Path, data: Path, out: Path, objective: str, epochs: int,
                 lr: float) -> dict:
     """One train.py run on the lab's data (the chat template of the lab's tokenizer formats the samples)."""
-    from minisafe.training import TrainConfig, train
-
     steps = epochs * math.ceil(sum(1 for _ in open(data)) / cfg.batch_size)
     tc = TrainConfig(model=str(model_dir), data=str(data), out=str(out), objective=objective, epochs=epochs, lr=lr,
                      batch_size=cfg.batch_size, warmup_steps=max(1, steps // 20), max_len=96, seed=cfg.seed,
@@ -450,8 +450,6 @@ def method_lr(cfg: LabConfig, method: str) -> float:
 
 def run_lab(cfg: LabConfig) -> dict:
     """Build, pre-train, safety fine-tune three ways, analyse; writes results.json, report.md, tau.png, run.json."""
-    from minisafe import analysis
-
     check_fields(cfg)
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
@@ -535,7 +533,6 @@ def lab_report(results: dict) -> str:
               "|---|" + "---|" * len(results["models"]["pretrained"]["behaviour"])]
     for name, entry in results["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v['null_rate']:.3f}" for v in entry["behaviour"].values()) + " |")
-    from minisafe.analysis import tau_table, weight_table
 
     lines += ["", "## Clustering score tau per layer", "",
               "tau(x) = ||a(x) - mu_unsafe|| - ||a(x) - mu_safe|| (a = input of down_proj at <sep>); > 0 = nearer "
