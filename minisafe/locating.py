@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from minisafe import checkpoint, data
 from minisafe.checkpoint import DTYPES
-from minisafe.cli import (device_name, layer_range, non_negative_int, option, output_dir, positive_float, positive_int,
-                          whole)
+from minisafe.cli import (check_fields, device_name, layer_range, non_negative_int, option, output_dir, positive_float,
+                          positive_int, whole)
 from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
 from minisafe.freeze import check_layer_range
@@ -335,68 +335,85 @@ def check_initial(model: Transformer, initial: tuple[int, int]) -> None:
         raise ConfigError(f"--initial {initial[0]}:{initial[1]}: {e}") from None
 
 
+def cosine_step(model: Transformer, tok: Tokenizer, cfg: LocateConfig,
+                sets: tuple[tuple[str, list[str]], tuple[str, list[str]]]) -> dict:
+    """cosine.json: the raw cosine analysis of the normal and malicious samples, and the centred one with center."""
+    (_, normal), (_, malicious) = sets
+    vectors = [last_token_vectors(model, tok, prompts, cfg.template, cfg.batch_size, cfg.progress, source)
+               for source, prompts in sets]
+    analyses = {"raw": cosine_analysis(*vectors, cfg.pairs, cfg.seed)}
+    if cfg.center:
+        analyses["centred"] = cosine_analysis(*vectors, cfg.pairs, cfg.seed, center=True)
+    return {"layers": model.config.num_layers, "template": cfg.template, "n_normal": len(normal),
+            "n_malicious": len(malicious), "pairs": cfg.pairs, **analyses}
+
+
+def scaling_search(model: Transformer, tok: Tokenizer, cfg: LocateConfig, initial: tuple[int, int],
+                   out: Path) -> tuple[Search, dict]:
+    """The over-rejection search from `initial` (alpha chosen first when automatic): its Search and the fields it adds
+    to safety_layers.json; writes every generation to responses.json."""
+    over = data.read_prompts(cfg.over_rejection) if cfg.over_rejection else data.bundled_prompts("over_rejection")
+    over = pick(over, cfg.n_over_rejection, cfg.seed)
+    counter = RefusalCounter(model, tok, over, load_judge(cfg.judge), cfg.template, cfg.max_new_tokens,
+                             cfg.batch_size, cfg.scale_o_proj, cfg.progress,
+                             cfg.over_rejection or "bundled over-rejection set")
+    baseline = counter()
+    alpha, alpha_trace = cfg.alpha, []
+    if alpha is None:
+        alpha, alpha_trace = choose_alpha(lambda a: counter(*initial, a), baseline, len(over),
+                                          upward=not cfg.alpha_down)
+    search = search_bounds(lambda i, j: counter(i, j, alpha), initial, model.config.num_layers, alpha, cfg.sweep,
+                           baseline)
+    atomic_write_json(out / "responses.json", [
+        {"first": k[0], "last": k[1], "alpha": k[2], "responses": v} for k, v in counter.responses.items()])
+    return search, dict(first=search.first, last=search.last, alpha=alpha, baseline_refusals=baseline,
+                        n_over_rejection=len(over), trace=search.trace, alpha_trace=alpha_trace,
+                        scale_o_proj=cfg.scale_o_proj, max_new_tokens=cfg.max_new_tokens, judge=cfg.judge)
+
+
 def run_locate(cfg: LocateConfig) -> dict:
     """The whole procedure; writes cosine.json, cosine.png, safety_layers.json, report.md and run.json into cfg.out."""
+    check_fields(cfg)
     out = Path(cfg.out)  # created by its first file, so that a run failing before any result leaves nothing
-    timings: dict[str, float] = {}
-    (normal_source, normal), (malicious_source, malicious) = cosine_prompt_sets(cfg)
+    sets = cosine_prompt_sets(cfg)
     model, tok = checkpoint.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     if cfg.initial is not None:
         check_initial(model, cfg.initial)
-
     start = time.perf_counter()
-    vectors_n = last_token_vectors(model, tok, normal, cfg.template, cfg.batch_size, cfg.progress, normal_source)
-    vectors_m = last_token_vectors(model, tok, malicious, cfg.template, cfg.batch_size, cfg.progress, malicious_source)
-    analyses = {"raw": cosine_analysis(vectors_n, vectors_m, cfg.pairs, cfg.seed)}
-    if cfg.center:
-        analyses["centred"] = cosine_analysis(vectors_n, vectors_m, cfg.pairs, cfg.seed, center=True)
-    timings["cosine_s"] = time.perf_counter() - start
-    # The range is read off the paper's raw metric unless centring was asked for.
-    gap = analyses["centred" if cfg.center else "raw"]["gap"]
-    found = initial_range(gap)
-    initial = cfg.initial or found
-    cosine = {"layers": model.config.num_layers, "template": cfg.template, "n_normal": len(normal),
-              "n_malicious": len(malicious), "pairs": cfg.pairs, **analyses}
+    cosine = cosine_step(model, tok, cfg, sets)
+    timings = {"cosine_s": time.perf_counter() - start}
     atomic_write_json(out / "cosine.json", cosine)
-
+    # The range is read off the paper's raw metric unless centring was asked for.
+    found = initial_range(cosine["centred" if cfg.center else "raw"]["gap"])
+    initial = cfg.initial or found
     result: dict = {"initial": list(initial) if initial else None, "initial_from": "--initial" if cfg.initial else
                     ("gap curve" if found else "none: the gap curve shows no gap"),
                     "gap_metric": "centred" if cfg.center else "raw"}
     search = None
     if initial and not cfg.skip_scaling:
         start = time.perf_counter()
-
-        over = data.read_prompts(cfg.over_rejection) if cfg.over_rejection else data.bundled_prompts("over_rejection")
-        over = pick(over, cfg.n_over_rejection, cfg.seed)
-        counter = RefusalCounter(model, tok, over, load_judge(cfg.judge), cfg.template, cfg.max_new_tokens,
-                                 cfg.batch_size, cfg.scale_o_proj, cfg.progress,
-                                 cfg.over_rejection or "bundled over-rejection set")
-        baseline = counter()
-        alpha, alpha_trace = cfg.alpha, []
-        if alpha is None:
-            alpha, alpha_trace = choose_alpha(lambda a: counter(*initial, a), baseline, len(over),
-                                              upward=not cfg.alpha_down)
-        search = search_bounds(lambda i, j: counter(i, j, alpha), initial, model.config.num_layers, alpha, cfg.sweep,
-                               baseline)
+        search, found_fields = scaling_search(model, tok, cfg, initial, out)
         timings["search_s"] = time.perf_counter() - start
-        result.update(first=search.first, last=search.last, alpha=alpha, baseline_refusals=baseline,
-                      n_over_rejection=len(over), trace=search.trace, alpha_trace=alpha_trace,
-                      scale_o_proj=cfg.scale_o_proj, max_new_tokens=cfg.max_new_tokens, judge=cfg.judge)
-        atomic_write_json(out / "responses.json", [
-            {"first": k[0], "last": k[1], "alpha": k[2], "responses": v} for k, v in counter.responses.items()])
+        result.update(found_fields)
     elif initial:
         result.update(first=initial[0], last=initial[1], alpha=None, baseline_refusals=None, trace=[])
     result["timings"] = timings
     atomic_write_json(out / "safety_layers.json", result)
+    write_locate_outputs(cfg, cosine, result, search, initial)
+    return result
 
+
+def write_locate_outputs(cfg: LocateConfig, cosine: dict, result: dict, search: Search | None,
+                         initial: tuple[int, int] | None) -> None:
+    """cosine.png, report.md and run.json, after safety_layers.json."""
+    out = Path(cfg.out)
     located = (search.first, search.last) if search else None
+    analyses = {k: cosine[k] for k in ("raw", "centred") if k in cosine}
     plot_cosine(analyses, out / "cosine.png", Path(cfg.model).name, located, initial)
     atomic_write_text(out / "report.md", locate_report(cfg, cosine, result, search, initial))
-    atomic_write_json(out / "run.json", run_record(cfg.seed, {"model": cfg.model, "normal": cfg.normal,
-                                                              "malicious": cfg.malicious,
-                                                              "over_rejection": cfg.over_rejection},
-                                                   **{k: v for k, v in vars(cfg).items() if k not in ("progress", "seed")}))
-    return result
+    inputs = {"model": cfg.model, "normal": cfg.normal, "malicious": cfg.malicious, "over_rejection": cfg.over_rejection}
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "seed")}
+    atomic_write_json(out / "run.json", run_record(cfg.seed, inputs, **settings))
 
 
 def locate_report(cfg: LocateConfig, cosine: dict, result: dict, search: Search | None,
