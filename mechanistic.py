@@ -8,7 +8,7 @@ synthetic task-concept lab.
 import argparse
 import sys
 
-from minisafe.cli import Parser, add_options, config_from_args, run_script
+from minisafe.cli import Parser, add_options, config_from_args, script
 from minisafe.analysis import CompareConfig, compare, separation
 from minisafe.synthetic import LabConfig, run_lab, summary_rows
 
@@ -51,16 +51,12 @@ def run_synthetic(cfg: LabConfig) -> None:
     print(f"Wall time {results['timings']['total_s']:.0f} s. Report: {cfg.out}/report.md")
 
 
-def run(argv: list[str] | None) -> int:
-    """Parse, run the sub-command, summarise."""
+@script("mechanistic.py")
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run the sub-command, summarise; exit 2 with one line naming the culprit for a user error."""
     cfg = parse_args(argv)
     (run_compare if isinstance(cfg, CompareConfig) else run_synthetic)(cfg)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit 0 when done, 2 with one line naming the culprit for a user error."""
-    return run_script(run, argv, "mechanistic.py")
 
 
 if __name__ == "__main__":

@@ -6,18 +6,14 @@ Data: JSONL (or any format minisafe.data reads) with {"prompt", "response"} rows
 
 import sys
 
-from minisafe.cli import parse_config, run_script
+from minisafe.cli import parse_config, script
 from minisafe.training import TrainConfig, train
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The TrainConfig of a command line: one flag per field, declared with the field in minisafe.training."""
-    return parse_config(TrainConfig, argv, __doc__, command=["train.py", *argv] if argv is not None else None)
-
-
-def run(argv: list[str] | None) -> int:
-    """Train; exit 0 when done, 130 when interrupted."""
-    cfg = parse_args(argv)
+@script("train.py")
+def main(argv: list[str] | None = None) -> int:
+    """Train; exit 0 when done, 130 when interrupted, 2 with one line naming the culprit for a user error."""
+    cfg = parse_config(TrainConfig, argv, __doc__, prog="train.py")  # the flags are the fields of TrainConfig
     summary = train(cfg)
     if not summary["main"]:  # under torchrun, process 0 reports
         return 130 if summary["stopped"] == "interrupted" else 0
@@ -34,11 +30,6 @@ def run(argv: list[str] | None) -> int:
     if summary["stopped"] == "max_steps":
         print("Stopped at --max-steps; continue to the end of the schedule with --resume.")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Train; exit 0 when done, 130 when interrupted, 2 with one line naming the culprit for a user error."""
-    return run_script(run, argv, "train.py")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -341,28 +341,25 @@ def plot_weight_stats(runs: dict[str, dict], path: str | Path, layers: tuple[int
 
 @dataclass
 class CompareConfig:
-    before: str = field(metadata=option("Hugging Face model directory before fine-tuning"))
-    after: str = field(metadata=option("Hugging Face model directory after fine-tuning (same tensor names)"))
-    out: str = field(metadata=option("output directory", type=output_dir))
-    safe: str | None = field(default=None, metadata=option(
-        "safe prompts (txt/csv/json/jsonl); default: the bundled normal instructions"))
-    unsafe: str | None = field(default=None, metadata=option(
-        "malicious prompts (AdvBench CSV works as is); default: fetched HarmBench"))
-    layers: str | None = field(default=None, metadata=option(
-        "safety layers to shade in the plots: FIRST:LAST (0-based, inclusive) or a safety_layers.json", metavar="I:J"))
-    template: str = field(default="chat", metadata=option(
-        "prompt format: the model's own chat template or the Alpaca template", choices=TEMPLATES))
-    limit: int | None = field(default=None, metadata=option(
-        "at most N evaluated prompts per set, and N reference prompts per kind", type=whole(2)))
-    batch_size: int = field(default=16, metadata=option("prompts per forward pass", type=positive_int))
-    top_k: int = field(default=TOP_K, metadata=option(
-        "top singular vectors of dW weighed in the null-space share", type=positive_int))
-    rank_rtol: float = field(default=RANK_RTOL, metadata=option(
+    before: str = option(help="Hugging Face model directory before fine-tuning")
+    after: str = option(help="Hugging Face model directory after fine-tuning (same tensor names)")
+    out: str = option(help="output directory", type=output_dir)
+    safe: str | None = option(None, "safe prompts (txt/csv/json/jsonl); default: the bundled normal instructions")
+    unsafe: str | None = option(None, "malicious prompts (AdvBench CSV works as is); default: fetched HarmBench")
+    layers: str | None = option(None,
+        "safety layers to shade in the plots: FIRST:LAST (0-based, inclusive) or a safety_layers.json", metavar="I:J")
+    template: str = option("chat",
+        "prompt format: the model's own chat template or the Alpaca template", choices=TEMPLATES)
+    limit: int | None = option(None,
+        "at most N evaluated prompts per set, and N reference prompts per kind", type=whole(2))
+    batch_size: int = option(16, "prompts per forward pass", type=positive_int)
+    top_k: int = option(TOP_K, "top singular vectors of dW weighed in the null-space share", type=positive_int)
+    rank_rtol: float = option(RANK_RTOL,
         "singular values of W_before below this times the largest do not count towards its span",
-        type=non_negative_float))
-    seed: int = field(default=0, metadata=option("seed of the reference / evaluated split", type=non_negative_int))
-    device: str = field(default="cpu", metadata=option("cpu or cuda", type=device_name))
-    progress: bool = field(default=True, metadata=option("hide the progress bars"))
+        type=non_negative_float)
+    seed: int = option(0, "seed of the reference / evaluated split", type=non_negative_int)
+    device: str = option("cpu", "cpu or cuda", type=device_name)
+    progress: bool = option(True, "hide the progress bars")
 
 
 def check_shaded_layers(spec: str, layers: tuple[int, int], num_layers: int, path: str) -> None:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from minisafe import checkpoint
-from minisafe.cli import option, parse_config, run_script
+from minisafe.cli import option, parse_config, script
 from minisafe.errors import CheckpointError
 from minisafe.io import read_json
 
@@ -173,14 +173,14 @@ def frozen_row_problems(rows: dict[str, dict], state: dict[str, Tensor], base: d
 @dataclass
 class AuditCommand:
     """The command line of python -m minisafe.audit."""
-    model: str = field(metadata=option("a model directory written by train.py (with its audit.json)",
-                                       positional=True, metavar="DIR"))
-    base: str | None = field(default=None, metadata=option(
-        "the model the run started from: frozen tensors must equal it", metavar="DIR0"))
+    model: str = option(help="a model directory written by train.py (with its audit.json)", positional=True,
+                        metavar="DIR")
+    base: str | None = option(None, "the model the run started from: frozen tensors must equal it", metavar="DIR0")
 
 
-def run_command(argv: list[str] | None) -> int:
-    """Re-check a run's audit: 0 if everything matches, 1 naming each mismatch."""
+@script()
+def main(argv: list[str] | None = None) -> int:
+    """python -m minisafe.audit DIR [--base DIR0]: 0 if everything matches, 1 naming each mismatch, 2 for bad input."""
     a = parse_config(AuditCommand, argv, __doc__.split("\n")[0], prog="python -m minisafe.audit")
     problems = recheck(a.model, a.base)
     for line in problems:
@@ -190,11 +190,6 @@ def run_command(argv: list[str] | None) -> int:
     against = f"; every frozen tensor is bit-identical to {a.base}" if a.base else ""
     print(f"ok: every tensor of {a.model} matches its audit.json{against}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m minisafe.audit DIR [--base DIR0]: 0 if everything matches, 1 naming each mismatch, 2 for bad input."""
-    return run_script(run_command, argv)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""The command line, declared once. A config dataclass field becomes a flag through `field(metadata=option(...))`:
-its help, argparse type (a check below) and choices live there; add_options builds the parser from the fields,
+"""The command line, declared once. A config dataclass field declared with `option(...)` is also a flag: its help,
+argparse type (a check below) and choices live in the field's metadata; add_options builds the parser from the fields,
 config_from_args builds the config back, and check_fields applies the same checks to a config made in Python. Every
-complaint is one ConfigError naming the flag ("--lr must be a finite number > 0, got 'nan'"); run_script prints it as
-one "error: ..." line and exits 2, like any other user error."""
+complaint is one ConfigError naming the flag ("--lr must be a finite number > 0, got 'nan'"); a main decorated with
+script() prints it as one "error: ..." line and exits 2, like any other user error."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 import sys
@@ -33,14 +34,23 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(re.sub(r"^argument (-\S+): ", r"\1 ", message))
 
 
-def run_script(body: Callable[[list[str] | None], int], argv: list[str] | None, prog: str = "") -> int:
-    """Run a command's body (parse, one library call, a short summary); a MinisafeError is one line
-    "prog: error: ..." on stderr and exit code 2."""
-    try:
-        return body(argv)
-    except MinisafeError as e:
-        print(f"{prog + ': ' if prog else ''}error: {e}", file=sys.stderr)
-        return 2
+Main = Callable[[list[str] | None], int]
+
+
+def script(prog: str = "") -> Callable[[Main], Main]:
+    """Decorate a command's main(argv) (parse, one library call, a short summary, the exit code): a MinisafeError it
+    raises becomes one line "prog: error: ..." on stderr and exit code 2."""
+
+    def decorate(body: Main) -> Main:
+        @functools.wraps(body)
+        def main(argv: list[str] | None = None) -> int:
+            try:
+                return body(argv)
+            except MinisafeError as e:
+                print(f"{prog + ': ' if prog else ''}error: {e}", file=sys.stderr)
+                return 2
+        return main
+    return decorate
 
 
 # ---------------------------------------------------------------- argparse types: the value checks
@@ -146,19 +156,22 @@ def output_dir(text: str) -> str:
 # ---------------------------------------------------------------- flags from dataclass fields
 
 
-def option(help: str, type: Callable[[str], Any] | None = None, choices: Sequence[str] | None = None,
-           flag: str | None = None, to_fields: Callable[[Any], dict[str, Any]] | None = None,
-           **argparse_kwargs: Any) -> dict[str, dict]:
-    """Field metadata that makes a config field a command-line option. `flag` overrides the name made from the
-    field's ("--batch-size"); `to_fields` maps the parsed value to config fields when the flag is not one field;
-    the rest (metavar, nargs, action, cli_default) goes to add_argument."""
+def option(default: Any = dataclasses.MISSING, help: str = "", type: Callable[[str], Any] | None = None,
+           choices: Sequence[str] | None = None, flag: str | None = None,
+           to_fields: Callable[[Any], dict[str, Any]] | None = None, default_factory: Any = dataclasses.MISSING,
+           **argparse_kwargs: Any) -> Any:
+    """A config field that is also a command-line option: dataclasses.field with the flag's help, check (`type`, or
+    one of `choices`) and name (`flag`, else made from the field's) in its metadata. `to_fields` maps the parsed value
+    to config fields when the flag is not one field; the rest (metavar, nargs, action, positional, cli_default) goes
+    to add_argument."""
     check = type if type is not None or choices is None else choice(choices)
-    return {OPTION: dict(help=help, type=check, choices=choices, flag=flag, to_fields=to_fields, **argparse_kwargs)}
+    spec = dict(help=help, type=check, choices=choices, flag=flag, to_fields=to_fields, **argparse_kwargs)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={OPTION: spec})
 
 
-def group() -> dict[str, bool]:
-    """Field metadata for a nested config (a dataclass default) whose own fields are options."""
-    return {GROUP: True}
+def group(config: type) -> Any:
+    """A config field holding a nested config (made by `config()`) whose own fields are options."""
+    return dataclasses.field(default_factory=config, metadata={GROUP: True})
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -216,9 +229,12 @@ def config_from_args(config: type, args: argparse.Namespace, **extra: Any) -> An
 
 def parse_config(config: type, argv: list[str] | None, description: str | None = None, prog: str | None = None,
                  **extra: Any) -> Any:
-    """Parse argv into `config` with a parser built from its fields (each flag's default shown in --help)."""
+    """Parse argv into `config` with a parser built from its fields (each flag's default shown in --help); a config
+    with a `command` field records the command line given as argv there."""
     parser = Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_options(parser, config)
+    if argv is not None and "command" in {f.name for f in dataclasses.fields(config)}:
+        extra.setdefault("command", [parser.prog, *argv])
     return config_from_args(config, parser.parse_args(argv), **extra)
 
 

@@ -55,34 +55,29 @@ SET_HELP = "; a dataset file (txt/csv/json/jsonl/ShareGPT) or 'none' to skip"
 
 @dataclass
 class EvalConfig:
-    models: list[str] = field(metadata=option(
-        "Hugging Face model directory (safetensors); repeat the flag to compare several models", flag="--model",
-        action="append", metavar="DIR"))
-    out: str = field(metadata=option("output directory for results.json, responses.jsonl, report.md",
-                                     type=output_dir))
-    harmful: str | None = field(default=None, metadata=option(  # None = the default set, "none" = skip
-        "malicious prompts (AdvBench CSV works as is); default: the HarmBench test split" + SET_HELP, metavar="F"))
-    over_rejection: str | None = field(default=None, metadata=option(
-        "benign prompts with dangerous-sounding words; default: the bundled set" + SET_HELP, metavar="F"))
-    utility: str | None = field(default=None, metadata=option(
-        "normal prompt/response pairs; default: held-out ShareGPT pairs" + SET_HELP, metavar="F"))
-    max_new_tokens: int = field(default=64, metadata=option("greedy tokens generated per prompt", type=positive_int))
-    limit: int | None = field(default=None, metadata=option(
-        "evaluate a seeded sample of at most N prompts of each set", type=positive_int))
-    batch_size: int = field(default=16, metadata=option("prompts per forward pass", type=positive_int))
-    template: str = field(default="chat", metadata=option(
-        "prompt format: the model's own chat template or the paper's Alpaca template", choices=TEMPLATES))
-    judge: str = field(default="keywords", metadata=option(
-        "refusal judge: 'keywords' or a local chat model directory asked a yes/no question"))
-    refusal_phrases: str | None = field(default=None, metadata=option(
-        "extra refusal openings for the keyword judge, one a line ('#' comments allowed)", metavar="F"))
-    device: str = field(default="cpu", metadata=option("cpu or cuda", type=device_name))
-    dtype: str = field(default="float32", metadata=option("weights and activations", choices=DTYPES))
-    seed: int = field(default=0, metadata=option(
-        "seed of the --limit sample (decoding is greedy)", type=non_negative_int))
-    examples: int = field(default=1, metadata=option(
-        "example responses per set and verdict in report.md", type=non_negative_int))
-    progress: bool = field(default=True, metadata=option("hide the progress bars"))
+    models: list[str] = option(help="Hugging Face model directory (safetensors); repeat the flag to compare several "
+                               "models", flag="--model", action="append", metavar="DIR")
+    out: str = option(help="output directory for results.json, responses.jsonl, report.md", type=output_dir)
+    # each set: None = the default set, "none" = skip
+    harmful: str | None = option(None,
+        "malicious prompts (AdvBench CSV works as is); default: the HarmBench test split" + SET_HELP, metavar="F")
+    over_rejection: str | None = option(None,
+        "benign prompts with dangerous-sounding words; default: the bundled set" + SET_HELP, metavar="F")
+    utility: str | None = option(None,
+        "normal prompt/response pairs; default: held-out ShareGPT pairs" + SET_HELP, metavar="F")
+    max_new_tokens: int = option(64, "greedy tokens generated per prompt", type=positive_int)
+    limit: int | None = option(None, "evaluate a seeded sample of at most N prompts of each set", type=positive_int)
+    batch_size: int = option(16, "prompts per forward pass", type=positive_int)
+    template: str = option("chat",
+        "prompt format: the model's own chat template or the paper's Alpaca template", choices=TEMPLATES)
+    judge: str = option("keywords", "refusal judge: 'keywords' or a local chat model directory asked a yes/no question")
+    refusal_phrases: str | None = option(None,
+        "extra refusal openings for the keyword judge, one a line ('#' comments allowed)", metavar="F")
+    device: str = option("cpu", "cpu or cuda", type=device_name)
+    dtype: str = option("float32", "weights and activations", choices=DTYPES)
+    seed: int = option(0, "seed of the --limit sample (decoding is greedy)", type=non_negative_int)
+    examples: int = option(1, "example responses per set and verdict in report.md", type=non_negative_int)
+    progress: bool = option(True, "hide the progress bars")
     command: list[str] | None = None  # the command line to record (default: sys.argv)
 
 

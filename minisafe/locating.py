@@ -273,44 +273,37 @@ def alpha_fields(value: str | float) -> dict:
 
 @dataclass
 class LocateConfig:
-    model: str = field(metadata=option("Hugging Face model directory (safetensors)"))
-    out: str = field(metadata=option("output directory for cosine.json/png, safety_layers.json, report.md",
-                                     type=output_dir))
-    normal: str | None = field(default=None, metadata=option(
-        "normal prompts (txt/csv/json/jsonl); default: the bundled normal instructions"))
-    malicious: str | None = field(default=None, metadata=option(
-        "malicious prompts (AdvBench CSV works as is); default: fetched HarmBench"))
-    over_rejection: str | None = field(default=None, metadata=option(
-        "benign prompts with dangerous-sounding words; default: the bundled set"))
-    n_prompts: int = field(default=100, metadata=option(
-        "P = Q: normal and malicious prompts sampled (seeded)", type=whole(2)))
-    n_over_rejection: int | None = field(default=None, metadata=option(
+    model: str = option(help="Hugging Face model directory (safetensors)")
+    out: str = option(help="output directory for cosine.json/png, safety_layers.json, report.md", type=output_dir)
+    normal: str | None = option(None, "normal prompts (txt/csv/json/jsonl); default: the bundled normal instructions")
+    malicious: str | None = option(None, "malicious prompts (AdvBench CSV works as is); default: fetched HarmBench")
+    over_rejection: str | None = option(None, "benign prompts with dangerous-sounding words; default: the bundled set")
+    n_prompts: int = option(100, "P = Q: normal and malicious prompts sampled (seeded)", type=whole(2))
+    n_over_rejection: int | None = option(None,
         "score a seeded sample of N over-rejection prompts in the scaling search (default: all)", type=positive_int,
-        metavar="N"))
-    pairs: int = field(default=500, metadata=option("random pairs drawn per type (N-N, N-M, M-M)", type=whole(2)))
-    template: str = field(default="alpaca", metadata=option(
-        "prompt format: the paper's Alpaca template or the model's own chat template", choices=TEMPLATES))
-    center: bool = field(default=False, metadata=option(
-        "also analyse after subtracting each layer's mean vector; the range is read off that curve"))
-    initial: tuple[int, int] | None = field(default=None, metadata=option(
-        "initial range (0-based, inclusive) instead of the gap-curve rule", type=layer_range, metavar="I:J"))
-    alpha: float | None = field(default=None, metadata=option(  # None = automatic (the paper's stepping rule)
+        metavar="N")
+    pairs: int = option(500, "random pairs drawn per type (N-N, N-M, M-M)", type=whole(2))
+    template: str = option("alpaca",
+        "prompt format: the paper's Alpaca template or the model's own chat template", choices=TEMPLATES)
+    center: bool = option(False,
+        "also analyse after subtracting each layer's mean vector; the range is read off that curve")
+    initial: tuple[int, int] | None = option(None,
+        "initial range (0-based, inclusive) instead of the gap-curve rule", type=layer_range, metavar="I:J")
+    # alpha None = automatic (the paper's stepping rule)
+    alpha: float | None = option(None,
         "scaling factor (> 0, not 1), or 'auto' (step by 0.05 above 1 until R_o moves clearly), or 'auto-down'",
-        type=alpha_value, to_fields=alpha_fields, cli_default="auto"))
+        type=alpha_value, to_fields=alpha_fields, cli_default="auto")
     alpha_down: bool = False  # automatic alpha steps below 1 (look for the fewest refusals); set by --alpha auto-down
-    sweep: int = field(default=2, metadata=option("each bound is swept over +-SWEEP layers", type=non_negative_int))
-    skip_scaling: bool = field(default=False, metadata=option("cosine analysis only; no over-rejection search"))
-    scale_o_proj: bool = field(default=True, metadata=option(
-        "leave o_proj unscaled, as the paper-era script effectively did"))
-    max_new_tokens: int = field(default=16, metadata=option(
-        "greedy tokens generated per over-rejection prompt", type=positive_int))
-    batch_size: int = field(default=32, metadata=option("prompts per forward pass", type=positive_int))
-    device: str = field(default="cpu", metadata=option("cpu or cuda", type=device_name))
-    dtype: str = field(default="float32", metadata=option("weights and activations", choices=DTYPES))
-    seed: int = field(default=0, metadata=option("seed of the prompt sample and the pairs", type=non_negative_int))
-    judge: str = field(default="keywords", metadata=option(
-        "refusal judge: 'keywords' or a judge model directory"))
-    progress: bool = field(default=True, metadata=option("hide the progress bars"))
+    sweep: int = option(2, "each bound is swept over +-SWEEP layers", type=non_negative_int)
+    skip_scaling: bool = option(False, "cosine analysis only; no over-rejection search")
+    scale_o_proj: bool = option(True, "leave o_proj unscaled, as the paper-era script effectively did")
+    max_new_tokens: int = option(16, "greedy tokens generated per over-rejection prompt", type=positive_int)
+    batch_size: int = option(32, "prompts per forward pass", type=positive_int)
+    device: str = option("cpu", "cpu or cuda", type=device_name)
+    dtype: str = option("float32", "weights and activations", choices=DTYPES)
+    seed: int = option(0, "seed of the prompt sample and the pairs", type=non_negative_int)
+    judge: str = option("keywords", "refusal judge: 'keywords' or a judge model directory")
+    progress: bool = option(True, "hide the progress bars")
 
 
 def cosine_prompt_sets(cfg: LocateConfig) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
@@ -411,7 +404,8 @@ def write_locate_outputs(cfg: LocateConfig, cosine: dict, result: dict, search: 
     analyses = {k: cosine[k] for k in ("raw", "centred") if k in cosine}
     plot_cosine(analyses, out / "cosine.png", Path(cfg.model).name, located, initial)
     atomic_write_text(out / "report.md", locate_report(cfg, cosine, result, search, initial))
-    inputs = {"model": cfg.model, "normal": cfg.normal, "malicious": cfg.malicious, "over_rejection": cfg.over_rejection}
+    inputs = {"model": cfg.model, "normal": cfg.normal, "malicious": cfg.malicious,
+              "over_rejection": cfg.over_rejection}
     settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "seed")}
     atomic_write_json(out / "run.json", run_record(cfg.seed, inputs, **settings))
 

@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 
 from minisafe import builders, data
 from minisafe.alignment import Recipe, alignment_data, greedy_answerer
-from minisafe.cli import non_negative_int, option, parse_config, run_script
+from minisafe.cli import non_negative_int, option, parse_config, script
 from minisafe.errors import ConfigError, DataError
 from minisafe.evaluation import EvalConfig, run_eval
 from minisafe.freeze import parse_layer_range
@@ -745,19 +745,20 @@ def share_section(out: Path, runs: list[AttackRun]) -> list[str]:
 @dataclass
 class PipelineCommand:
     """The command line of python -m minisafe.pipeline."""
-    profile: str = field(default="quick", metadata=option(
+    profile: str = option("quick",
         "quick: the make-demo sizes (minutes); full: the make-reproduce sizes (about an hour)",
-        choices=sorted(PROFILES)))
-    out: str = field(default="runs/demo", metadata=option("run directory: one sub-directory per step and report.md"))
-    model: str = field(default=f"weights/{RECIPE.model}", metadata=option(
-        f"unaligned chat model to align and attack (the bundled one: `python -m tools.weights fetch {RECIPE.model}`)"))
-    data: str = field(default="data", metadata=option(
-        "directory of the fetched datasets (`python -m tools.fetch_data` writes them)"))
-    threads: int = field(default=0, metadata=option("torch threads (0 = torch's default)", type=non_negative_int))
+        choices=sorted(PROFILES))
+    out: str = option("runs/demo", "run directory: one sub-directory per step and report.md")
+    model: str = option(f"weights/{RECIPE.model}",
+        f"unaligned chat model to align and attack (the bundled one: `python -m tools.weights fetch {RECIPE.model}`)")
+    data: str = option("data", "directory of the fetched datasets (`python -m tools.fetch_data` writes them)")
+    threads: int = option(0, "torch threads (0 = torch's default)", type=non_negative_int)
 
 
-def run_command(argv: list[str] | None) -> int:
-    """Check that the fetched model and data are there, record the command, run every step."""
+@script()
+def main(argv: list[str] | None = None) -> int:
+    """Check that the fetched model and data are there, record the command, run every step; exit 2 with one
+    "error: ..." line for a user error."""
     args = parse_config(PipelineCommand, argv, __doc__.split("\n")[0], prog="python -m minisafe.pipeline")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -773,11 +774,6 @@ def run_command(argv: list[str] | None) -> int:
     report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data)
     print(f"report: {report}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: 0 when every step is done, 2 with one "error: ..." line for a user error."""
-    return run_script(run_command, argv)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minisafe.cli import Parser, add_options, config_from_args, option, run_script
+from minisafe.cli import Parser, add_options, config_from_args, option, script
 from minisafe.errors import ConfigError
 from minisafe.io import atomic_copy, atomic_write_text
 
@@ -285,17 +285,16 @@ def bench_document(files: list[Path], command: str) -> str:
 @dataclass
 class ResultsCommand:
     """python -m minisafe.report results: results.md from run directories (each with a report.md)."""
-    runs: list[Path] = field(default_factory=list, metadata=option(
-        "run directories, in the order they appear", type=Path, positional=True, nargs="*"))
-    out: Path = field(default=Path("docs/results.md"), metadata=option("the document to write", type=Path))
+    runs: list[Path] = option(help="run directories, in the order they appear", type=Path, positional=True, nargs="*",
+                              default_factory=list)
+    out: Path = option(Path("docs/results.md"), "the document to write", type=Path)
 
 
 @dataclass
 class BenchCommand:
     """python -m minisafe.report bench: bench.md from benchmark JSON files written by python -m tools.bench."""
-    sources: list[Path] = field(metadata=option(
-        "JSON files, or directories of them", type=Path, positional=True, nargs="+"))
-    out: Path = field(default=Path("docs/bench.md"), metadata=option("the document to write", type=Path))
+    sources: list[Path] = option(help="JSON files, or directories of them", type=Path, positional=True, nargs="+")
+    out: Path = option(Path("docs/bench.md"), "the document to write", type=Path)
 
 
 def parse_command(argv: list[str]) -> ResultsCommand | BenchCommand:
@@ -308,8 +307,9 @@ def parse_command(argv: list[str]) -> ResultsCommand | BenchCommand:
     return config_from_args(ResultsCommand if args.document == "results" else BenchCommand, args)
 
 
-def write_document(argv: list[str] | None) -> int:
-    """Write docs/results.md or docs/bench.md from their inputs."""
+@script()
+def main(argv: list[str] | None = None) -> int:
+    """Write docs/results.md or docs/bench.md from their inputs; exit 2 with one "error: ..." line for bad input."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_command(argv)
     command = shlex.join(["python", "-m", "minisafe.report", *argv])
@@ -320,11 +320,6 @@ def write_document(argv: list[str] | None) -> int:
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: 0 when the document is written, 2 with one "error: ..." line for bad input."""
-    return run_script(write_document, argv)
 
 
 if __name__ == "__main__":

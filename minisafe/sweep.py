@@ -24,14 +24,14 @@ the one that trained fastest.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minisafe.alignment import Recipe
-from minisafe.cli import non_negative_int, option, parse_config, run_script
+from minisafe.cli import non_negative_int, option, parse_config, script
 from minisafe.errors import ConfigError
 from minisafe.io import atomic_write_json, atomic_write_text, read_json
 from minisafe.pipeline import PROFILES, Profile, align_steps, data_step, evaluate_step, run_step
@@ -177,12 +177,11 @@ def plot_front(summary: dict, path: Path) -> None:
 @dataclass
 class SweepCommand:
     """The command line of python -m minisafe.sweep."""
-    out: str = field(default="runs/sweep", metadata=option("sweep directory (resumed when it exists)"))
-    weights: str = field(default="weights", metadata=option("directory holding the bundled models by name"))
-    data: str = field(default="data", metadata=option("directory of the fetched datasets"))
-    only: list[str] | None = field(default=None, metadata=option(
-        "run only these recipes of the grid (by name)", nargs="+", metavar="NAME"))
-    threads: int = field(default=0, metadata=option("torch threads (0 = torch's default)", type=non_negative_int))
+    out: str = option("runs/sweep", "sweep directory (resumed when it exists)")
+    weights: str = option("weights", "directory holding the bundled models by name")
+    data: str = option("data", "directory of the fetched datasets")
+    only: list[str] | None = option(None, "run only these recipes of the grid (by name)", nargs="+", metavar="NAME")
+    threads: int = option(0, "torch threads (0 = torch's default)", type=non_negative_int)
 
 
 def chosen_grid(only: list[str] | None) -> list[tuple[str, Recipe]]:
@@ -196,8 +195,9 @@ def chosen_grid(only: list[str] | None) -> list[tuple[str, Recipe]]:
     return [(name, recipe) for name, recipe in grid if name in only]
 
 
-def run_command(argv: list[str] | None) -> int:
-    """Run the chosen recipes, then name the winner and the table."""
+@script()
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen recipes, then name the winner and the table; exit 2 with one "error: ..." line for bad input."""
     args = parse_config(SweepCommand, argv, __doc__.split("\n")[0], prog="python -m minisafe.sweep")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,11 +205,6 @@ def run_command(argv: list[str] | None) -> int:
     summary = run_sweep(Path(args.out), Path(args.weights), Path(args.data), grid)
     print(f"chosen: {summary['chosen']}; table: {Path(args.out) / 'sweep.md'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: 0 when the sweep is done, 2 with one "error: ..." line for a user error."""
-    return run_script(run_command, argv)
 
 
 if __name__ == "__main__":

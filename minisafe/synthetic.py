@@ -49,7 +49,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -314,10 +314,10 @@ def build_tokenizer() -> Tokenizer:
 
 @dataclass
 class ModelSize:
-    layers: int = field(default=6, metadata=option("decoder layers", type=positive_int, flag="--n-layers"))
-    heads: int = field(default=6, metadata=option("attention heads", type=positive_int))
-    width: int = field(default=192, metadata=option("hidden size", type=positive_int))
-    mlp: int = field(default=768, metadata=option("MLP hidden size", type=positive_int))
+    layers: int = option(6, "decoder layers", type=positive_int, flag="--n-layers")
+    heads: int = option(6, "attention heads", type=positive_int)
+    width: int = option(192, "hidden size", type=positive_int)
+    mlp: int = option(768, "MLP hidden size", type=positive_int)
 
 
 def build_model(size: ModelSize, tok: Tokenizer, seed: int) -> Transformer:
@@ -380,30 +380,26 @@ def _mean(flags: Sequence[bool]) -> float:
 
 @dataclass
 class LabConfig:
-    out: str = field(metadata=option("output directory (must not exist or be empty)", type=output_dir))
-    seed: int = field(default=0, metadata=option(
-        "seed of the world, the data, the model and training", type=non_negative_int))
-    size: ModelSize = field(default_factory=ModelSize, metadata=group())
-    pretrain_samples: int = field(default=28000, metadata=option("pre-training samples", type=positive_int))
-    pretrain_epochs: int = field(default=1, metadata=option("pre-training epochs", type=positive_int))
-    pretrain_lr: float = field(default=1e-3, metadata=option("pre-training peak learning rate", type=positive_float))
-    safety_samples: int = field(default=1500, metadata=option("safety fine-tuning samples", type=positive_int))
-    safety_epochs: int = field(default=2, metadata=option("safety fine-tuning epochs", type=positive_int))
-    safety_lr: float = field(default=5e-4, metadata=option(
-        "safety fine-tuning peak learning rate of sft and unlearn", type=positive_float))
-    dpo_lr: float = field(default=DPO_LR, metadata=option(
+    out: str = option(help="output directory (must not exist or be empty)", type=output_dir)
+    seed: int = option(0, "seed of the world, the data, the model and training", type=non_negative_int)
+    size: ModelSize = group(ModelSize)
+    pretrain_samples: int = option(28000, "pre-training samples", type=positive_int)
+    pretrain_epochs: int = option(1, "pre-training epochs", type=positive_int)
+    pretrain_lr: float = option(1e-3, "pre-training peak learning rate", type=positive_float)
+    safety_samples: int = option(1500, "safety fine-tuning samples", type=positive_int)
+    safety_epochs: int = option(2, "safety fine-tuning epochs", type=positive_int)
+    safety_lr: float = option(5e-4, "safety fine-tuning peak learning rate of sft and unlearn", type=positive_float)
+    dpo_lr: float = option(DPO_LR,
         "DPO peak learning rate (own default, picked on a validation draw: at the shared --safety-lr DPO diverged)",
-        type=positive_float))
-    batch_size: int = field(default=32, metadata=option("samples per optimizer step", type=positive_int))
-    beta: float = field(default=0.1, metadata=option("DPO beta", type=positive_float))
-    unlearn_weight: float = field(default=0.2, metadata=option(
-        "unlearning: weight of the gradient ascent on the rejected output", type=non_negative_float))
-    eval_samples: int = field(default=200, metadata=option("samples per evaluation set", type=positive_int))
-    reference_samples: int = field(default=200, metadata=option(
-        "safe and unsafe samples behind the cluster means of tau", type=positive_int))
-    dtype: str = field(default="bfloat16", metadata=option(
-        "autocast dtype of training (weights stay float32)", choices=DTYPES))
-    progress: bool = field(default=True, metadata=option("hide the progress bars"))
+        type=positive_float)
+    batch_size: int = option(32, "samples per optimizer step", type=positive_int)
+    beta: float = option(0.1, "DPO beta", type=positive_float)
+    unlearn_weight: float = option(0.2,
+        "unlearning: weight of the gradient ascent on the rejected output", type=non_negative_float)
+    eval_samples: int = option(200, "samples per evaluation set", type=positive_int)
+    reference_samples: int = option(200, "safe and unsafe samples behind the cluster means of tau", type=positive_int)
+    dtype: str = option("bfloat16", "autocast dtype of training (weights stay float32)", choices=DTYPES)
+    progress: bool = option(True, "hide the progress bars")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -74,78 +74,67 @@ Example = tuple[tuple[list[int], list[int]], ...]  # one (ids, labels) sequence 
 
 @dataclass
 class TrainConfig:
-    model: str = field(metadata=option("Hugging Face model directory (safetensors) to start from"))
-    data: str = field(metadata=option("training data file (jsonl/json/csv; fields as above)"))
-    out: str = field(metadata=option(
-        "output directory: the fine-tuned model, run.json, train_log.jsonl, audit.json; must not exist unless "
-        "--resume (a run stopped before its first checkpoint is started again)", type=output_dir))
-    objective: str = field(default="sft", metadata=option(
+    model: str = option(help="Hugging Face model directory (safetensors) to start from")
+    data: str = option(help="training data file (jsonl/json/csv; fields as above)")
+    out: str = option(help="output directory: the fine-tuned model, run.json, train_log.jsonl, audit.json; must not "
+                      "exist unless --resume (a run stopped before its first checkpoint is started again)",
+                      type=output_dir)
+    objective: str = option("sft",
         "sft: cross-entropy on the response; dpo: preference optimisation against the starting model; unlearn: NLL on "
-        "chosen minus --unlearn-weight * NLL on rejected", choices=OBJECTIVES))
-    freeze: str | None = field(default=None, metadata=option(
+        "chosen minus --unlearn-weight * NLL on rejected", choices=OBJECTIVES)
+    freeze: str | None = option(None,
         "layers to freeze: 'none', FIRST:LAST (0-based, inclusive, e.g. 6:11), or a safety_layers.json written by "
-        "locate.py", metavar="SPEC"))
-    freeze_scope: str = field(default="attn_mlp", metadata=option(
+        "locate.py", metavar="SPEC")
+    freeze_scope: str = option("attn_mlp",
         "attn_mlp: the attention and MLP tensors of the frozen layers (the paper's code); all: every tensor of those "
-        "layers, norms included", choices=SCOPES))
-    trainable: str | None = field(default=None, metadata=option(
-        "only parameters whose name matches REGEX are trainable", metavar="REGEX"))
-    frozen: str | None = field(default=None, metadata=option(
-        "also freeze parameters whose name matches REGEX", metavar="REGEX"))
-    freeze_random_neurons: str | None = field(default=None, metadata=option(
+        "layers, norms included", choices=SCOPES)
+    trainable: str | None = option(None, "only parameters whose name matches REGEX are trainable", metavar="REGEX")
+    frozen: str | None = option(None, "also freeze parameters whose name matches REGEX", metavar="REGEX")
+    freeze_random_neurons: str | None = option(None,
         "the paper's NFFT control: freeze seeded random output rows (neurons) of the attention and MLP projections, N "
         "parameters or like:SPEC (as many as freezing SPEC's layers would, e.g. like:13:14 or "
-        "like:safety_layers.json); combines with the flags above", metavar="N|like:SPEC"))
-    epochs: int = field(default=3, metadata=option("passes over the training data", type=positive_int))
-    lr: float = field(default=1e-4, metadata=option("peak learning rate (AdamW)", type=positive_float))
-    batch_size: int = field(default=4, metadata=option(
-        "examples per micro-batch, over all processes together", type=positive_int))
-    grad_accum: int = field(default=1, metadata=option(
-        "micro-batches per optimizer step (a step sees batch-size * grad-accum examples)", type=positive_int))
-    warmup_steps: int = field(default=100, metadata=option(
-        "steps of linear learning-rate warm-up", type=non_negative_int))
-    schedule: str = field(default="cosine", metadata=option(
-        "decay of the learning rate after warm-up, to 0 at the end of the last epoch", choices=SCHEDULES))
-    weight_decay: float = field(default=0.0, metadata=option(
-        "AdamW weight decay (trainable tensors only)", type=non_negative_float))
-    grad_clip: float = field(default=1.0, metadata=option(
-        "clip the gradient norm to this value; 0 = no clipping", type=non_negative_float))
-    max_len: int = field(default=256, metadata=option(
-        "tokens per sequence (prompt + response), cut beyond", type=whole(2)))
-    max_steps: int | None = field(default=None, metadata=option(
+        "like:safety_layers.json); combines with the flags above", metavar="N|like:SPEC")
+    epochs: int = option(3, "passes over the training data", type=positive_int)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", type=positive_float)
+    batch_size: int = option(4, "examples per micro-batch, over all processes together", type=positive_int)
+    grad_accum: int = option(1,
+        "micro-batches per optimizer step (a step sees batch-size * grad-accum examples)", type=positive_int)
+    warmup_steps: int = option(100, "steps of linear learning-rate warm-up", type=non_negative_int)
+    schedule: str = option("cosine",
+        "decay of the learning rate after warm-up, to 0 at the end of the last epoch", choices=SCHEDULES)
+    weight_decay: float = option(0.0, "AdamW weight decay (trainable tensors only)", type=non_negative_float)
+    grad_clip: float = option(1.0, "clip the gradient norm to this value; 0 = no clipping", type=non_negative_float)
+    max_len: int = option(256, "tokens per sequence (prompt + response), cut beyond", type=whole(2))
+    max_steps: int | None = option(None,
         "stop after this many optimizer steps (saves the model, audit and a checkpoint to --resume from; the schedule "
-        "still spans --epochs)", type=positive_int))
-    seed: int = field(default=0, metadata=option("seed of the data order and the validation split", type=int))
-    dtype: str = field(default="float32", metadata=option(
-        "compute dtype (bfloat16 = autocast; weights and optimizer state stay float32)", choices=DTYPES))
-    device: str = field(default="cpu", metadata=option("cpu or cuda", type=device_name))
-    template: str = field(default="chat", metadata=option(
-        "prompt format: the model's own chat template or the paper's Alpaca template", choices=TEMPLATES))
-    loss_on_prompt: bool = field(default=False, metadata=option(
-        "sft: train on the prompt tokens too (as the paper's script did)"))
-    beta: float = field(default=0.1, metadata=option(
-        "dpo: strength of the pull towards the reference", type=positive_float))
-    unlearn_weight: float = field(default=1.0, metadata=option(
+        "still spans --epochs)", type=positive_int)
+    seed: int = option(0, "seed of the data order and the validation split", type=int)
+    dtype: str = option("float32",
+        "compute dtype (bfloat16 = autocast; weights and optimizer state stay float32)", choices=DTYPES)
+    device: str = option("cpu", "cpu or cuda", type=device_name)
+    template: str = option("chat",
+        "prompt format: the model's own chat template or the paper's Alpaca template", choices=TEMPLATES)
+    loss_on_prompt: bool = option(False, "sft: train on the prompt tokens too (as the paper's script did)")
+    beta: float = option(0.1, "dpo: strength of the pull towards the reference", type=positive_float)
+    unlearn_weight: float = option(1.0,
         "unlearn: weight of the gradient ascent on the rejected response (unbounded; keep it small)",
-        type=non_negative_float))
-    val_data: str | None = field(default=None, metadata=option(
-        "validation data file (same fields as --data)", metavar="F"))
-    val_fraction: float = field(default=0.0, metadata=option(
-        "hold out this seeded fraction of --data for validation instead", type=fraction))
-    eval_every: int = field(default=0, metadata=option(
-        "validation loss every N steps (0 = at the end only); needs a validation set", type=non_negative_int))
-    save_every: int = field(default=200, metadata=option(
-        "training checkpoint every N steps (0 = only at --max-steps and on Ctrl-C)", type=non_negative_int))
-    snapshots: tuple[float, ...] = field(default=(), metadata=option(
+        type=non_negative_float)
+    val_data: str | None = option(None, "validation data file (same fields as --data)", metavar="F")
+    val_fraction: float = option(0.0, "hold out this seeded fraction of --data for validation instead", type=fraction)
+    eval_every: int = option(0,
+        "validation loss every N steps (0 = at the end only); needs a validation set", type=non_negative_int)
+    save_every: int = option(200,
+        "training checkpoint every N steps (0 = only at --max-steps and on Ctrl-C)", type=non_negative_int)
+    snapshots: tuple[float, ...] = option((),
         "also save the model after these shares of the schedule (e.g. 0.25 0.5) as out/snapshot-STEP/, to measure "
-        "how a fine-tune changes the model along the way", type=share, nargs="+", metavar="SHARE"))
-    resume: bool = field(default=False, metadata=option(
+        "how a fine-tune changes the model along the way", type=share, nargs="+", metavar="SHARE")
+    resume: bool = option(False,
         "continue the unfinished run in --out from its checkpoint (a run that stopped before its first checkpoint "
-        "starts again from step 0)"))
-    fsdp: bool = field(default=False, metadata=option(
+        "starts again from step 0)")
+    fsdp: bool = option(False,
         "under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of replicating the model on "
-        "every process"))
-    progress: bool = field(default=True, metadata=option("hide the progress bar"))
+        "every process")
+    progress: bool = option(True, "hide the progress bar")
     command: list[str] | None = None  # recorded in run.json instead of sys.argv
 
 
