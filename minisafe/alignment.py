@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minisafe import builders, data
+from minisafe.checkpoint import load
+from minisafe.generate import generate
 from minisafe.io import content_hash
 from minisafe.judge import KeywordJudge
 
@@ -79,9 +81,6 @@ def greedy_answerer(model_dir: str | Path) -> Callable[[list[str], int], list[st
     loaded: list = []
 
     def answer(prompts: list[str], max_new_tokens: int) -> list[str]:
-        from minisafe.checkpoint import load  # deferred: the model is loaded only when an answer is not cached
-        from minisafe.generate import generate
-
         if not loaded:
             loaded.extend(load(model_dir))
         model, tok = loaded

@@ -31,7 +31,7 @@ Deterministic for a seed and batch size (a batch's matmuls round by its shape).
 
 run_attack() (`mechanistic.py attack`): on each model, the held-out malicious prompts' greedy answers without a soft
 prompt ("plain") and with the soft prompt of each budget, judged like R_h; tau per layer of the attacked inputs
-beside safe, unsafe and template-jailbreak prompts (minisafe.mechanistic). results.json schema (format 1):
+beside safe, unsafe and template-jailbreak prompts (minisafe.analysis). results.json schema (format 1):
     {"format": 1, "settings": {...}, "judge": str, "safety_layers": [first, last] | null,
      "sets": {"attacked" | "reference_unsafe" | "reference_safe" | "safe": n_prompts},
      "models": {label: {"answered": {"plain" | budget: {"k", "n", "rate", "interval"}},
@@ -56,12 +56,19 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from minisafe import checkpoint, data, evaluation
+from minisafe.analysis import (clustering_scores, jailbreak_prompts, plot_tau, record_mlp_inputs, split_reference,
+                               stack_records, tau_table)
+from minisafe.cli import device_name, non_negative_int, option, output_dir, positive_float, positive_int
 from minisafe.errors import CheckpointError, ConfigError
-from minisafe.generate import generate_ids, similar_length_batches
+from minisafe.freeze import read_layer_spec
+from minisafe.generate import generate, generate_ids, similar_length_batches
+from minisafe.io import atomic_write_json, atomic_write_text, run_record
+from minisafe.judge import load_judge
 from minisafe.model import Transformer
 from minisafe.plots import plt, save_figure
 from minisafe.stats import Rate
-from minisafe.tokenizer import Tokenizer
+from minisafe.tokenizer import TEMPLATES, Tokenizer
 
 SENTINEL = "\u2063soft prompt\u2063"  # marks the soft prompt's place in a rendered prompt; never tokenised
 PLACES = ("suffix", "prefix")
@@ -290,9 +297,7 @@ def attacked_continuations(model: Transformer, tok: Tokenizer, results: Sequence
 @torch.inference_mode()
 def attacked_activations(model: Transformer, tok: Tokenizer, results: Sequence[AttackResult], budget: int,
                          batch_size: int = 16) -> Tensor:
-    """[N, L, F]: each attacked prompt's down_proj input at its last prompt token (as mechanistic.mlp_activations)."""
-    from minisafe.mechanistic import record_mlp_inputs, stack_records
-
+    """[N, L, F]: each attacked prompt's down_proj input at its last prompt token (as analysis.mlp_activations)."""
     out = None
     with record_mlp_inputs(model) as records:
         for rows, ids, mask, where, vectors in attacked_batches(model, tok, results, budget, batch_size):
@@ -362,34 +367,37 @@ def plot_attack_curves(summaries: dict[str, dict], path: str | Path) -> None:
 
 @dataclass
 class AttackRunConfig:
-    models: list[str]
-    out: str
-    malicious: str | None = None  # default: the HarmBench test split, eval.py's R_h set
-    safe: str | None = None  # default: the bundled normal prompts
-    layers: str | None = None  # FIRST:LAST or a safety_layers.json, shaded in the tau plot
-    budgets: tuple[int, ...] = (20, 100)
-    target: str = "Sure, here is"
-    slots: int = 20
-    lr: float = 0.1
-    limit: int | None = 50  # attacked prompts (and reference prompts per kind) at most
-    template: str = "chat"
-    judge: str = "keywords"
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
+    models: list[str] = option(help="Hugging Face model directory; repeat the flag to attack several models",
+                               flag="--model", action="append")
+    out: str = option(help="output directory", type=output_dir)
+    malicious: str | None = option(None, "malicious prompts (any format minisafe reads); default: the HarmBench test "
+                                         "split that eval.py's R_h uses. Half are attacked, half build tau's unsafe "
+                                         "mean")
+    safe: str | None = option(None, "normal prompts for tau's safe mean and safe set; default: the bundled normal ones")
+    layers: str | None = option(None, "safety layers to shade in the tau plot: FIRST:LAST (0-based, inclusive) or a "
+                                      "safety_layers.json", metavar="I:J")
+    budgets: tuple[int, ...] = option((20, 100), "Adam step budgets; success is reported within each (0 steps, the "
+                                                 "random suffix, always)", type=int, nargs="+", metavar="STEPS")
+    target: str = option("Sure, here is", "the opening the attack makes greedy decoding write")
+    slots: int = option(20, "free embedding vectors in the soft suffix", type=positive_int)
+    lr: float = option(0.1, "Adam step, in units of the embedding matrix's root-mean-square entry", type=positive_float)
+    limit: int | None = option(50, "at most N attacked prompts (and reference prompts per kind)", type=int)
+    template: str = option("chat", "prompt format: the model's own chat template or the Alpaca template",
+                           choices=TEMPLATES)
+    judge: str = option("keywords", "refusal judge: 'keywords' or a judge model directory")
+    max_new_tokens: int = option(64, "greedy tokens the judge reads", type=positive_int)
+    batch_size: int = option(8, "prompts per forward pass", type=positive_int)
+    seed: int = option(0, "seed of the suffixes' start and the reference split", type=non_negative_int)
+    device: str = option("cpu", "cpu or cuda", type=device_name)
+    progress: bool = option(True, "hide the progress bars")
 
 
 def run_prompts(cfg: AttackRunConfig) -> dict[str, list[str]]:
     """The run's prompt sets: reference and evaluated halves of the malicious and the safe prompts (disjoint)."""
-    from minisafe import data, evaluate
-    from minisafe.mechanistic import split_reference
-
     if cfg.malicious:
         malicious, label = data.read_prompts(cfg.malicious), cfg.malicious
     else:
-        rows, label, _ = evaluate.default_harmful_rows()
+        rows, label, _ = evaluation.default_harmful_rows()
         malicious = [row["prompt"] for row in rows]
     safe = data.read_prompts(cfg.safe) if cfg.safe else data.bundled_prompts("normal")
     ref_unsafe, attacked = split_reference(malicious, cfg.limit, cfg.seed, label)
@@ -406,10 +414,6 @@ def answered_rates(judge, prompts: Sequence[str], responses: Sequence[str]) -> t
 def attack_model(path: str, prompts: dict[str, list[str]], judge, cfg: AttackRunConfig,
                  layers: tuple[int, int] | None) -> tuple[dict, list[dict]]:
     """One model: the plain prompts' answers, the attack, each budget's judged answers, tau of every set."""
-    from minisafe import checkpoint
-    from minisafe.generate import generate
-    from minisafe.mechanistic import clustering_scores, jailbreak_prompts
-
     started = time.perf_counter()
     model, tok = checkpoint.load(path, device=cfg.device)
     if layers is not None and layers[1] >= model.config.num_layers:
@@ -450,11 +454,6 @@ def model_labels(paths: Sequence[str]) -> list[str]:
 
 def run_attack(cfg: AttackRunConfig) -> dict:
     """The attack on every model; writes results.json, responses.jsonl, report.md, tau.png, attack.png, run.json."""
-    from minisafe.freeze import read_layer_spec
-    from minisafe.io import atomic_write_json, atomic_write_text, run_record
-    from minisafe.judge import load_judge
-    from minisafe.mechanistic import plot_tau
-
     if not cfg.models:
         raise ConfigError("no --model given")
     missing = [p for p in cfg.models if not Path(p).is_dir()]
@@ -491,8 +490,6 @@ def run_attack(cfg: AttackRunConfig) -> dict:
 
 def attack_report(result: dict) -> str:
     """report.md of run_attack: the setting, answered rates per budget, target rates, tau per layer."""
-    from minisafe.mechanistic import tau_table
-
     s = result["settings"]
     budgets = sorted({0, *s["budgets"]})
     lines = ["# Embedding attack (Jain et al.): soft suffix optimised towards a compliant opening", "",

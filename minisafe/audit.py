@@ -20,16 +20,17 @@ every frozen tensor is bit-identical to the model the run started from. Exit 0: 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from minisafe import checkpoint
-from minisafe.errors import CheckpointError, MinisafeError
+from minisafe.cli import option, parse_config, script
+from minisafe.errors import CheckpointError
 from minisafe.io import read_json
 
 AUDIT_FORMAT = 1
@@ -169,17 +170,19 @@ def frozen_row_problems(rows: dict[str, dict], state: dict[str, Tensor], base: d
     return problems
 
 
+@dataclass
+class AuditCommand:
+    """The command line of python -m minisafe.audit."""
+    model: str = option(help="a model directory written by train.py (with its audit.json)", positional=True,
+                        metavar="DIR")
+    base: str | None = option(None, "the model the run started from: frozen tensors must equal it", metavar="DIR0")
+
+
+@script()
 def main(argv: list[str] | None = None) -> int:
     """python -m minisafe.audit DIR [--base DIR0]: 0 if everything matches, 1 naming each mismatch, 2 for bad input."""
-    p = argparse.ArgumentParser(prog="python -m minisafe.audit", description=__doc__.split("\n")[0])
-    p.add_argument("model", metavar="DIR", help="a model directory written by train.py (with its audit.json)")
-    p.add_argument("--base", metavar="DIR0", help="the model the run started from: frozen tensors must equal it")
-    a = p.parse_args(argv)
-    try:
-        problems = recheck(a.model, a.base)
-    except MinisafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    a = parse_config(AuditCommand, argv, __doc__.split("\n")[0], prog="python -m minisafe.audit")
+    problems = recheck(a.model, a.base)
     for line in problems:
         print(f"mismatch: {line}")
     if problems:

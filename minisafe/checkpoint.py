@@ -18,6 +18,7 @@ from minisafe.tokenizer import Tokenizer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = ("float32", "bfloat16")  # the dtypes the scripts offer, by name
 # Tensors some checkpoints carry that are not parameters: old rotary buffers, recomputed from the config.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # A Gemma 3 multimodal checkpoint keeps the language model under a prefix; minisafe loads only that part.

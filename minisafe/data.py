@@ -250,7 +250,7 @@ def _json_records(path: Path, allow_truncated: bool) -> JsonArray:
     return scan
 
 
-def read_json(path: str | Path, allow_truncated: bool = False) -> list[dict]:
+def read_json_records(path: str | Path, allow_truncated: bool = False) -> list[dict]:
     """A JSON array of Alpaca records (instruction, input, output) or prompt/response records."""
     path = Path(path)
     scan = _json_records(path, allow_truncated)
@@ -343,7 +343,7 @@ def detect_kind(path: str | Path) -> str:
     try:
         first, _ = json.JSONDecoder().raw_decode(text, _skip_space(text, _skip_space(text, 0) + 1))
     except json.JSONDecodeError:
-        return "json"  # read_json reports what is wrong with it
+        return "json"  # read_json_records reports what is wrong with it
     return "sharegpt" if isinstance(first, dict) and "conversations" in first else "json"
 
 
@@ -357,7 +357,7 @@ def read_dataset(path: str | Path, kind: str | None = None, column: str | None =
     if column is not None and kind != "csv":
         raise DataError(f"{path}: column= only applies to CSV files, this one is read as {kind}")
     if kind in ("json", "sharegpt"):
-        return (read_json if kind == "json" else read_sharegpt)(path, allow_truncated)
+        return (read_json_records if kind == "json" else read_sharegpt)(path, allow_truncated)
     return read_csv(path, column) if kind == "csv" else (read_txt if kind == "text" else read_jsonl)(path)
 
 

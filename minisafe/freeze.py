@@ -74,11 +74,16 @@ def read_layer_spec(spec: str | None) -> tuple[int, int] | None:
     return parse_layer_range(f"{found['first']}:{found['last']}")
 
 
-def check_layers(num_layers: int, first: int, last: int) -> None:
-    """Raise a ConfigError naming the first layer of first..last that the model does not have."""
-    for layer in (first, last):
-        if not 0 <= layer < num_layers:
-            raise ConfigError(f"layer {layer} is outside this {num_layers}-layer model (0..{num_layers - 1})")
+def check_layer_range(num_layers: int, first: int, last: int) -> None:
+    """Raise a ConfigError unless first..last (0-based, inclusive, FIRST <= LAST) lies inside a num_layers-layer model,
+    naming the range and the first layer of it the model does not have."""
+    if first > last:
+        raise ConfigError(f"layer range {first}:{last}: FIRST ({first}) is after LAST ({last})")
+    missing = next((layer for layer in (first, last) if not 0 <= layer < num_layers), None)
+    if missing is not None:
+        raise ConfigError(f"layer range {first}:{last} is outside this {num_layers}-layer model (layers "
+                          f"0..{num_layers - 1}, both inclusive): layer {missing} is outside this {num_layers}-layer "
+                          f"model (0..{num_layers - 1})")
 
 
 def layer_of(name: str) -> int | None:
@@ -113,7 +118,7 @@ def trainable_names(names: list[str], num_layers: int, spec: FreezeSpec) -> list
         keep = _matching(names, spec.trainable, "--trainable")
     if spec.layers is not None:
         first, last = spec.layers
-        check_layers(num_layers, first, last)
+        check_layer_range(num_layers, first, last)
         for name in names:
             match = _LAYER.match(name)
             if match and first <= int(match[1]) <= last and (spec.scope == "all" or match[2] in ATTN_MLP):

@@ -8,19 +8,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from minisafe.errors import ConfigError
+from minisafe.freeze import check_layer_range
 
 # The projections the Safety Layers paper scales (Phi-3's fused matrices stand for their parts).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
-
-
-def check_layer_range(model: nn.Module, first: int, last: int) -> None:
-    """Raise a clear error unless first:last (0-based, inclusive) lies inside the model."""
-    n = model.config.num_layers
-    if not 0 <= first <= last < n:
-        raise ConfigError(f"layer range {first}:{last} is outside this {n}-layer model (layers 0..{n - 1}, "
-                          "FIRST <= LAST, both inclusive)")
 
 
 @contextlib.contextmanager
@@ -50,7 +42,7 @@ def record_layers(model: nn.Module, layers: Sequence[int] | None = None,
 
 def scaled_parameters(model: nn.Module, first: int, last: int, scale_o_proj: bool = True) -> list[tuple[str, nn.Parameter]]:
     """The projection weights that scaled_layers multiplies: attention and MLP matrices of layers first..last."""
-    check_layer_range(model, first, last)
+    check_layer_range(model.config.num_layers, first, last)
     names = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
     if not scale_o_proj:
         names = tuple(n for n in names if n != "o_proj")

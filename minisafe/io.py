@@ -16,29 +16,46 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja")  # the files that make a model directory what it is
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file so that a reader sees the old file or the whole new one, never half of it."""
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write the file to; on success it replaces `path`, so a reader sees the
+    old file or the whole new one, never half of it; on any error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file owner-only; give it the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_copy(source: str | Path, target: str | Path) -> None:
+    """Copy a file atomically (atomic_file)."""
+    with atomic_file(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def _umask() -> int:
+    """This process's umask (reading it means setting it, so it is set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write a JSON file atomically, indented, non-ASCII kept."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -77,6 +94,7 @@ def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -84,14 +102,26 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def content_hash(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's weight, tokenizer and config files (names and contents, sorted)."""
+def file_hashes(path: str | Path, suffixes: tuple[str, ...] | None = MODEL_FILE_SUFFIXES, recursive: bool = False,
+                exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of each file of a directory, by relative path in sorted order: its top level unless `recursive`, only
+    names ending in one of `suffixes` (None: every file), none whose path has a part named in `exclude`."""
+    root = Path(path)
+    files = sorted(f for f in (root.rglob("*") if recursive else root.iterdir()) if f.is_file())
+    return {str(f.relative_to(root)): sha256_file(f) for f in files
+            if (suffixes is None or f.suffix in suffixes) and not set(f.relative_to(root).parts) & set(exclude)}
+
+
+def content_hash(path: str | Path, suffixes: tuple[str, ...] | None = MODEL_FILE_SUFFIXES, recursive: bool = False,
+                 exclude: tuple[str, ...] = ()) -> str:
+    """sha256 of a file, or of a directory's files as file_hashes picks them (names and contents, sorted); by default
+    the weight, tokenizer and config files at its top level, which is what identifies a model."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".jinja")):
-        h.update(file.name.encode() + b"\0" + sha256_file(file).encode())
+    for name, digest in file_hashes(path, suffixes, recursive, exclude).items():
+        h.update(name.encode() + b"\0" + digest.encode())
     return h.hexdigest()
 
 

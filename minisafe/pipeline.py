@@ -24,8 +24,6 @@ inputs then change too). An interrupted fine-tune continues from its training ch
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -39,12 +37,16 @@ import torch
 
 from minisafe import builders, data
 from minisafe.alignment import Recipe, alignment_data, greedy_answerer
-from minisafe.errors import ConfigError, DataError, MinisafeError
+from minisafe.cli import non_negative_int, option, parse_config, script
+from minisafe.errors import ConfigError, DataError
+from minisafe.evaluation import EvalConfig, run_eval
 from minisafe.freeze import parse_layer_range
-from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record, sha256_file
+from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record
+from minisafe.locating import LocateConfig, Search, format_table1, run_locate
 from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
                                  table_rows, verdict)
 from minisafe.stats import Rate, bootstrap_mean
+from minisafe.training import TrainConfig, train
 
 # no freezing, the safety layers, the paper's NFFT control (as many random neurons), as many random layers off the
 # safety layers, as many layers right before / after them (the paper's ablation)
@@ -147,24 +149,16 @@ def step_settings(p: Profile, step: str, **extra: Any) -> dict[str, Any]:
     return {**{name: value(name) for name in STEP_FIELDS[step]}, **extra}
 
 
-def tree_hash(path: str | Path) -> str:
-    """sha256 over every file below path (names and contents), leaving out step records and training checkpoints."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for file in sorted(f for f in path.rglob("*") if f.is_file()):
-        relative = file.relative_to(path)
-        if relative.name == "step.json" or relative.parts[0] == "checkpoint":
-            continue
-        h.update(str(relative).encode() + b"\0" + sha256_file(file).encode())
-    return h.hexdigest()
+def step_input_hash(path: str | Path) -> str:
+    """sha256 over every file below path (names and contents), leaving out step records and training checkpoints,
+    which say how an output was made, not what it is."""
+    return content_hash(path, suffixes=None, recursive=True, exclude=("step.json", "checkpoint"))
 
 
 def run_step(name: str, out: Path, inputs: dict[str, str | Path], settings: dict[str, Any],
              work: Callable[[Path], None], say: Callable[[str], None] = print) -> dict:
     """Run work(out) unless out/step.json records the same input hashes and settings; returns the step record."""
-    record = {"step": name, "inputs": {k: tree_hash(v) for k, v in inputs.items()}, "settings": settings}
+    record = {"step": name, "inputs": {k: step_input_hash(v) for k, v in inputs.items()}, "settings": settings}
     done = read_json(out / "step.json")
     if done and {k: done.get(k) for k in record} == record:
         say(f"[{name}] up to date ({done['seconds']:.0f} s when it ran); skipped")
@@ -332,8 +326,6 @@ def align_steps(recipe: Recipe, model_dir: Path, sets: Path, out: Path, p: Profi
 def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epochs: int, lr: float,
               freeze: str | None, objective: str = "sft", beta: float = 0.1, seed: int | None = None,
               neurons: str | None = None, snapshots: tuple[float, ...] = ()) -> None:
-    from minisafe.train import TrainConfig, train
-
     cfg = TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective=objective, freeze=freeze,
                       freeze_random_neurons=neurons, epochs=epochs, lr=lr, beta=beta, batch_size=p.batch_size,
                       warmup_steps=5, max_len=p.max_len, seed=p.seed if seed is None else seed, dtype="bfloat16",
@@ -344,9 +336,8 @@ def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epo
         raise KeyboardInterrupt(f"{out}: training stopped at step {summary['step']}; rerun to continue")
 
 
-def locate(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bool) -> None:
-    from minisafe.locate import LocateConfig, run_locate
-
+def locate_step(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bool) -> None:
+    """locate.py on one model: chat template, centred cosines; the scaling search only with `scaling`."""
     run_locate(LocateConfig(model=str(model_dir), out=str(out), normal=str(sets / "normal_cosine.jsonl"),
                             malicious=str(sets / "malicious_test.jsonl"),
                             over_rejection=str(sets / "over_rejection_locate.jsonl"), n_prompts=p.locate_prompts,
@@ -358,11 +349,9 @@ def locate(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bo
 EXTRA_MALICIOUS = ("dna_test", "dna_other_test", "reformulated_test")
 
 
-def evaluate(model_dir: str | Path, p: Profile, out: Path, harmful: Path, over_rejection: Path | None = None,
-             utility: Path | None = None) -> None:
+def evaluate_step(model_dir: str | Path, p: Profile, out: Path, harmful: Path, over_rejection: Path | None = None,
+                  utility: Path | None = None) -> None:
     """eval.py on one model: greedy, chat template, bfloat16 (faster, and what the pipeline trains in)."""
-    from minisafe.evaluate import EvalConfig, run_eval
-
     run_eval(EvalConfig(models=[str(model_dir)], out=str(out), harmful=str(harmful),
                         over_rejection=str(over_rejection or "none"), utility=str(utility or "none"),
                         max_new_tokens=p.eval_tokens, limit=p.eval_limit, batch_size=50, template="chat",
@@ -372,10 +361,10 @@ def evaluate(model_dir: str | Path, p: Profile, out: Path, harmful: Path, over_r
 
 def evaluate_tests(model_dir: str | Path, sets: Path, p: Profile, out: Path, extra: bool) -> None:
     """The test splits: HarmBench, over-rejection and utility in out/; with extra, EXTRA_MALICIOUS in out/<set>/."""
-    evaluate(model_dir, p, out, sets / "malicious_test.jsonl", sets / "over_rejection_test.jsonl",
-             sets / "utility_test.jsonl")
+    evaluate_step(model_dir, p, out, sets / "malicious_test.jsonl", sets / "over_rejection_test.jsonl",
+                  sets / "utility_test.jsonl")
     for name in EXTRA_MALICIOUS if extra else ():
-        evaluate(model_dir, p, out / name, sets / f"{name}.jsonl")
+        evaluate_step(model_dir, p, out / name, sets / f"{name}.jsonl")
 
 
 def freeze_spec(method: str, first: int, last: int, num_layers: int) -> str | None:
@@ -490,7 +479,7 @@ def attack_steps(p: Profile, out: Path, sets: Path, aligned: Path, attack_data: 
     for snapshot in sorted(target.glob("snapshot-*")):
         name = f"dose-{run.label}-{snapshot.name}"
         steps[name] = run_step(name, out / name, {"model": snapshot, "sets": sets}, step_settings(p, "eval"),
-                               lambda o, m=snapshot: evaluate(m, p, o, sets / "malicious_test.jsonl"), say)
+                               lambda o, m=snapshot: evaluate_step(m, p, o, sets / "malicious_test.jsonl"), say)
     return steps
 
 
@@ -510,9 +499,10 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
                                           settings("eval", extra=True),
                                           lambda o, m=path: evaluate_tests(m, sets, profile, o, True), say)
     steps["locate"] = run_step("locate", out / "locate", {"model": aligned, "sets": sets},
-                               settings("locate"), lambda o: locate(aligned, sets, profile, o, scaling=True), say)
+                               settings("locate"), lambda o: locate_step(aligned, sets, profile, o, scaling=True), say)
     steps["locate_base"] = run_step("locate_base", out / "locate_base", {"model": model_dir, "sets": sets},
-                                    settings("locate"), lambda o: locate(model_dir, sets, profile, o, scaling=False), say)
+                                    settings("locate"),
+                                    lambda o: locate_step(model_dir, sets, profile, o, scaling=False), say)
     located = read_json(out / "locate" / "safety_layers.json")
     if located.get("first") is None:
         raise ConfigError(f"{out / 'locate'}: locate found no safety layers (the gap curve shows no gap); "
@@ -706,8 +696,6 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
                 located: tuple[int, int], num_layers: int) -> str:
     """report.md of the run: alignment, localisation, the Table 2 layout with controls and verdicts, the
     dose-response curves, wall times."""
-    from minisafe.locate import Search, format_table1
-
     loc = read_json(out / "locate" / "safety_layers.json")
     aligned = _results(out, "aligned")
     lines = [f"# minisafe demo ({p.name} profile)", "",
@@ -758,36 +746,36 @@ def share_section(out: Path, runs: list[AttackRun]) -> list[str]:
              "|---|---|---|"]
     lines += [f"| {m} | {100 * share:.1f}% | {e.points()} |" for m, share, e in sorted(points, key=lambda x: x[1])]
     return lines + ["", "![share](share.png)", ""]
+@dataclass
+class PipelineCommand:
+    """The command line of python -m minisafe.pipeline."""
+    profile: str = option("quick",
+        "quick: the make-demo sizes (minutes); full: the make-reproduce sizes (about an hour)",
+        choices=sorted(PROFILES))
+    out: str = option("runs/demo", "run directory: one sub-directory per step and report.md")
+    model: str = option(f"weights/{RECIPE.model}",
+        f"unaligned chat model to align and attack (the bundled one: `python -m tools.weights fetch {RECIPE.model}`)")
+    data: str = option("data", "directory of the fetched datasets (`python -m tools.fetch_data` writes them)")
+    threads: int = option(0, "torch threads (0 = torch's default)", type=non_negative_int)
+
+
+@script()
 def main(argv: list[str] | None = None) -> int:
-    """Command line: check that the fetched model and data are there, record the command, run every step."""
-    parser = argparse.ArgumentParser(prog="python -m minisafe.pipeline", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="quick: the make-demo sizes (minutes); full: the make-reproduce sizes (about an hour)")
-    parser.add_argument("--out", default="runs/demo", help="run directory: one sub-directory per step and report.md")
-    parser.add_argument("--model", default=f"weights/{RECIPE.model}",
-                        help="unaligned chat model to align and attack (the bundled one: "
-                             f"`python -m tools.weights fetch {RECIPE.model}`)")
-    parser.add_argument("--data", default="data",
-                        help="directory of the fetched datasets (`python -m tools.fetch_data` writes them)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = parser.parse_args(argv)
+    """Check that the fetched model and data are there, record the command, run every step; exit 2 with one
+    "error: ..." line for a user error."""
+    args = parse_config(PipelineCommand, argv, __doc__.split("\n")[0], prog="python -m minisafe.pipeline")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        # The fetch commands are tooling outside the library (tools/); `make demo` runs them before this.
-        if not (Path(args.model) / "config.json").is_file():
-            raise ConfigError(f"{args.model}: no model directory (no config.json); run `python -m tools.weights fetch "
-                              f"{RECIPE.model}` for the bundled model, or pass --model DIR")
-        for name in ("harmbench", "donotanswer", "sharegpt"):
-            data.fetched(name, args.data)  # names `python -m tools.fetch_data` when a dataset is missing
-        record = run_record(PROFILES[args.profile].seed, {"model": args.model, "data": args.data}, profile=args.profile)
-        record["command"] = ["python", "-m", "minisafe.pipeline", *(sys.argv[1:] if argv is None else argv)]
-        atomic_write_json(Path(args.out) / "run.json", record)  # the command docs/results.md shows for this run
-        report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data)
-    except MinisafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # The fetch commands are tooling outside the library (tools/); `make demo` runs them before this.
+    if not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"{args.model}: no model directory (no config.json); run `python -m tools.weights fetch "
+                          f"{RECIPE.model}` for the bundled model, or pass --model DIR")
+    for name in ("harmbench", "donotanswer", "sharegpt"):
+        data.fetched(name, args.data)  # names `python -m tools.fetch_data` when a dataset is missing
+    record = run_record(PROFILES[args.profile].seed, {"model": args.model, "data": args.data}, profile=args.profile)
+    record["command"] = ["python", "-m", "minisafe.pipeline", *(sys.argv[1:] if argv is None else argv)]
+    atomic_write_json(Path(args.out) / "run.json", record)  # the command docs/results.md shows for this run
+    report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data)
     print(f"report: {report}")
     return 0
 

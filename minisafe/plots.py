@@ -9,7 +9,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
-# The pair types of the cosine analysis (minisafe.locate.PAIR_TYPES), each with its colour.
+from minisafe.io import atomic_file  # noqa: E402
+
+# The pair types of the cosine analysis (minisafe.locating.PAIR_TYPES), each with its colour.
 COLOURS = {"N-N": "tab:blue", "N-M": "tab:red", "M-M": "tab:green"}
 
 
@@ -48,8 +50,8 @@ def save_figure(fig: plt.Figure, path: str | Path) -> None:
     """Write a figure atomically (a reader never sees half a PNG) and close it."""
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png")
+    finally:
+        plt.close(fig)

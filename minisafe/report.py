@@ -12,18 +12,18 @@ Both are deterministic: the same inputs give the same bytes, so a committed file
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shlex
-import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minisafe.errors import ConfigError, MinisafeError
-from minisafe.io import atomic_write_text
+from minisafe.cli import Parser, add_options, config_from_args, option, script
+from minisafe.errors import ConfigError
+from minisafe.io import atomic_copy, atomic_write_text
 
 RECORDS = ("run.json", "step.json", "results.json")  # where a run directory may record its command line
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
@@ -77,17 +77,6 @@ def shift_headings(text: str, levels: int) -> str:
     return "\n".join(lines)
 
 
-def copy_atomically(source: Path, target: Path) -> None:
-    """Copy a file so that a reader of target sees the old file or the whole new one (a copy beside it, renamed)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def relink_images(text: str, report_dir: Path, run: Path, img_dir: Path, doc_dir: Path) -> str:
     """Copy every figure a report links to into img_dir as <run>-<path in the run>, and point the link there."""
     def relink(match: re.Match) -> str:
@@ -102,7 +91,7 @@ def relink_images(text: str, report_dir: Path, run: Path, img_dir: Path, doc_dir
         except ValueError:  # a figure outside the run keeps the report directory's name only
             inside = Path(source.name)
         target = img_dir / "-".join((run.name, *inside.parts))
-        copy_atomically(source, target)
+        atomic_copy(source, target)
         return f"![{alt}]({Path(os.path.relpath(target, doc_dir)).as_posix()})"
 
     return IMAGE.sub(relink, text)
@@ -293,27 +282,41 @@ def bench_document(files: list[Path], command: str) -> str:
 # ---------------------------------------------------------------- command line
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Write docs/results.md or docs/bench.md from their inputs."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m minisafe.report", description=__doc__.split("\n")[0])
+@dataclass
+class ResultsCommand:
+    """python -m minisafe.report results: results.md from run directories (each with a report.md)."""
+    runs: list[Path] = option(help="run directories, in the order they appear", type=Path, positional=True, nargs="*",
+                              default_factory=list)
+    out: Path = option(Path("docs/results.md"), "the document to write", type=Path)
+
+
+@dataclass
+class BenchCommand:
+    """python -m minisafe.report bench: bench.md from benchmark JSON files written by python -m tools.bench."""
+    sources: list[Path] = option(help="JSON files, or directories of them", type=Path, positional=True, nargs="+")
+    out: Path = option(Path("docs/bench.md"), "the document to write", type=Path)
+
+
+def parse_command(argv: list[str]) -> ResultsCommand | BenchCommand:
+    """The document asked for and its inputs."""
+    parser = Parser(prog="python -m minisafe.report", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="document", required=True)
-    results = sub.add_parser("results", help="results.md from run directories (each with a report.md)")
-    results.add_argument("runs", nargs="*", type=Path, help="run directories, in the order they appear")
-    results.add_argument("--out", type=Path, default=Path("docs/results.md"), help="the document to write")
-    bench = sub.add_parser("bench", help="bench.md from benchmark JSON files written by python -m tools.bench")
-    bench.add_argument("sources", nargs="+", type=Path, help="JSON files, or directories of them")
-    bench.add_argument("--out", type=Path, default=Path("docs/bench.md"), help="the document to write")
+    for name, command in (("results", ResultsCommand), ("bench", BenchCommand)):
+        add_options(sub.add_parser(name, help=command.__doc__.split(": ", 1)[1].rstrip(".")), command)
     args = parser.parse_args(argv)
+    return config_from_args(ResultsCommand if args.document == "results" else BenchCommand, args)
+
+
+@script()
+def main(argv: list[str] | None = None) -> int:
+    """Write docs/results.md or docs/bench.md from their inputs; exit 2 with one "error: ..." line for bad input."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_command(argv)
     command = shlex.join(["python", "-m", "minisafe.report", *argv])
-    try:
-        if args.document == "results":
-            text = results_document(args.runs, args.out, command)
-        else:
-            text = bench_document(bench_files(args.sources), command)
-    except MinisafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if isinstance(args, ResultsCommand):
+        text = results_document(args.runs, args.out, command)
+    else:
+        text = bench_document(bench_files(args.sources), command)
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     return 0

@@ -23,7 +23,6 @@ the one that trained fastest.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,9 +31,10 @@ from typing import Any
 import torch
 
 from minisafe.alignment import Recipe
-from minisafe.errors import ConfigError, MinisafeError
+from minisafe.cli import non_negative_int, option, parse_config, script
+from minisafe.errors import ConfigError
 from minisafe.io import atomic_write_json, atomic_write_text, read_json
-from minisafe.pipeline import PROFILES, Profile, align_steps, data_step, evaluate, run_step
+from minisafe.pipeline import PROFILES, Profile, align_steps, data_step, evaluate_step, run_step
 from minisafe.plots import plt, save_figure
 from minisafe.stats import Rate
 
@@ -81,7 +81,7 @@ def expand_grid(base: Recipe = BASE, variations: dict[str, list[Any]] = VARIATIO
 def validation_scores(out: Path, sets: Path, model_dir: Path, p: Profile, say) -> dict:
     """eval.py of one model on the validation splits, as a resumable step; returns its results."""
     record = run_step("val", out, {"model": model_dir, "sets": sets}, {"seed": p.seed, "eval_tokens": p.eval_tokens},
-                      lambda o: evaluate(model_dir, p, o, *(sets / f"{VALIDATION[k]}.jsonl" for k in VALIDATION)), say)
+                      lambda o: evaluate_step(model_dir, p, o, *(sets / f"{VALIDATION[k]}.jsonl" for k in VALIDATION)), say)
     return {**read_json(out / "results.json")["models"][0], "seconds_eval": record["seconds"]}
 
 
@@ -187,29 +187,35 @@ def plot_front(summary: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+@dataclass
+class SweepCommand:
+    """The command line of python -m minisafe.sweep."""
+    out: str = option("runs/sweep", "sweep directory (resumed when it exists)")
+    weights: str = option("weights", "directory holding the bundled models by name")
+    data: str = option("data", "directory of the fetched datasets")
+    only: list[str] | None = option(None, "run only these recipes of the grid (by name)", nargs="+", metavar="NAME")
+    threads: int = option(0, "torch threads (0 = torch's default)", type=non_negative_int)
+
+
+def chosen_grid(only: list[str] | None) -> list[tuple[str, Recipe]]:
+    """The recipes of the grid to run: all of them, or those named by --only (a ConfigError names an unknown one)."""
+    grid = expand_grid()
+    if not only:
+        return grid
+    unknown = sorted(set(only) - {name for name, _ in grid})
+    if unknown:
+        raise ConfigError(f"--only: no recipe named {', '.join(unknown)} (the grid: {', '.join(n for n, _ in grid)})")
+    return [(name, recipe) for name, recipe in grid if name in only]
+
+
+@script()
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minisafe.sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/sweep", help="sweep directory (resumed when it exists)")
-    parser.add_argument("--weights", default="weights", help="directory holding the bundled models by name")
-    parser.add_argument("--data", default="data", help="directory of the fetched datasets")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these recipes of the grid (by name)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = parser.parse_args(argv)
+    """Run the chosen recipes, then name the winner and the table; exit 2 with one "error: ..." line for bad input."""
+    args = parse_config(SweepCommand, argv, __doc__.split("\n")[0], prog="python -m minisafe.sweep")
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid = expand_grid()
-    if args.only:
-        unknown = sorted(set(args.only) - {name for name, _ in grid})
-        if unknown:
-            print(f"error: --only: no recipe named {', '.join(unknown)} (the grid: "
-                  f"{', '.join(n for n, _ in grid)})", file=sys.stderr)
-            return 2
-        grid = [(name, recipe) for name, recipe in grid if name in args.only]
-    try:
-        summary = run_sweep(Path(args.out), Path(args.weights), Path(args.data), grid)
-    except MinisafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    grid = chosen_grid(args.only)
+    summary = run_sweep(Path(args.out), Path(args.weights), Path(args.data), grid)
     print(f"chosen: {summary['chosen']}; table: {Path(args.out) / 'sweep.md'}")
     return 0
 

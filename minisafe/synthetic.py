@@ -39,7 +39,7 @@ closest minisafe family to the paper's GELU GPT), pre-train it on the safe + uns
 the correct outputs), then safety fine-tune three copies with train.py's sft, dpo and unlearn objectives (DPO at its
 own learning rate, `DPO_LR`), then measure accuracy, null rate and jailbreak success (greedy decoding, checked exactly
 by one teacher-forced pass: greedy decoding writes the target iff every target token is the argmax given the target
-before it), the clustering score tau per layer, and the weight changes (minisafe.mechanistic). The three safety
+before it), the clustering score tau per layer, and the weight changes (minisafe.analysis). The three safety
 fine-tuned models also face the continuous-embedding attack (minisafe.attacks, `lab_attack`) on unsafe evaluation
 samples, its target the true output: success within each budget, and tau of the attacked inputs ("attack@b") beside
 the other sets.
@@ -52,7 +52,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -60,14 +60,19 @@ from tokenizers import Tokenizer as FastTokenizer
 from tokenizers import models, pre_tokenizers
 from tqdm import tqdm
 
-from minisafe import checkpoint
+from minisafe import analysis, checkpoint
+from minisafe.analysis import clustering_scores, tau_table, weight_table
 from minisafe.attacks import (AttackConfig, attack_summary, attack_table, attacked_activations, embedding_attack,
                               plot_attack_curves)
+from minisafe.checkpoint import DTYPES
+from minisafe.cli import (check_fields, group, non_negative_float, non_negative_int, option, output_dir, positive_float,
+                          positive_int)
 from minisafe.config import config_from_dict
 from minisafe.errors import ConfigError
 from minisafe.io import atomic_write_json, atomic_write_text, run_record
 from minisafe.model import Transformer
 from minisafe.tokenizer import Tokenizer
+from minisafe.training import TrainConfig, train
 
 N_LETTERS, N_OPERATORS, BLOCK = 30, 16, 5
 LETTERS = [f"t{i:02d}" for i in range(N_LETTERS)]
@@ -314,10 +319,10 @@ def build_tokenizer() -> Tokenizer:
 
 @dataclass
 class ModelSize:
-    layers: int = 6
-    heads: int = 6
-    width: int = 192
-    mlp: int = 768
+    layers: int = option(6, "decoder layers", type=positive_int, flag="--n-layers")
+    heads: int = option(6, "attention heads", type=positive_int)
+    width: int = option(192, "hidden size", type=positive_int)
+    mlp: int = option(768, "MLP hidden size", type=positive_int)
 
 
 def build_model(size: ModelSize, tok: Tokenizer, seed: int) -> Transformer:
@@ -380,27 +385,33 @@ def _mean(flags: Sequence[bool]) -> float:
 
 @dataclass
 class LabConfig:
-    out: str
-    seed: int = 0
-    size: ModelSize = field(default_factory=ModelSize)
-    pretrain_samples: int = 28000
-    pretrain_epochs: int = 1
-    pretrain_lr: float = 1e-3
-    safety_samples: int = 1500
-    safety_epochs: int = 2
-    safety_lr: float = 5e-4  # sft and unlearn
-    dpo_lr: float = DPO_LR
-    batch_size: int = 32
-    beta: float = 0.1
-    unlearn_weight: float = 0.2
-    eval_samples: int = 200
-    reference_samples: int = 200
-    dtype: str = "bfloat16"
-    attack_samples: int = 50  # unsafe evaluation samples the embedding attack runs on, per safety fine-tuned model
-    attack_budgets: tuple[int, ...] = (20, 100)
-    attack_slots: int = 8
-    attack_lr: float = 0.1
-    progress: bool = True
+    out: str = option(help="output directory (must not exist or be empty)", type=output_dir)
+    seed: int = option(0, "seed of the world, the data, the model and training", type=non_negative_int)
+    size: ModelSize = group(ModelSize)
+    pretrain_samples: int = option(28000, "pre-training samples", type=positive_int)
+    pretrain_epochs: int = option(1, "pre-training epochs", type=positive_int)
+    pretrain_lr: float = option(1e-3, "pre-training peak learning rate", type=positive_float)
+    safety_samples: int = option(1500, "safety fine-tuning samples", type=positive_int)
+    safety_epochs: int = option(2, "safety fine-tuning epochs", type=positive_int)
+    safety_lr: float = option(5e-4, "safety fine-tuning peak learning rate of sft and unlearn", type=positive_float)
+    dpo_lr: float = option(DPO_LR,
+        "DPO peak learning rate (own default, picked on a validation draw: at the shared --safety-lr DPO diverged)",
+        type=positive_float)
+    batch_size: int = option(32, "samples per optimizer step", type=positive_int)
+    beta: float = option(0.1, "DPO beta", type=positive_float)
+    unlearn_weight: float = option(0.2,
+        "unlearning: weight of the gradient ascent on the rejected output", type=non_negative_float)
+    eval_samples: int = option(200, "samples per evaluation set", type=positive_int)
+    reference_samples: int = option(200, "safe and unsafe samples behind the cluster means of tau", type=positive_int)
+    dtype: str = option("bfloat16", "autocast dtype of training (weights stay float32)", choices=DTYPES)
+    attack_samples: int = option(50, "unsafe evaluation samples the embedding attack runs on, per safety fine-tuned "
+                                 "model (0 = no attack)", type=non_negative_int)
+    attack_budgets: tuple[int, ...] = option((20, 100), "Adam step budgets of the embedding attack",
+                                             type=positive_int, nargs="+", metavar="STEPS")
+    attack_slots: int = option(8, "free embedding vectors of the attack", type=positive_int)
+    attack_lr: float = option(0.1, "Adam step of the attack, in units of the embedding matrix's root-mean-square entry",
+                              type=positive_float)
+    progress: bool = option(True, "hide the progress bars")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -427,8 +438,6 @@ def write_datasets(cfg: LabConfig, perms: list[list[int]]) -> dict[str, Path]:
 def train_stage(cfg: LabConfig, model_dir: Path, data: Path, out: Path, objective: str, epochs: int,
                 lr: float) -> dict:
     """One train.py run on the lab's data (the chat template of the lab's tokenizer formats the samples)."""
-    from minisafe.train import TrainConfig, train
-
     steps = epochs * math.ceil(sum(1 for _ in open(data)) / cfg.batch_size)
     tc = TrainConfig(model=str(model_dir), data=str(data), out=str(out), objective=objective, epochs=epochs, lr=lr,
                      batch_size=cfg.batch_size, warmup_steps=max(1, steps // 20), max_len=96, seed=cfg.seed,
@@ -449,8 +458,7 @@ def method_lr(cfg: LabConfig, method: str) -> float:
 
 def run_lab(cfg: LabConfig) -> dict:
     """Build, pre-train, safety fine-tune three ways, analyse; writes results.json, report.md, tau.png, run.json."""
-    from minisafe import mechanistic
-
+    check_fields(cfg)
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
@@ -480,19 +488,19 @@ def run_lab(cfg: LabConfig) -> dict:
     for name in tqdm(models, desc="analyse", disable=not cfg.progress):
         results["models"][name] = analyse_model(cfg, out / name, tok, sets, reference, attack=name in METHODS)
         results["models"][name]["training"] = training[name]
-    results["weights"] = {m: mechanistic.weight_change_stats(out / "pretrained", out / m) for m in METHODS}
+    results["weights"] = {m: analysis.weight_change_stats(out / "pretrained", out / m) for m in METHODS}
     timings["analysis_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     results["timings"] = timings
 
     atomic_write_json(out / "results.json", results)
-    mechanistic.plot_tau({m: results["models"][m]["tau"] for m in models}, out / "tau.png",
-                         sets=["safe", "unsafe", *JAILBREAKS, f"attack@{max(cfg.attack_budgets)}"],
-                         title="synthetic lab")
+    analysis.plot_tau({m: results["models"][m]["tau"] for m in models}, out / "tau.png",
+                      sets=["safe", "unsafe", *JAILBREAKS, f"attack@{max(cfg.attack_budgets)}"],
+                      title="synthetic lab")
     attacked = {m: results["models"][m]["attack"] for m in METHODS if "attack" in results["models"][m]}
     if attacked:
         plot_attack_curves(attacked, out / "attack.png")
-    mechanistic.plot_weight_stats(results["weights"], out / "weights.png")
+    analysis.plot_weight_stats(results["weights"], out / "weights.png")
     atomic_write_text(out / "report.md", lab_report(results))
     atomic_write_json(out / "run.json", run_record(cfg.seed, {}, **{k: v for k, v in _settings(cfg).items() if k != "seed"}))
     return results
@@ -502,8 +510,6 @@ def analyse_model(cfg: LabConfig, path: Path, tok: Tokenizer, sets: dict[str, li
                   reference: dict[str, list[Sample]], attack: bool) -> dict:
     """One lab model: behaviour on every set, the embedding attack (when asked) and tau per layer of every set,
     the attacked inputs included."""
-    from minisafe.mechanistic import clustering_scores
-
     model, _ = checkpoint.load(path)
     entry = {"behaviour": behaviour(model, tok, sets)}
     attacked = {}
@@ -581,7 +587,6 @@ def lab_report(results: dict) -> str:
               "|---|" + "---|" * len(results["models"]["pretrained"]["behaviour"])]
     for name, entry in results["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v['null_rate']:.3f}" for v in entry["behaviour"].values()) + " |")
-    from minisafe.mechanistic import tau_table, weight_table
 
     lines += [""] + attack_section(results)
     lines += ["## Clustering score tau per layer", "",

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minisafe.audit import main as audit_main
-from minisafe.train import TrainConfig, train
+from minisafe.training import TrainConfig, train
 from train_inputs import write_inputs
 
 ROOT = Path(__file__).resolve().parents[1]

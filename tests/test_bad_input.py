@@ -440,7 +440,7 @@ def test_an_unwritable_out_is_refused_before_any_work(script, make_out, base, tm
         raise AssertionError("a model was loaded before --out was checked")
 
     monkeypatch.setattr("minisafe.checkpoint.load", no_work)
-    monkeypatch.setattr("minisafe.evaluate.load", no_work)
+    monkeypatch.setattr("minisafe.evaluation.load", no_work)
     code, err = run(MAINS[script], script_args(script, out, base), capsys)
     assert_refused(code, err, "--out", str(out))
     assert not read_only_dir.exists() or not any(read_only_dir.iterdir())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from minisafe import data
-from minisafe.data import (bundled_prompts, read_csv, read_dataset, read_json, read_jsonl, read_prompts,
+from minisafe.data import (bundled_prompts, read_csv, read_dataset, read_json_records, read_jsonl, read_prompts,
                            read_sharegpt, read_sharegpt_file, read_txt, scan_json_array)
 from minisafe.errors import DataError
 
@@ -158,7 +158,7 @@ def test_alpaca_json_joins_instruction_and_input(tmp_path):
     records = [{"instruction": "Summarise", "input": "Some text", "output": "Short"},
                {"instruction": "Say hi", "input": "", "output": "Hi"}]
     path = write(tmp_path / "a.json", json.dumps(records, indent=2))
-    assert read_json(path) == [{"prompt": "Summarise\n\nSome text", "response": "Short"},
+    assert read_json_records(path) == [{"prompt": "Summarise\n\nSome text", "response": "Short"},
                                {"prompt": "Say hi", "response": "Hi"}]
 
 
@@ -166,24 +166,24 @@ def test_alpaca_record_without_instruction_names_record_and_line(tmp_path):
     records = [{"instruction": "ok", "output": "x"}, {"input": "i", "output": "o"}]
     path = write(tmp_path / "a.json", json.dumps(records, indent=2))
     with pytest.raises(DataError, match=r"a\.json, record 1 \(line 6\): missing field 'prompt'"):
-        read_json(path)
+        read_json_records(path)
 
 
 def test_alpaca_record_with_wrong_type_names_the_field(tmp_path):
     path = write(tmp_path / "a.json", json.dumps([{"instruction": "ok", "output": ["x"]}]))
     with pytest.raises(DataError, match=r"record 0 \(line 1\): field 'output' must be a string, got list"):
-        read_json(path)
+        read_json_records(path)
 
 
 def test_json_that_is_not_an_array_is_an_error(tmp_path):
     path = write(tmp_path / "a.json", '{"instruction": "x"}')
     with pytest.raises(DataError, match=r"a\.json: expected a JSON array"):
-        read_json(path)
+        read_json_records(path)
 
 
 def test_empty_json_array_is_an_empty_dataset(tmp_path):
     with pytest.raises(DataError, match="the dataset is empty"):
-        read_json(write(tmp_path / "a.json", " [ ] \n"))
+        read_json_records(write(tmp_path / "a.json", " [ ] \n"))
 
 
 # ---------------------------------------------------------------- ShareGPT

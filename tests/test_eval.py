@@ -9,7 +9,7 @@ import torch
 import minisafe
 from eval import main
 from minisafe.errors import ConfigError, DataError
-from minisafe.evaluate import EvalConfig, report, run_eval, sample
+from minisafe.evaluation import EvalConfig, report, run_eval, sample
 from minisafe import metrics
 from minisafe.metrics import lcs_length, length_batches, perplexity, response_nll, rouge_l
 from tiny import save_tiny

@@ -11,7 +11,7 @@ import minisafe
 from minisafe.fastpath import GrowingKVCache, fast_inference
 from minisafe.generate import generate_ids
 from minisafe.hooks import record_layers, scaled_layers
-from minisafe.mechanistic import record_mlp_inputs
+from minisafe.analysis import record_mlp_inputs
 from minisafe.model import KVCache
 from test_model_parity import (TOL, decode_steps, left_padded_batch, pair,  # noqa: F401  (pair: a fixture)
                                prompt_and_steps)

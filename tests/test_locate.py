@@ -7,7 +7,7 @@ import torch
 import minisafe
 from minisafe.errors import ConfigError
 from minisafe.hooks import record_layers, scaled_layers, scaled_parameters
-from minisafe.locate import cosine_analysis, initial_range, last_token_vectors, search_bounds, choose_alpha
+from minisafe.locating import cosine_analysis, initial_range, last_token_vectors, search_bounds, choose_alpha
 from tiny import save_tiny
 
 

@@ -1,4 +1,4 @@
-"""minisafe.mechanistic: weight-change statistics, the clustering score tau, the activation hook, compare()."""
+"""minisafe.analysis: weight-change statistics, the clustering score tau, the activation hook, compare()."""
 
 import base64
 import codecs
@@ -9,7 +9,7 @@ import torch
 
 import minisafe
 from minisafe.errors import DataError
-from minisafe.mechanistic import (CompareConfig, compare, delta_stats, effective_rank, jailbreak_prompts,
+from minisafe.analysis import (CompareConfig, compare, delta_stats, effective_rank, jailbreak_prompts,
                                   mlp_activations, split_reference, tau, weight_change_stats)
 from tiny import one_thread, save_tiny  # noqa: F401 (one_thread: an autouse fixture)
 

@@ -12,7 +12,7 @@ from minisafe.audit import build_audit, recheck, verify_audit
 from minisafe.checkpoint import load
 from minisafe.errors import ConfigError
 from minisafe.freeze import frozen_by_layers, neuron_count, random_neurons
-from minisafe.train import TrainConfig, train
+from minisafe.training import TrainConfig, train
 from tiny import save_tiny
 
 

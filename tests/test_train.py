@@ -18,7 +18,7 @@ from minisafe.audit import build_audit, verify_audit
 from minisafe.errors import ConfigError, DataError
 from minisafe.freeze import FreezeSpec, apply_freeze, freeze_rows, freeze_table, read_layer_spec, trainable_names
 from minisafe.objectives import IGNORE, dpo_losses, mean_nll, sft_loss_sum, unlearn_losses
-from minisafe.train import TrainConfig, learning_rate, response_tokens, train
+from minisafe.training import TrainConfig, learning_rate, response_tokens, train
 from tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

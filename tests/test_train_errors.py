@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import minisafe.checkpoint
 import minisafe.run_folder
-from minisafe.train import TrainConfig, train
+from minisafe.training import TrainConfig, train
 from train import main as train_main
 from train_inputs import write_inputs
 

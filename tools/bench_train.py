@@ -30,7 +30,7 @@ from minisafe import builders, data
 from minisafe.fastpath import fast_training
 from minisafe.freeze import FreezeSpec, apply_freeze, parse_layer_range
 from minisafe.objectives import IGNORE
-from minisafe.train import Example, TrainConfig, collate, micro_loss_sum, tokenize
+from minisafe.training import Example, TrainConfig, collate, micro_loss_sum, tokenize
 
 BATCH, MAX_LEN = 8, 160
 Step = Callable[[list[tuple[list[int], list[int]]]], None]

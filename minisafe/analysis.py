@@ -48,13 +48,19 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from minisafe import checkpoint, data
+from minisafe.checkpoint import read_state_dict, weight_files
+from minisafe.cli import (check_fields, device_name, non_negative_float, non_negative_int, option, output_dir,
+                          positive_int, whole)
 from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
+from minisafe.freeze import check_layer_range, read_layer_spec
 from minisafe.generate import similar_length_batches
 from minisafe.hooks import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from minisafe.io import atomic_write_json, atomic_write_text, run_record
 from minisafe.model import Transformer
 from minisafe.plots import plt, save_figure
-from minisafe.tokenizer import Tokenizer
+from minisafe.tokenizer import TEMPLATES, Tokenizer
 
 TOP_K = 8  # singular vectors of dW whose null-space share is weighed
 ENERGY = 0.9  # share of sum(s^2) the effective rank must hold
@@ -151,7 +157,6 @@ def weight_change_stats(before: str | Path | dict[str, Tensor], after: str | Pat
 def _state(source: str | Path | dict[str, Tensor]) -> dict[str, Tensor]:
     if isinstance(source, dict):
         return source
-    from minisafe.checkpoint import read_state_dict, weight_files
 
     path = Path(source)
     if not path.is_dir():
@@ -351,30 +356,38 @@ def plot_weight_stats(runs: dict[str, dict], path: str | Path, layers: tuple[int
 
 @dataclass
 class CompareConfig:
-    before: str
-    after: str
-    out: str
-    safe: str | None = None  # default: the bundled normal prompts
-    unsafe: str | None = None  # default: the fetched HarmBench prompts
-    layers: str | None = None  # FIRST:LAST or a safety_layers.json, shaded in the plots
-    template: str = "chat"
-    limit: int | None = None  # at most this many evaluated prompts per set (and reference prompts per kind)
-    batch_size: int = 16
-    top_k: int = TOP_K
-    rank_rtol: float = RANK_RTOL
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
+    before: str = option(help="Hugging Face model directory before fine-tuning")
+    after: str = option(help="Hugging Face model directory after fine-tuning (same tensor names)")
+    out: str = option(help="output directory", type=output_dir)
+    safe: str | None = option(None, "safe prompts (txt/csv/json/jsonl); default: the bundled normal instructions")
+    unsafe: str | None = option(None, "malicious prompts (AdvBench CSV works as is); default: fetched HarmBench")
+    layers: str | None = option(None,
+        "safety layers to shade in the plots: FIRST:LAST (0-based, inclusive) or a safety_layers.json", metavar="I:J")
+    template: str = option("chat",
+        "prompt format: the model's own chat template or the Alpaca template", choices=TEMPLATES)
+    limit: int | None = option(None,
+        "at most N evaluated prompts per set, and N reference prompts per kind", type=whole(2))
+    batch_size: int = option(16, "prompts per forward pass", type=positive_int)
+    top_k: int = option(TOP_K, "top singular vectors of dW weighed in the null-space share", type=positive_int)
+    rank_rtol: float = option(RANK_RTOL,
+        "singular values of W_before below this times the largest do not count towards its span",
+        type=non_negative_float)
+    seed: int = option(0, "seed of the reference / evaluated split", type=non_negative_int)
+    device: str = option("cpu", "cpu or cuda", type=device_name)
+    progress: bool = option(True, "hide the progress bars")
+
+
+def check_shaded_layers(spec: str, layers: tuple[int, int], num_layers: int, path: str) -> None:
+    """A ConfigError naming --layers and the model unless the shaded range lies inside it."""
+    try:
+        check_layer_range(num_layers, *layers)
+    except ConfigError as e:
+        raise ConfigError(f"--layers {spec} ({path}): {e}") from None
 
 
 def compare(cfg: CompareConfig) -> dict:
     """tau before and after, and the weight changes between them; writes the files named in the module docstring."""
-    from minisafe import checkpoint, data
-    from minisafe.freeze import read_layer_spec
-    from minisafe.io import atomic_write_json, atomic_write_text, run_record
-
-    if cfg.limit is not None and cfg.limit < 2:
-        raise ConfigError(f"--limit must be at least 2, got {cfg.limit}")
+    check_fields(cfg)
     layers = read_layer_spec(cfg.layers)
     out = Path(cfg.out)
     timings: dict[str, float] = {}
@@ -390,9 +403,8 @@ def compare(cfg: CompareConfig) -> dict:
     for which, path in (("before", cfg.before), ("after", cfg.after)):
         t0 = time.perf_counter()
         model, tok = checkpoint.load(path, device=cfg.device)
-        if layers is not None and layers[1] >= model.config.num_layers:
-            raise ConfigError(f"--layers {cfg.layers}: layer {layers[1]} is outside this "
-                              f"{model.config.num_layers}-layer model ({path})")
+        if layers is not None:
+            check_shaded_layers(cfg.layers, layers, model.config.num_layers, path)
         scores[which] = clustering_scores(model, tok, sets, ref_safe, ref_unsafe, cfg.template, cfg.batch_size,
                                           cfg.progress)
         del model

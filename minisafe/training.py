@@ -32,7 +32,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +48,9 @@ from tqdm import tqdm
 
 from minisafe import checkpoint, data
 from minisafe.audit import audit_run, tensor_sha256, verify_audit
+from minisafe.checkpoint import DTYPES
+from minisafe.cli import (check_fields, device_name, fraction, non_negative_float, non_negative_int, option, output_dir,
+                          positive_float, positive_int, share, whole)
 from minisafe.errors import CheckpointError, ConfigError, DataError, TrainingError
 from minisafe.fastpath import fast_training
 from minisafe.freeze import (SCOPES, FreezeSpec, apply_freeze, bias_name, freeze_rows, freeze_table, neuron_count,
@@ -64,7 +66,6 @@ from minisafe.tokenizer import TEMPLATES, Tokenizer
 FIELDS = {"sft": ("prompt", "response"), "dpo": ("prompt", "chosen", "rejected"),
           "unlearn": ("prompt", "chosen", "rejected")}
 SCHEDULES = ("cosine", "linear")
-DTYPES = ("float32", "bfloat16")
 # Settings a resumed run may change; the rest must match the run being continued (inputs are compared by hash).
 RESUMABLE = ("resume", "max_steps", "save_every", "eval_every", "progress", "command", "device", "model", "data",
              "val_data", "out", "fsdp", "snapshots")
@@ -74,95 +75,81 @@ Example = tuple[tuple[list[int], list[int]], ...]  # one (ids, labels) sequence 
 
 @dataclass
 class TrainConfig:
-    model: str
-    data: str
-    out: str
-    objective: str = "sft"
-    freeze: str | None = None  # None / "none", FIRST:LAST, or a safety_layers.json
-    freeze_scope: str = "attn_mlp"
-    trainable: str | None = None
-    frozen: str | None = None
-    freeze_random_neurons: str | None = None  # N or like:SPEC: random rows of the projections (NFFT), see freeze.py
-    epochs: int = 3
-    lr: float = 1e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 = no clipping
-    max_len: int = 256
-    max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
-    seed: int = 0
-    dtype: str = "float32"  # autocast dtype; the weights and AdamW moments stay float32
-    device: str = "cpu"
-    template: str = "chat"
-    loss_on_prompt: bool = False
-    beta: float = 0.1
-    unlearn_weight: float = 1.0
-    val_data: str | None = None
-    val_fraction: float = 0.0
-    eval_every: int = 0  # 0 = validate at the end only (when there is a validation set)
-    save_every: int = 200  # 0 = checkpoint only at --max-steps and on Ctrl-C
-    snapshots: tuple[float, ...] = ()  # shares of the schedule after which the model is also saved (dose-response)
-    resume: bool = False
-    fsdp: bool = False
-    progress: bool = True
+    model: str = option(help="Hugging Face model directory (safetensors) to start from")
+    data: str = option(help="training data file (jsonl/json/csv; fields as above)")
+    out: str = option(help="output directory: the fine-tuned model, run.json, train_log.jsonl, audit.json; must not "
+                      "exist unless --resume (a run stopped before its first checkpoint is started again)",
+                      type=output_dir)
+    objective: str = option("sft",
+        "sft: cross-entropy on the response; dpo: preference optimisation against the starting model; unlearn: NLL on "
+        "chosen minus --unlearn-weight * NLL on rejected", choices=OBJECTIVES)
+    freeze: str | None = option(None,
+        "layers to freeze: 'none', FIRST:LAST (0-based, inclusive, e.g. 6:11), or a safety_layers.json written by "
+        "locate.py", metavar="SPEC")
+    freeze_scope: str = option("attn_mlp",
+        "attn_mlp: the attention and MLP tensors of the frozen layers (the paper's code); all: every tensor of those "
+        "layers, norms included", choices=SCOPES)
+    trainable: str | None = option(None, "only parameters whose name matches REGEX are trainable", metavar="REGEX")
+    frozen: str | None = option(None, "also freeze parameters whose name matches REGEX", metavar="REGEX")
+    freeze_random_neurons: str | None = option(None,
+        "the paper's NFFT control: freeze seeded random output rows (neurons) of the attention and MLP projections, N "
+        "parameters or like:SPEC (as many as freezing SPEC's layers would, e.g. like:13:14 or "
+        "like:safety_layers.json); combines with the flags above", metavar="N|like:SPEC")
+    epochs: int = option(3, "passes over the training data", type=positive_int)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", type=positive_float)
+    batch_size: int = option(4, "examples per micro-batch, over all processes together", type=positive_int)
+    grad_accum: int = option(1,
+        "micro-batches per optimizer step (a step sees batch-size * grad-accum examples)", type=positive_int)
+    warmup_steps: int = option(100, "steps of linear learning-rate warm-up", type=non_negative_int)
+    schedule: str = option("cosine",
+        "decay of the learning rate after warm-up, to 0 at the end of the last epoch", choices=SCHEDULES)
+    weight_decay: float = option(0.0, "AdamW weight decay (trainable tensors only)", type=non_negative_float)
+    grad_clip: float = option(1.0, "clip the gradient norm to this value; 0 = no clipping", type=non_negative_float)
+    max_len: int = option(256, "tokens per sequence (prompt + response), cut beyond", type=whole(2))
+    max_steps: int | None = option(None,
+        "stop after this many optimizer steps (saves the model, audit and a checkpoint to --resume from; the schedule "
+        "still spans --epochs)", type=positive_int)
+    seed: int = option(0, "seed of the data order and the validation split", type=int)
+    dtype: str = option("float32",
+        "compute dtype (bfloat16 = autocast; weights and optimizer state stay float32)", choices=DTYPES)
+    device: str = option("cpu", "cpu or cuda", type=device_name)
+    template: str = option("chat",
+        "prompt format: the model's own chat template or the paper's Alpaca template", choices=TEMPLATES)
+    loss_on_prompt: bool = option(False, "sft: train on the prompt tokens too (as the paper's script did)")
+    beta: float = option(0.1, "dpo: strength of the pull towards the reference", type=positive_float)
+    unlearn_weight: float = option(1.0,
+        "unlearn: weight of the gradient ascent on the rejected response (unbounded; keep it small)",
+        type=non_negative_float)
+    val_data: str | None = option(None, "validation data file (same fields as --data)", metavar="F")
+    val_fraction: float = option(0.0, "hold out this seeded fraction of --data for validation instead", type=fraction)
+    eval_every: int = option(0,
+        "validation loss every N steps (0 = at the end only); needs a validation set", type=non_negative_int)
+    save_every: int = option(200,
+        "training checkpoint every N steps (0 = only at --max-steps and on Ctrl-C)", type=non_negative_int)
+    snapshots: tuple[float, ...] = option((),
+        "also save the model after these shares of the schedule (e.g. 0.25 0.5) as out/snapshot-STEP/, to measure "
+        "how a fine-tune changes the model along the way", type=share, nargs="+", metavar="SHARE")
+    resume: bool = option(False,
+        "continue the unfinished run in --out from its checkpoint (a run that stopped before its first checkpoint "
+        "starts again from step 0)")
+    fsdp: bool = option(False,
+        "under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of replicating the model on "
+        "every process")
+    progress: bool = option(True, "hide the progress bar")
     command: list[str] | None = None  # recorded in run.json instead of sys.argv
 
 
 # ---------------------------------------------------------------- checks before anything is written
 
 
-def check_number(flag: str, value: float, low: float, high: float | None = None, low_allowed: bool = True) -> None:
-    """A float flag must be a finite number from `low` (or above it) and below `high`; else a ConfigError naming it."""
-    if not (math.isfinite(value) and (value >= low if low_allowed else value > low) and (high is None or value < high)):
-        wanted = f"in [{low:g}, {high:g})" if high is not None else f"{'at least' if low_allowed else 'above'} {low:g}"
-        raise ConfigError(f"--{flag} must be a finite number {wanted}, got {value}")
-
-
 def check_config(cfg: TrainConfig) -> None:
-    """Every flag value the loop cannot use is a ConfigError naming the flag."""
-    choices = {"objective": OBJECTIVES, "template": TEMPLATES, "dtype": DTYPES, "schedule": SCHEDULES,
-               "freeze_scope": SCOPES}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("max_len", 2),
-                      ("eval_every", 0), ("save_every", 0)):
-        if getattr(cfg, name) < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ConfigError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if not all(isinstance(x, (int, float)) and 0 < x < 1 for x in cfg.snapshots):
-        raise ConfigError(f"--snapshots must be shares of the schedule between 0 and 1, got {list(cfg.snapshots)}")
-    check_number("lr", cfg.lr, 0.0, low_allowed=False)
-    check_number("beta", cfg.beta, 0.0, low_allowed=False)
-    check_number("grad-clip", cfg.grad_clip, 0.0)  # 0 = no clipping
-    check_number("weight-decay", cfg.weight_decay, 0.0)
-    check_number("unlearn-weight", cfg.unlearn_weight, 0.0)
-    check_number("val-fraction", cfg.val_fraction, 0.0, high=1.0)
+    """Every flag value the loop cannot use is a ConfigError naming the flag: each field's own check (as on the
+    command line), then the combinations."""
+    check_fields(cfg)
     if cfg.val_data and cfg.val_fraction:
         raise ConfigError("give --val-data or --val-fraction, not both")
     if cfg.freeze_random_neurons and cfg.fsdp:
         raise ConfigError("--freeze-random-neurons freezes rows inside tensors, which --fsdp shards: use one of them")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-
-
-def check_writable(out: Path) -> None:
-    """--out must be a directory, or a path where one can be made, in which this process can create files."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory")
-    place = out
-    while not place.exists():
-        place = place.parent
-    if not place.is_dir():
-        raise ConfigError(f"--out {out}: {place} is a file, not a directory")
-    try:  # permission bits do not tell (root, read-only mounts): create and remove an anonymous file
-        tempfile.TemporaryFile(dir=place).close()
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write in {place} ({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------- the output directory (minisafe.run_folder)
@@ -569,7 +556,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     """Run (or --resume) one training run; returns a summary. on_step(step) is called after every optimizer step."""
     check_config(cfg)
     out = Path(cfg.out)
-    check_writable(out)
     ranks = start_processes(cfg.device)
     say = print if ranks.main else (lambda *a, **k: None)
     try:

@@ -33,11 +33,14 @@ from typing import Any
 import torch
 
 from minisafe import builders, data
-from minisafe.checkpoint import load, model_file_problem
+from minisafe.checkpoint import DTYPES, load, model_file_problem
+from minisafe.cli import check_fields, device_name, non_negative_int, option, output_dir, positive_int
 from minisafe.errors import ConfigError, DataError
 from minisafe.generate import generate
-from minisafe.io import atomic_write_json, atomic_write_text, run_record, sha256_file
+from minisafe.io import atomic_write_json, atomic_write_text, file_hashes, run_record
+from minisafe.judge import load_judge
 from minisafe.metrics import mean_rouge_l, response_nll, rouge_l
+from minisafe.tokenizer import TEMPLATES
 
 SETS = ("harmful", "over_rejection", "utility")
 SPLIT_SEED = 0  # the default splits are fixed, whatever --seed samples, so runs with any seed share them
@@ -47,24 +50,34 @@ ALPACA_STOPS = ("### Instruction",)  # a model in the Alpaca format may go on to
 RESULTS_FORMAT = 1
 
 
+SET_HELP = "; a dataset file (txt/csv/json/jsonl/ShareGPT) or 'none' to skip"
+
+
 @dataclass
 class EvalConfig:
-    models: list[str]
-    out: str
-    harmful: str | None = None  # None = the default set, "none" = skip
-    over_rejection: str | None = None
-    utility: str | None = None
-    max_new_tokens: int = 64
-    limit: int | None = None
-    batch_size: int = 16
-    template: str = "chat"
-    judge: str = "keywords"
-    refusal_phrases: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0
-    examples: int = 1  # example responses per set, verdict and model in the report
-    progress: bool = True
+    models: list[str] = option(help="Hugging Face model directory (safetensors); repeat the flag to compare several "
+                               "models", flag="--model", action="append", metavar="DIR")
+    out: str = option(help="output directory for results.json, responses.jsonl, report.md", type=output_dir)
+    # each set: None = the default set, "none" = skip
+    harmful: str | None = option(None,
+        "malicious prompts (AdvBench CSV works as is); default: the HarmBench test split" + SET_HELP, metavar="F")
+    over_rejection: str | None = option(None,
+        "benign prompts with dangerous-sounding words; default: the bundled set" + SET_HELP, metavar="F")
+    utility: str | None = option(None,
+        "normal prompt/response pairs; default: held-out ShareGPT pairs" + SET_HELP, metavar="F")
+    max_new_tokens: int = option(64, "greedy tokens generated per prompt", type=positive_int)
+    limit: int | None = option(None, "evaluate a seeded sample of at most N prompts of each set", type=positive_int)
+    batch_size: int = option(16, "prompts per forward pass", type=positive_int)
+    template: str = option("chat",
+        "prompt format: the model's own chat template or the paper's Alpaca template", choices=TEMPLATES)
+    judge: str = option("keywords", "refusal judge: 'keywords' or a local chat model directory asked a yes/no question")
+    refusal_phrases: str | None = option(None,
+        "extra refusal openings for the keyword judge, one a line ('#' comments allowed)", metavar="F")
+    device: str = option("cpu", "cpu or cuda", type=device_name)
+    dtype: str = option("float32", "weights and activations", choices=DTYPES)
+    seed: int = option(0, "seed of the --limit sample (decoding is greedy)", type=non_negative_int)
+    examples: int = option(1, "example responses per set and verdict in report.md", type=non_negative_int)
+    progress: bool = option(True, "hide the progress bars")
     command: list[str] | None = None  # the command line to record (default: sys.argv)
 
 
@@ -147,11 +160,6 @@ def load_sets(cfg: EvalConfig) -> dict[str, EvalSet]:
 # ---------------------------------------------------------------- one model
 
 
-def weights_sha256(model_dir: str | Path) -> dict[str, str]:
-    """sha256 of each safetensors file of a model directory."""
-    return {f.name: sha256_file(f) for f in sorted(Path(model_dir).glob("*.safetensors"))}
-
-
 def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """Metrics of one checkpoint on every set, and one row per (set, prompt) with its response and verdict."""
     start = time.perf_counter()
@@ -191,7 +199,7 @@ def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) 
             rows.append(row)
         result["seconds"][name] = round(time.perf_counter() - t0, 2)
     result["seconds"]["total"] = round(time.perf_counter() - start, 2)
-    result["weights_sha256"] = weights_sha256(path)
+    result["weights_sha256"] = file_hashes(path, suffixes=(".safetensors",))
     del model
     gc.collect()
     return result, rows
@@ -203,8 +211,6 @@ def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate every model of cfg; writes results.json, responses.jsonl and report.md into cfg.out (after each
     model, so a long run keeps what it has finished)."""
-    from minisafe.judge import load_judge
-
     _check_config(cfg)
     torch.manual_seed(cfg.seed)
     sets = load_sets(cfg)
@@ -237,8 +243,9 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def _check_config(cfg: EvalConfig) -> None:
-    """Model paths that are not model directories, and choices the run cannot use, before any work is done (numeric
-    flags are checked where eval.py parses them, by minisafe.cli)."""
+    """Every field's own check (as on the command line), then model paths that are not model directories, before any
+    work is done."""
+    check_fields(cfg)
     if not cfg.models:
         raise ConfigError("no --model given")
     if len(set(cfg.models)) != len(cfg.models):
@@ -249,10 +256,6 @@ def _check_config(cfg: EvalConfig) -> None:
             raise ConfigError(f"--model {path}: {problem}")
         if not Path(path).is_dir():
             raise ConfigError(f"--model {path}: no such model directory")
-    if cfg.template not in ("chat", "alpaca"):
-        raise ConfigError(f"--template must be chat or alpaca, got {cfg.template!r}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
 
 
 # ---------------------------------------------------------------- report

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +26,20 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from minisafe import checkpoint, data
+from minisafe.checkpoint import DTYPES
+from minisafe.cli import (check_fields, device_name, layer_range, non_negative_int, option, output_dir, positive_float,
+                          positive_int, whole)
 from minisafe.errors import ConfigError, DataError
 from minisafe.fastpath import fast_inference
+from minisafe.freeze import check_layer_range
 from minisafe.generate import generate, similar_length_batches
-from minisafe.hooks import check_layer_range, record_layers, scaled_layers
+from minisafe.hooks import record_layers, scaled_layers
+from minisafe.io import atomic_write_json, atomic_write_text, run_record
+from minisafe.judge import load_judge
 from minisafe.model import Transformer
-from minisafe.tokenizer import Tokenizer
+from minisafe.plots import plot_cosine
+from minisafe.tokenizer import TEMPLATES, Tokenizer
 
 PAIR_TYPES = ("N-N", "N-M", "M-M")
 
@@ -214,7 +223,7 @@ class RefusalCounter:
                             progress=self.progress).texts
         if first is None:
             return run()
-        check_layer_range(self.model, first, last)
+        check_layer_range(self.model.config.num_layers, first, last)
         with scaled_layers(self.model, first, last, alpha, self.scale_o_proj):
             return run()
 
@@ -240,38 +249,66 @@ def format_table1(search: Search, initial: tuple[int, int]) -> list[str]:
     ]
 
 
+AUTO_ALPHAS = ("auto", "auto-down")
+
+
+def alpha_value(text: str) -> str | float:
+    """--alpha: 'auto', 'auto-down', or a finite scaling factor > 0 other than 1 (which would scale nothing)."""
+    if text in AUTO_ALPHAS:
+        return text
+    try:
+        value = positive_float(text)
+    except argparse.ArgumentTypeError:
+        value = None
+    if value is None or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto', 'auto-down' or a finite scaling factor > 0 other than 1 "
+                                         f"(1 scales nothing), got {text!r}")
+    return value
+
+
+def alpha_fields(value: str | float) -> dict:
+    """The LocateConfig fields of an --alpha value: a factor, or None (automatic) and the direction of the steps."""
+    return {"alpha": None if value in AUTO_ALPHAS else value, "alpha_down": value == "auto-down"}
+
+
 @dataclass
 class LocateConfig:
-    model: str
-    out: str
-    normal: str | None = None  # default: the bundled normal instructions
-    malicious: str | None = None  # default: the fetched HarmBench prompts
-    over_rejection: str | None = None  # default: the bundled over-rejection set
-    n_prompts: int = 100  # P = Q
-    n_over_rejection: int | None = None  # a seeded sample of the over-rejection set (None = all of it)
-    pairs: int = 500
-    template: str = "alpaca"
-    center: bool = False
-    initial: tuple[int, int] | None = None
-    alpha: float | None = None  # None = automatic (the paper's stepping rule)
-    alpha_down: bool = False  # automatic alpha steps below 1 (look for the fewest refusals)
-    sweep: int = 2
-    skip_scaling: bool = False
-    scale_o_proj: bool = True
-    max_new_tokens: int = 16
-    batch_size: int = 32
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0
-    judge: str = "keywords"
-    progress: bool = True
+    model: str = option(help="Hugging Face model directory (safetensors)")
+    out: str = option(help="output directory for cosine.json/png, safety_layers.json, report.md", type=output_dir)
+    normal: str | None = option(None, "normal prompts (txt/csv/json/jsonl); default: the bundled normal instructions")
+    malicious: str | None = option(None, "malicious prompts (AdvBench CSV works as is); default: fetched HarmBench")
+    over_rejection: str | None = option(None, "benign prompts with dangerous-sounding words; default: the bundled set")
+    n_prompts: int = option(100, "P = Q: normal and malicious prompts sampled (seeded)", type=whole(2))
+    n_over_rejection: int | None = option(None,
+        "score a seeded sample of N over-rejection prompts in the scaling search (default: all)", type=positive_int,
+        metavar="N")
+    pairs: int = option(500, "random pairs drawn per type (N-N, N-M, M-M)", type=whole(2))
+    template: str = option("alpaca",
+        "prompt format: the paper's Alpaca template or the model's own chat template", choices=TEMPLATES)
+    center: bool = option(False,
+        "also analyse after subtracting each layer's mean vector; the range is read off that curve")
+    initial: tuple[int, int] | None = option(None,
+        "initial range (0-based, inclusive) instead of the gap-curve rule", type=layer_range, metavar="I:J")
+    # alpha None = automatic (the paper's stepping rule)
+    alpha: float | None = option(None,
+        "scaling factor (> 0, not 1), or 'auto' (step by 0.05 above 1 until R_o moves clearly), or 'auto-down'",
+        type=alpha_value, to_fields=alpha_fields, cli_default="auto")
+    alpha_down: bool = False  # automatic alpha steps below 1 (look for the fewest refusals); set by --alpha auto-down
+    sweep: int = option(2, "each bound is swept over +-SWEEP layers", type=non_negative_int)
+    skip_scaling: bool = option(False, "cosine analysis only; no over-rejection search")
+    scale_o_proj: bool = option(True, "leave o_proj unscaled, as the paper-era script effectively did")
+    max_new_tokens: int = option(16, "greedy tokens generated per over-rejection prompt", type=positive_int)
+    batch_size: int = option(32, "prompts per forward pass", type=positive_int)
+    device: str = option("cpu", "cpu or cuda", type=device_name)
+    dtype: str = option("float32", "weights and activations", choices=DTYPES)
+    seed: int = option(0, "seed of the prompt sample and the pairs", type=non_negative_int)
+    judge: str = option("keywords", "refusal judge: 'keywords' or a judge model directory")
+    progress: bool = option(True, "hide the progress bars")
 
 
 def cosine_prompt_sets(cfg: LocateConfig) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
     """The seeded normal and malicious samples of the cosine analysis, each after the name of its set. Pairs are of
     distinct prompts, so each sample needs two at least."""
-    from minisafe import data
-
     malicious = str(cfg.malicious or data.default_malicious_path())
     sets = ((cfg.normal or "bundled normal prompts",
              data.read_prompts(cfg.normal) if cfg.normal else data.bundled_prompts("normal")),
@@ -286,78 +323,91 @@ def cosine_prompt_sets(cfg: LocateConfig) -> tuple[tuple[str, list[str]], tuple[
 def check_initial(model: Transformer, initial: tuple[int, int]) -> None:
     """A ConfigError naming --initial unless the range lies inside the model."""
     try:
-        check_layer_range(model, *initial)
+        check_layer_range(model.config.num_layers, *initial)
     except ConfigError as e:
         raise ConfigError(f"--initial {initial[0]}:{initial[1]}: {e}") from None
 
 
+def cosine_step(model: Transformer, tok: Tokenizer, cfg: LocateConfig,
+                sets: tuple[tuple[str, list[str]], tuple[str, list[str]]]) -> dict:
+    """cosine.json: the raw cosine analysis of the normal and malicious samples, and the centred one with center."""
+    (_, normal), (_, malicious) = sets
+    vectors = [last_token_vectors(model, tok, prompts, cfg.template, cfg.batch_size, cfg.progress, source)
+               for source, prompts in sets]
+    analyses = {"raw": cosine_analysis(*vectors, cfg.pairs, cfg.seed)}
+    if cfg.center:
+        analyses["centred"] = cosine_analysis(*vectors, cfg.pairs, cfg.seed, center=True)
+    return {"layers": model.config.num_layers, "template": cfg.template, "n_normal": len(normal),
+            "n_malicious": len(malicious), "pairs": cfg.pairs, **analyses}
+
+
+def scaling_search(model: Transformer, tok: Tokenizer, cfg: LocateConfig, initial: tuple[int, int],
+                   out: Path) -> tuple[Search, dict]:
+    """The over-rejection search from `initial` (alpha chosen first when automatic): its Search and the fields it adds
+    to safety_layers.json; writes every generation to responses.json."""
+    over = data.read_prompts(cfg.over_rejection) if cfg.over_rejection else data.bundled_prompts("over_rejection")
+    over = pick(over, cfg.n_over_rejection, cfg.seed)
+    counter = RefusalCounter(model, tok, over, load_judge(cfg.judge), cfg.template, cfg.max_new_tokens,
+                             cfg.batch_size, cfg.scale_o_proj, cfg.progress,
+                             cfg.over_rejection or "bundled over-rejection set")
+    baseline = counter()
+    alpha, alpha_trace = cfg.alpha, []
+    if alpha is None:
+        alpha, alpha_trace = choose_alpha(lambda a: counter(*initial, a), baseline, len(over),
+                                          upward=not cfg.alpha_down)
+    search = search_bounds(lambda i, j: counter(i, j, alpha), initial, model.config.num_layers, alpha, cfg.sweep,
+                           baseline)
+    atomic_write_json(out / "responses.json", [
+        {"first": k[0], "last": k[1], "alpha": k[2], "responses": v} for k, v in counter.responses.items()])
+    return search, dict(first=search.first, last=search.last, alpha=alpha, baseline_refusals=baseline,
+                        n_over_rejection=len(over), trace=search.trace, alpha_trace=alpha_trace,
+                        scale_o_proj=cfg.scale_o_proj, max_new_tokens=cfg.max_new_tokens, judge=cfg.judge)
+
+
 def run_locate(cfg: LocateConfig) -> dict:
     """The whole procedure; writes cosine.json, cosine.png, safety_layers.json, report.md and run.json into cfg.out."""
-    from minisafe import checkpoint, data
-    from minisafe.io import atomic_write_json, atomic_write_text, run_record
-    from minisafe.plots import plot_cosine
-
+    check_fields(cfg)
     out = Path(cfg.out)  # created by its first file, so that a run failing before any result leaves nothing
-    timings: dict[str, float] = {}
-    (normal_source, normal), (malicious_source, malicious) = cosine_prompt_sets(cfg)
+    sets = cosine_prompt_sets(cfg)
     model, tok = checkpoint.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     if cfg.initial is not None:
         check_initial(model, cfg.initial)
-
     start = time.perf_counter()
-    vectors_n = last_token_vectors(model, tok, normal, cfg.template, cfg.batch_size, cfg.progress, normal_source)
-    vectors_m = last_token_vectors(model, tok, malicious, cfg.template, cfg.batch_size, cfg.progress, malicious_source)
-    analyses = {"raw": cosine_analysis(vectors_n, vectors_m, cfg.pairs, cfg.seed)}
-    if cfg.center:
-        analyses["centred"] = cosine_analysis(vectors_n, vectors_m, cfg.pairs, cfg.seed, center=True)
-    timings["cosine_s"] = time.perf_counter() - start
-    # The range is read off the paper's raw metric unless centring was asked for.
-    gap = analyses["centred" if cfg.center else "raw"]["gap"]
-    found = initial_range(gap)
-    initial = cfg.initial or found
-    cosine = {"layers": model.config.num_layers, "template": cfg.template, "n_normal": len(normal),
-              "n_malicious": len(malicious), "pairs": cfg.pairs, **analyses}
+    cosine = cosine_step(model, tok, cfg, sets)
+    timings = {"cosine_s": time.perf_counter() - start}
     atomic_write_json(out / "cosine.json", cosine)
-
+    # The range is read off the paper's raw metric unless centring was asked for.
+    found = initial_range(cosine["centred" if cfg.center else "raw"]["gap"])
+    initial = cfg.initial or found
     result: dict = {"initial": list(initial) if initial else None, "initial_from": "--initial" if cfg.initial else
                     ("gap curve" if found else "none: the gap curve shows no gap"),
                     "gap_metric": "centred" if cfg.center else "raw"}
     search = None
     if initial and not cfg.skip_scaling:
         start = time.perf_counter()
-        from minisafe.judge import load_judge
-
-        over = data.read_prompts(cfg.over_rejection) if cfg.over_rejection else data.bundled_prompts("over_rejection")
-        over = pick(over, cfg.n_over_rejection, cfg.seed)
-        counter = RefusalCounter(model, tok, over, load_judge(cfg.judge), cfg.template, cfg.max_new_tokens,
-                                 cfg.batch_size, cfg.scale_o_proj, cfg.progress,
-                                 cfg.over_rejection or "bundled over-rejection set")
-        baseline = counter()
-        alpha, alpha_trace = cfg.alpha, []
-        if alpha is None:
-            alpha, alpha_trace = choose_alpha(lambda a: counter(*initial, a), baseline, len(over),
-                                              upward=not cfg.alpha_down)
-        search = search_bounds(lambda i, j: counter(i, j, alpha), initial, model.config.num_layers, alpha, cfg.sweep,
-                               baseline)
+        search, found_fields = scaling_search(model, tok, cfg, initial, out)
         timings["search_s"] = time.perf_counter() - start
-        result.update(first=search.first, last=search.last, alpha=alpha, baseline_refusals=baseline,
-                      n_over_rejection=len(over), trace=search.trace, alpha_trace=alpha_trace,
-                      scale_o_proj=cfg.scale_o_proj, max_new_tokens=cfg.max_new_tokens, judge=cfg.judge)
-        atomic_write_json(out / "responses.json", [
-            {"first": k[0], "last": k[1], "alpha": k[2], "responses": v} for k, v in counter.responses.items()])
+        result.update(found_fields)
     elif initial:
         result.update(first=initial[0], last=initial[1], alpha=None, baseline_refusals=None, trace=[])
     result["timings"] = timings
     atomic_write_json(out / "safety_layers.json", result)
+    write_locate_outputs(cfg, cosine, result, search, initial)
+    return result
 
+
+def write_locate_outputs(cfg: LocateConfig, cosine: dict, result: dict, search: Search | None,
+                         initial: tuple[int, int] | None) -> None:
+    """cosine.png, report.md and run.json, after safety_layers.json."""
+    out = Path(cfg.out)
     located = (search.first, search.last) if search else None
+    analyses = {k: cosine[k] for k in ("raw", "centred") if k in cosine}
     plot_cosine(analyses, out / "cosine.png", Path(cfg.model).name, located, initial)
     atomic_write_text(out / "report.md", locate_report(cfg, cosine, result, search, initial))
-    atomic_write_json(out / "run.json", run_record(cfg.seed, {"model": cfg.model, "normal": cfg.normal,
-                                                              "malicious": cfg.malicious,
-                                                              "over_rejection": cfg.over_rejection},
-                                                   **{k: v for k, v in vars(cfg).items() if k not in ("progress", "seed")}))
-    return result
+    inputs = {"model": cfg.model, "normal": cfg.normal, "malicious": cfg.malicious,
+              "over_rejection": cfg.over_rejection}
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "seed")}
+    atomic_write_json(out / "run.json", run_record(cfg.seed, inputs, **settings))
 
 
 def locate_report(cfg: LocateConfig, cosine: dict, result: dict, search: Search | None,
