@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from minisafe import pipeline
+from minisafe import pipeline, pipeline_report, splits
 from minisafe.alignment import Recipe
 from minisafe.pipeline import Profile, Splits, freeze_spec, run_pipeline
 from tiny import save_tiny
@@ -69,7 +69,7 @@ def test_pipeline_writes_every_artefact_and_a_report_in_the_paper_layout(run):
         results = json.loads((out / f"eval-{run.label}" / "results.json").read_text())["models"][0]
         assert 0.0 <= results["harmful_rate"] <= 1.0 and results["perplexity"] > 0
     for attack in TINY.attacks:
-        assert f"Verdict: {pipeline.ATTACKS[attack]}" in text
+        assert f"Verdict: {pipeline_report.ATTACKS[attack]}" in text
     assert "Verdict: D_I (implicit attack), lr x0.5:" in text
     for picture in ("forest.png", "dose.png", "share.png"):
         assert (out / picture).stat().st_size > 0
@@ -91,8 +91,8 @@ def test_no_test_or_validation_prompt_is_in_any_other_written_set(run):
     sets = root / "run" / "data"
     prompts = {f.name.removesuffix(".jsonl"): {json.loads(line)["prompt"] for line in f.read_text().splitlines()}
                for f in sets.glob("*.jsonl")}
-    assert set(pipeline.TEST_SETS) | set(pipeline.VALIDATION_SETS) <= set(prompts)
-    for held_out in (*pipeline.TEST_SETS, *pipeline.VALIDATION_SETS, "over_rejection_locate"):
+    assert set(splits.TEST_SETS) | set(splits.VALIDATION_SETS) <= set(prompts)
+    for held_out in (*splits.TEST_SETS, *splits.VALIDATION_SETS, "over_rejection_locate"):
         for name, other in prompts.items():
             if name != held_out:
                 assert not prompts[held_out] & other, (held_out, name)

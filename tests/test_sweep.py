@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from minisafe import pipeline
+from minisafe import splits
 from minisafe.alignment import Recipe
 from minisafe.sweep import distance, expand_grid, run_sweep
 from test_pipeline import TINY, TINY_RECIPE, TOPICS, write_jsonl
@@ -69,7 +69,7 @@ def test_validation_never_reads_a_test_prompt(sweep):
     root, grid, _, _ = sweep
     sets = root / "out" / "data"
     read = lambda name: {json.loads(line)["prompt"] for line in (sets / f"{name}.jsonl").read_text().splitlines()}  # noqa: E731
-    tested = set().union(*(read(name) for name in pipeline.TEST_SETS))
+    tested = set().union(*(read(name) for name in splits.TEST_SETS))
     for name, _ in grid:
         scored = {json.loads(line)["prompt"] for line in (root / "out" / name / "val" / "responses.jsonl").read_text().splitlines()}
         trained = {json.loads(line)["prompt"] for line in (root / "out" / name / "align_data" / "align_sft.jsonl").read_text().splitlines()}
