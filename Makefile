@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND)
 
-.PHONY: setup setup-test fetch demo reproduce test bench docs clean-venv
+.PHONY: setup setup-test fetch demo reproduce sweep-align test bench docs clean-venv
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: fetch
 reproduce: fetch
 	$(PY) -m minisafe.pipeline --profile full --out runs/full
 
+# The alignment sweep (hours on two cores; resumable): which recipe the profiles use. Not part of `make test`.
+sweep-align: setup fetch
+	$(PY) -m tools.weights fetch qwen2.5-coder-0.5b-instruct
+	$(PY) -m minisafe.sweep --out runs/sweep
+
 test: setup-test
 	$(PY) -m pytest
 
@@ -44,7 +49,7 @@ bench: setup-test
 
 # The generated documents: docs/results.md from the run directories that exist (the main job first, then the
 # locate, eval, mechanistic and synthetic runs by name), docs/bench.md from runs/bench/*.json.
-RESULT_RUNS = $(wildcard runs/demo runs/full) $(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*))
+RESULT_RUNS = $(wildcard runs/demo runs/full runs/sweep) $(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*))
 docs: setup
 	$(PY) -m minisafe.report results $(RESULT_RUNS) --out docs/results.md
 	$(PY) -m minisafe.report bench runs/bench --out docs/bench.md
