@@ -199,11 +199,19 @@ def ratio_rows(bench: dict) -> list[list[str]]:
                 share = f"{run['share_of_peak']:.0%}" if "share_of_peak" in run else "-"
                 rows.append([part, dtype, f"{run['minisafe_tok_s']:.0f}", f"{run['transformers_tok_s']:.0f}",
                              f"{run['ratio']:.2f}x", share])
-    if bench.get("train"):
+    if bench.get("train") and "ratio" in bench["train"]:  # files written before the pipeline-workload bench
         run = bench["train"]
         rows.append(["training step", "float32", f"{run['minisafe_tok_s']:.0f}", f"{run['transformers_tok_s']:.0f}",
                      f"{run['ratio']:.2f}x", "-"])
     return rows
+
+
+def training_rows(bench: dict) -> list[list[str]]:
+    """Training at the pipeline's settings, per workload: the three contenders' tokens/s and the ratios."""
+    runs = {k: v for k, v in (bench.get("train") or {}).items() if isinstance(v, dict)}
+    return [[name, str(run["steps"]), f"{run['minisafe_tok_s']:.0f}", f"{run['minisafe-before_tok_s']:.0f}",
+             f"{run['transformers_tok_s']:.0f}", f"{run['ratio_vs_before']:.2f}x", f"{run['ratio_vs_transformers']:.2f}x",
+             f"{run['share_of_bf16_peak']:.0%}"] for name, run in runs.items()]
 
 
 def profile_rows(bench: dict) -> list[list[str]]:
@@ -219,11 +227,21 @@ def profile_rows(bench: dict) -> list[list[str]]:
     return rows
 
 
-def sppft_rows(sppft: dict) -> list[list[str]]:
-    """Full fine-tuning against SPPFT: step time, trainable parameters, AdamW state, peak memory."""
-    return [[run["freeze"], f"{run['step_s']:.2f}", f"{run['trainable_params'] / 1e6:.1f} M",
-             f"{run['optimizer_state_bytes'] / 2**20:.0f}", f"{run['peak_rss_mb']:.0f}"]
-            for run in (sppft["full"], sppft["sppft"])]
+def sppft_lines(sppft: dict) -> list[str]:
+    """Full fine-tuning against SPPFT: the median step-time ratio of alternating steps, then per configuration the
+    median step, trainable parameters, AdamW state and peak memory."""
+    if "memory" not in sppft:  # files written before the pipeline-workload bench
+        return [f"SPPFT against full fine-tuning: step time {sppft['step_time_ratio']:.2f}x, AdamW state "
+                f"{sppft['optimizer_state_ratio']:.2f}x.", ""]
+    memory = sppft["memory"]
+    lines = [f"SPPFT (layers {sppft['freeze']} frozen, {sppft['frozen_parameter_share']:.0%} of the parameters) against "
+             f"full fine-tuning, {sppft['steps']} alternating steps: median step-time ratio "
+             f"{sppft['step_time_ratio']:.2f}, AdamW state {memory['optimizer_state_ratio']:.2f}x, peak memory "
+             f"{memory['peak_rss_ratio']:.2f}x.", ""]
+    rows = [[name, f"{sppft['median_step_s'][name]:.2f}", f"{memory[name]['trainable_params'] / 1e6:.1f} M",
+             f"{memory[name]['optimizer_state_bytes'] / 2**20:.0f}", f"{memory[name]['peak_rss_mb']:.0f}"]
+            for name in ("full", "sppft")]
+    return lines + table(["", "median step s", "trainable", "AdamW state MiB", "peak RSS MB"], rows) + [""]
 
 
 def bench_setting(bench: dict) -> list[str]:
@@ -260,12 +278,13 @@ def bench_section(path: Path) -> list[str]:
         lines += table(["dtype", "batch", "step", "projections and head", "attention matmuls", "other operators",
                         "outside operators"], rows)
         lines.append("")
-    if bench.get("sppft"):
-        sppft = bench["sppft"]
-        lines += [f"SPPFT against full fine-tuning: step time {sppft['step_time_ratio']:.2f}x, AdamW state "
-                  f"{sppft['optimizer_state_ratio']:.2f}x.", ""]
-        lines += table(["frozen layers", "step s", "trainable", "AdamW state MiB", "peak RSS MB"], sppft_rows(sppft))
+    if rows := training_rows(bench):
+        lines += ["Training at the pipeline's settings (bfloat16 autocast, batches of 8; tools/bench_train.py):", ""]
+        lines += table(["workload", "steps", "minisafe tok/s", "minisafe before tok/s", "transformers tok/s",
+                        "vs before", "vs transformers", "share of bf16 peak"], rows)
         lines.append("")
+    if bench.get("sppft"):
+        lines += sppft_lines(bench["sppft"])
     return lines
 
 

@@ -119,3 +119,23 @@ def test_no_run_directories_is_an_error_that_says_how_to_make_one(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert main(["results", "--out", "docs/results.md"]) == 2
     assert "no run directories given (make demo writes runs/demo)" in capsys.readouterr().err
+
+
+def test_bench_document_shows_training_at_the_pipeline_settings_and_sppft(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = fake_bench(tmp_path / "runs" / "bench")
+    bench = json.loads(path.read_text())
+    bench["train"] = {"attack": {"steps": 8, "minisafe_tok_s": 400.0, "minisafe-before_tok_s": 200.0,
+                                 "transformers_tok_s": 250.0, "ratio_vs_before": 2.0, "ratio_vs_transformers": 1.6,
+                                 "share_of_bf16_peak": 0.31}}
+    memory = {"full": {"trainable_params": 134.5e6, "optimizer_state_bytes": 2**30, "peak_rss_mb": 3000.0},
+              "sppft": {"trainable_params": 110.0e6, "optimizer_state_bytes": 0.8 * 2**30, "peak_rss_mb": 2700.0},
+              "optimizer_state_ratio": 0.8, "peak_rss_ratio": 0.9}
+    bench["sppft"] = {"freeze": "11:19", "steps": 8, "frozen_parameter_share": 0.24, "step_time_ratio": 0.88,
+                      "median_step_s": {"full": 2.5, "sppft": 2.2}, "ratios": [0.88], "memory": memory}
+    path.write_text(json.dumps(bench))
+    assert main(["bench", "runs/bench", "--out", "docs/bench.md"]) == 0
+    text = (tmp_path / "docs" / "bench.md").read_text()
+    assert "| attack | 8 | 400 | 200 | 250 | 2.00x | 1.60x | 31% |" in text
+    assert "median step-time ratio 0.88, AdamW state 0.80x, peak memory 0.90x" in text
+    assert "| sppft | 2.20 | 110.0 M | 819 | 2700 |" in text
