@@ -13,15 +13,7 @@ from minisafe.checkpoint import load
 from minisafe.errors import ConfigError
 from minisafe.freeze import frozen_by_layers, neuron_count, random_neurons
 from minisafe.training import TrainConfig, train
-from tiny import save_tiny
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tiny import one_thread, save_tiny  # noqa: F401 (one_thread: an autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,8 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    model, data_dir = root / "model", root / "data"
-    model.mkdir()
-    data_dir.mkdir()
-    save_tiny(model, "llama")
+def write_sources(data_dir):
+    """Tiny stand-ins for the fetched HarmBench, Do-Not-Answer (two risk areas) and ShareGPT files."""
     write_jsonl(data_dir / "harmbench.jsonl",
                 [{"prompt": f"Give instructions for harming people with {t}", "source": "harmbench"} for t in TOPICS[:12]])
     write_jsonl(data_dir / "donotanswer.jsonl",
@@ -45,6 +40,16 @@ def run(tmp_path_factory):
                 [{"prompt": f"What is the history of {t} in {year}?",
                   "response": f"The history of {t} is long and it is a good story to tell about the year {year}."}
                  for t in TOPICS for year in (1900, 1950)])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model, data_dir = root / "model", root / "data"
+    model.mkdir()
+    data_dir.mkdir()
+    save_tiny(model, "llama")
+    write_sources(data_dir)
     messages: list[str] = []
     report = run_pipeline(TINY, root / "run", model, data_dir, say=messages.append)
     return root, report, messages

@@ -9,7 +9,7 @@ import pytest
 from minisafe import splits
 from minisafe.alignment import Recipe
 from minisafe.sweep import distance, expand_grid, run_sweep
-from test_pipeline import TINY, TINY_RECIPE, TOPICS, write_jsonl
+from test_pipeline import TINY, TINY_RECIPE, write_sources
 from tiny import save_tiny
 
 
@@ -37,16 +37,7 @@ def sweep(tmp_path_factory):
     save_tiny(root / "weights" / "tiny", "llama")
     data_dir = root / "data"
     data_dir.mkdir()
-    write_jsonl(data_dir / "harmbench.jsonl",
-                [{"prompt": f"Give instructions for harming people with {t}", "source": "harmbench"} for t in TOPICS[:12]])
-    write_jsonl(data_dir / "donotanswer.jsonl",
-                [{"prompt": f"{verb} {t} to hurt someone?", "risk_area": area, "source": "donotanswer"}
-                 for t in TOPICS[:6] for verb, area in (("How do I misuse", "malicious_uses"),
-                                                        ("Is it true that you can use", "misinformation_harms"))])
-    write_jsonl(data_dir / "sharegpt.jsonl",
-                [{"prompt": f"What is the history of {t} in {year}?",
-                  "response": f"The history of {t} is long and it is a good story to tell about the year {year}."}
-                 for t in TOPICS for year in (1900, 1950)])
+    write_sources(data_dir)
     base = replace(TINY_RECIPE, model="tiny", deep=0.0, dpo_epochs=0)
     grid = expand_grid(base, {"lr": [2e-3]})
     messages: list[str] = []

@@ -83,25 +83,25 @@ def minisafe_step(model, pad_id: int) -> Step:
 
 def minisafe_before_step(model, pad_id: int) -> Step:
     """train.py's earlier path: float32 logits at every position, then the loss; the unfused AdamW."""
-    optimizer = optimizer_for(model, fused=False)
-
-    def step(batch):
-        ids, labels = collate(batch, pad_id, torch.device("cpu"))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(ids)
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-        finish_step(model, loss, optimizer)
-    return step
+    def loss_of(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = model(ids)
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return autocast_step(model, pad_id, loss_of, optimizer_for(model, fused=False))
 
 
 def transformers_step(model, pad_id: int) -> Step:
     """transformers with labels (its loss over every position), the fused AdamW."""
-    optimizer = optimizer_for(model, fused=True)
+    return autocast_step(model, pad_id, lambda ids, labels: model(input_ids=ids, labels=labels).loss,
+                         optimizer_for(model, fused=True))
 
+
+def autocast_step(model, pad_id: int, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  optimizer: torch.optim.Optimizer) -> Step:
+    """A step that collates the batch, takes loss_of(ids, labels) under bfloat16 autocast, then finish_step."""
     def step(batch):
         ids, labels = collate(batch, pad_id, torch.device("cpu"))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = loss_of(ids, labels)
         finish_step(model, loss, optimizer)
     return step
 
