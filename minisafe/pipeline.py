@@ -4,18 +4,20 @@ it with and without SPPFT, evaluate every checkpoint, and write a report laid ou
     python -m minisafe.pipeline --profile quick --out runs/demo
 
 Steps, in order (each writes one directory under --out):
-  data/          every set, cut by Splits: test splits first, then validation splits (the alignment sweep's), then
-                 the pools that alignment and attacks draw from; no prompt is in two of them
+  data/          every set, cut by minisafe.splits: test splits first, then validation splits (the alignment sweep's),
+                 then the pools that alignment and attacks draw from; no prompt is in two of them
   align_data/    the alignment data of the profile's Recipe (minisafe.alignment), with the unaligned model's own
-                 greedy answers as the targets of normal and over-rejection prompts
+                 greedy answers (cached in answers.jsonl) as the targets of normal and over-rejection prompts
   align/         safety SFT of the unaligned model; align_dpo/ its DPO stage, when the recipe has one
   eval-original/, eval-aligned/   both models on every test split (HarmBench, Do-Not-Answer, reformulated requests,
                  ShareGPT, over-rejection)
   locate/        locate.py on the aligned model; locate_base/ the cosine analysis of the unaligned original
-  attack-*/      fine-tunes of the aligned model on each attack set, for each freezing method
-  eval-*/        eval.py on every attacked checkpoint, on held-out prompts only
-  report.md      the alignment table, the localisation table, the Table 2 layout, the audits, the wall time of each
-                 step; every rate with its sample size and 95% Wilson interval
+  attack-<attack>-<method>[-lr<scale>]-s<seed>/   fine-tunes of the aligned model (attack_runs): each attack set,
+                 learning rate, method (full, sppft, nfft, random, before, after; the frozen-share sweep's sppft-wN
+                 and random-wN) and seed; the dose-response runs keep snapshots part-way
+  eval-*/, dose-*/   eval.py on every fine-tune and on its snapshots (R_h only), on held-out prompts only
+  report.md      minisafe.pipeline_report: the verdicts, the alignment table, the localisation, the Table 2 layout
+                 with bootstrap intervals and paired differences, dose-response, frozen-share sweep, wall times
 
 Resuming: every step records in step.json the hashes of its inputs and its settings; a rerun skips a step whose
 record matches and redoes one whose inputs or settings changed (and everything downstream of it, since their
