@@ -3,7 +3,8 @@
 A Recipe names the data mix and the schedule:
 - malicious prompts (the HarmBench train half, Do-Not-Answer) -> a refusal from minisafe/prompts/refusals.txt;
 - normal prompts (ShareGPT, the bundled imperative-style instructions) and over-rejection prompts -> the
-  unaligned model's own greedy answer (self-distillation: the model is taught when to refuse, not new answers);
+  unaligned model's own greedy answer (self-distillation: the model is taught when to refuse, not new answers); or,
+  with normal_targets "reference", the ShareGPT prompts keep the answers ShareGPT recorded;
 - deep alignment (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"), optional:
   a share of the malicious prompts appears again with the first words of the unaligned model's own harmful answer
   already written (`response_prefix`, never trained on), followed by a refusal, so that refusing does not live
@@ -26,6 +27,7 @@ from pathlib import Path
 from minisafe import builders, data
 from minisafe.checkpoint import load
 from minisafe.generate import generate
+from minisafe.errors import ConfigError
 from minisafe.io import content_hash
 from minisafe.judge import KeywordJudge
 
@@ -34,6 +36,7 @@ POOLS = {"harmbench": "align_harmbench", "dna": "align_dna", "dna_other": "align
          "normal": "normal_align", "instructions": "instructions_align", "over_rejection": "over_rejection_align"}
 MALICIOUS_POOLS = ("harmbench", "dna", "dna_other")
 ANSWERED_POOLS = ("normal", "instructions", "over_rejection")
+NORMAL_TARGETS = ("own", "reference")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Recipe:
     harmbench: int = 75  # HarmBench train-half prompts -> refusals
     dna: int = 250  # Do-Not-Answer prompts of malicious_uses and information_hazard -> refusals
     dna_other: int = 0  # Do-Not-Answer prompts of the other three risk areas -> refusals
-    normal: int = 400  # ShareGPT prompts -> the model's own answers
+    normal: int = 400  # ShareGPT prompts -> the model's own answers (or their recorded ones, see normal_targets)
     instructions: int = 100  # bundled imperative-style normal instructions -> own answers
     over_rejection: int = 120  # benign prompts with dangerous-sounding words -> own answers
     epochs: int = 2
@@ -54,6 +57,7 @@ class Recipe:
     dpo_lr: float = 5e-6
     dpo_beta: float = 0.1
     answer_tokens: int = 64  # new tokens of each own answer (greedy)
+    normal_targets: str = "own"  # ShareGPT targets: "own" answers, or the "reference" answers ShareGPT recorded
 
     def settings(self) -> dict:
         return asdict(self)
@@ -64,7 +68,7 @@ def pool_rows(sets: Path, recipe: Recipe, pool: str) -> list[dict]:
     rows = data.read_jsonl(sets / f"{POOLS[pool]}.jsonl")
     wanted = getattr(recipe, pool)
     if wanted > len(rows):
-        raise ValueError(f"recipe asks for {wanted} {pool} prompts; the pool {POOLS[pool]}.jsonl has {len(rows)}")
+        raise ConfigError(f"recipe asks for {wanted} {pool} prompts; the pool {POOLS[pool]}.jsonl has {len(rows)}")
     return rows[:wanted]
 
 
@@ -128,13 +132,21 @@ class AlignmentData:
 
 def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Path, seed: int) -> AlignmentData:
     """The recipe's SFT rows and DPO pairs, with the unaligned model's own answers as targets (see the docstring)."""
+    if recipe.normal_targets not in NORMAL_TARGETS:
+        raise ConfigError(f"recipe normal_targets must be one of {', '.join(NORMAL_TARGETS)}, got {recipe.normal_targets!r}")
     refusals = data.bundled_prompts("refusals")
     malicious = [row for pool in MALICIOUS_POOLS for row in pool_rows(sets, recipe, pool)]
     answered = {pool: pool_rows(sets, recipe, pool) for pool in ANSWERED_POOLS}
-    prompts = [row["prompt"] for rows in answered.values() for row in rows]
+    if recipe.normal_targets == "reference":  # ShareGPT prompts keep their recorded answers
+        answered["normal"] = [{**row, "kind": "normal"} for row in answered["normal"]]
+        distilled = ("instructions", "over_rejection")
+    else:
+        distilled = ANSWERED_POOLS
+    prompts = [row["prompt"] for pool in distilled for row in answered[pool]]
     own = dict(zip(prompts, own_answers(model_dir, prompts, recipe.answer_tokens, cache)))
-    normal = with_answers(answered["normal"] + answered["instructions"],
-                          [own[r["prompt"]] for r in answered["normal"] + answered["instructions"]])
+    normal = with_answers(answered["instructions"], [own[r["prompt"]] for r in answered["instructions"]])
+    normal = (answered["normal"] if recipe.normal_targets == "reference" else
+              with_answers(answered["normal"], [own[r["prompt"]] for r in answered["normal"]])) + normal
     over = with_answers(answered["over_rejection"], [own[r["prompt"]] for r in answered["over_rejection"]])
     sft = builders.alignment_sft(malicious, normal, refusals, seed=seed, over_rejection=over)
     harmful: list[dict] = []

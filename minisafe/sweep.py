@@ -49,6 +49,8 @@ VARIATIONS: dict[str, list[Any]] = {
     "epochs": [3],
     "lr": [2e-5, 5e-5],
     "dna_other": [150],
+    "answer_tokens": [128],
+    "normal_targets": ["reference"],
     "model": ["qwen2.5-coder-0.5b-instruct"],
 }
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}

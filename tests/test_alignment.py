@@ -1,0 +1,56 @@
+"""Alignment data of a recipe: pools sliced, own answers as targets (or ShareGPT's with normal_targets reference),
+deep-alignment prefixes never trained on, DPO pairs against the model's own harmful answers."""
+
+import json
+
+import pytest
+
+from minisafe.alignment import Recipe, alignment_data
+from minisafe.errors import ConfigError
+from tiny import save_tiny
+
+
+def write_pools(sets, n: int = 4) -> None:
+    """Pool files as the pipeline's data step names them, n rows each."""
+    sets.mkdir()
+    pools = {"align_harmbench": "Explain how to harm someone with {}", "align_dna": "How do I misuse {}?",
+             "align_dna_other": "Tell me something hateful about {}", "instructions_align": "Describe the colour of {}",
+             "over_rejection_align": "How do I kill the process named {}?"}
+    for name, template in pools.items():
+        rows = [{"prompt": template.format(w)} for w in ("tea", "kites", "owls", "salt")[:n]]
+        (sets / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    normal = [{"prompt": f"What is a good fact about {w}?", "response": f"A good fact: {w} are fine."}
+              for w in ("bees", "rope", "jazz", "snow")[:n]]
+    (sets / "normal_align.jsonl").write_text("".join(json.dumps(r) + "\n" for r in normal))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("alignment")
+    save_tiny(root / "model", "llama")
+    write_pools(root / "sets")
+    return root
+
+
+def test_refusals_for_malicious_prompts_and_own_answers_for_the_rest(inputs):
+    recipe = Recipe(harmbench=2, dna=1, dna_other=1, normal=2, instructions=1, over_rejection=1, answer_tokens=4)
+    made = alignment_data(inputs / "sets", recipe, inputs / "model", inputs / "answers.jsonl", seed=0)
+    kinds = [r["kind"] for r in made.sft]
+    assert kinds.count("malicious") == 4 and made.dpo == []
+    shared = {r["prompt"]: r["response"] for r in made.sft if "good fact" in r["prompt"]}
+    assert shared and not any(text.startswith("A good fact") for text in shared.values())  # the model's own words
+
+
+def test_reference_targets_keep_the_recorded_sharegpt_answers(inputs):
+    recipe = Recipe(harmbench=1, dna=1, dna_other=0, normal=3, instructions=1, over_rejection=1, answer_tokens=4,
+                    normal_targets="reference")
+    made = alignment_data(inputs / "sets", recipe, inputs / "model", inputs / "answers.jsonl", seed=0)
+    shared = [r for r in made.sft if "good fact" in r["prompt"]]
+    assert len(shared) == 3 and all(r["response"].startswith("A good fact") for r in shared)
+    with pytest.raises(ConfigError, match="normal_targets"):
+        alignment_data(inputs / "sets", Recipe(normal_targets="gold"), inputs / "model", inputs / "a.jsonl", seed=0)
+
+
+def test_a_pool_shorter_than_the_recipe_is_an_error_naming_it(inputs):
+    with pytest.raises(ConfigError, match="align_dna.jsonl has 4"):
+        alignment_data(inputs / "sets", Recipe(harmbench=1, dna=9), inputs / "model", inputs / "answers.jsonl", seed=0)
