@@ -133,7 +133,8 @@ class AlignmentData:
 def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Path, seed: int) -> AlignmentData:
     """The recipe's SFT rows and DPO pairs, with the unaligned model's own answers as targets (see the docstring)."""
     if recipe.normal_targets not in NORMAL_TARGETS:
-        raise ConfigError(f"recipe normal_targets must be one of {', '.join(NORMAL_TARGETS)}, got {recipe.normal_targets!r}")
+        raise ConfigError(f"recipe normal_targets must be one of {', '.join(NORMAL_TARGETS)}, "
+                          f"got {recipe.normal_targets!r}")
     refusals = data.bundled_prompts("refusals")
     malicious = [row for pool in MALICIOUS_POOLS for row in pool_rows(sets, recipe, pool)]
     answered = {pool: pool_rows(sets, recipe, pool) for pool in ANSWERED_POOLS}

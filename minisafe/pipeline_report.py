@@ -160,7 +160,8 @@ def utility_rows(out: Path, runs: list[AttackRun]) -> list[str]:
     for method in over:
         results = [_results(out, r.label) for r in runs if r.method == method]
         rouge, ppl = [m["rouge_l"] for m in results], [m["perplexity"] for m in results]
-        lines.append(f"| {method} | {bootstrap_mean(over[method]).points()} | {bootstrap_mean(normal[method]).points()} "
+        lines.append(f"| {method} | {bootstrap_mean(over[method]).points()} | "
+                     f"{bootstrap_mean(normal[method]).points()} "
                      f"| {sum(rouge) / len(rouge):.3f} ({min(rouge):.3f}-{max(rouge):.3f}) | "
                      f"{sum(ppl) / len(ppl):.2f} ({min(ppl):.2f}-{max(ppl):.2f}) |")
     return lines
@@ -237,7 +238,8 @@ def share_section(out: Path, runs: list[AttackRun]) -> list[str]:
     tables, _ = group_tables(out, swept)
     points = []
     for method, table in tables.items():
-        summary = read_json(out / f"attack-{next(r for r in swept if r.method == method).label}" / "audit.json")["summary"]
+        first = next(r for r in swept if r.method == method)
+        summary = read_json(out / f"attack-{first.label}" / "audit.json")["summary"]
         share = summary["frozen_parameters"] / (summary["frozen_parameters"] + summary["trainable_parameters"])
         points.append((method, share, bootstrap_mean(table)))
     plot_share(points, out / "share.png")

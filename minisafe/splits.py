@@ -89,7 +89,8 @@ def split_sources(data_dir: Path, splits: Splits, seed: int, attack_pairs: int, 
     pairs = builders.normal_pairs(data.read_dataset(data_dir / "sharegpt.jsonl"), seed)
     sets["utility_test"], sets["val_normal"], attack_pool, sets["normal_align"] = cut(
         pairs, splits.sharegpt_test, splits.sharegpt_val, splits.attack_pool)
-    over = builders.seeded_order([{"prompt": q, "kind": "over_rejection"} for q in data.bundled_prompts("over_rejection")],
+    over_prompts = data.bundled_prompts("over_rejection")
+    over = builders.seeded_order([{"prompt": q, "kind": "over_rejection"} for q in over_prompts],
                                  seed)
     sets["over_rejection_test"], locate_over, sets["val_over_rejection"], sets["over_rejection_align"] = cut(
         over, splits.over_test, splits.over_locate, splits.over_val)

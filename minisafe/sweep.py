@@ -76,14 +76,16 @@ def expand_grid(base: Recipe = BASE, variations: dict[str, list[Any]] = VARIATIO
     for lever, values in variations.items():
         if lever not in asdict(base):
             raise ConfigError(f"sweep lever {lever!r} is not a Recipe field")
-        grid += [(f"{lever}={value}", replace(base, **{lever: value})) for value in values if value != getattr(base, lever)]
+        grid += [(f"{lever}={value}", replace(base, **{lever: value})) for value in values
+                 if value != getattr(base, lever)]
     return grid
 
 
 def validation_scores(out: Path, sets: Path, model_dir: Path, p: Profile, say) -> dict:
     """eval.py of one model on the validation splits, as a resumable step; returns its results."""
     record = run_step("val", out, {"model": model_dir, "sets": sets}, {"seed": p.seed, "eval_tokens": p.eval_tokens},
-                      lambda o: evaluate_step(model_dir, p, o, *(sets / f"{VALIDATION[k]}.jsonl" for k in VALIDATION)), say)
+                      lambda o: evaluate_step(model_dir, p, o, *(sets / f"{name}.jsonl" for name in VALIDATION.values())),
+                      say)
     return {**read_json(out / "results.json")["models"][0], "seconds_eval": record["seconds"]}
 
 

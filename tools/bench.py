@@ -301,7 +301,8 @@ def run_train_parts(a: argparse.Namespace, results: dict) -> None:
         results["train"] = {}
         for name, rows in workloads.items():
             run = results["train"][name] = bench_train.bench_train_workload(a.model, theirs, rows, a.train_steps, peak)
-            print(f"training ({name}): minisafe {run['minisafe_tok_s']:.0f} tok/s, before {run['minisafe-before_tok_s']:.0f}"
+            print(f"training ({name}): minisafe {run['minisafe_tok_s']:.0f} tok/s, "
+                  f"before {run['minisafe-before_tok_s']:.0f}"
                   f", transformers {run['transformers_tok_s']:.0f}; {run['ratio_vs_before']:.2f}x before, "
                   f"{run['ratio_vs_transformers']:.2f}x transformers, {run['share_of_bf16_peak']:.0%} of the bf16 peak",
                   flush=True)
@@ -321,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     import transformers  # the yardstick, a test-only dependency: deferred so that --help works without it
 
-    fetch_bundled(a.model, need_data=bool({"eval", "train", "sppft"} & set(a.parts)))  # before any timing, so that a missing input fails early
+    # Before any timing, so that a missing input fails early.
+    fetch_bundled(a.model, need_data=bool({"eval", "train", "sppft"} & set(a.parts)))
     prompts = data.read_prompts(data.default_malicious_path())[: a.eval_prompts] if "eval" in a.parts else []
     results: dict = {"command": ["python", "-m", "tools.bench", *(sys.argv[1:] if argv is None else argv)],
                      "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
