@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Step {summary['step']}/{summary['total_steps']}: loss {loss}{val}; {summary['tok_per_s'] or 0:.0f} tok/s.")
     if "audit" in summary:
         a = summary["audit"]
-        print(f"Audit: {a['changed']} of {a['tensors']} tensors changed, frozen and changed: {a['frozen_changed']}. "
-              f"Model: {cfg.out}")
+        rows = (f", frozen rows changed: {a['frozen_rows_changed']} of {a['tensors_with_frozen_rows']} tensors"
+                if a.get("tensors_with_frozen_rows") else "")
+        print(f"Audit: {a['changed']} of {a['tensors']} tensors changed, frozen and changed: {a['frozen_changed']}"
+              f"{rows}. Model: {cfg.out}")
     if summary["stopped"] == "max_steps":
         print("Stopped at --max-steps; continue to the end of the schedule with --resume.")
     return 0
