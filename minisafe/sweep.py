@@ -39,18 +39,18 @@ from minisafe.plots import plt, save_figure
 from minisafe.stats import Rate
 
 BASE = Recipe()
-# One lever at a time around BASE, in the order they run (the cheapest, most informative first; the larger model
-# last, since it trains several times slower).
+# One lever at a time around BASE, in the order they run: first the levers aimed at what the base recipe misses
+# (selectivity and utility), the larger model last, since it trains several times slower.
 VARIATIONS: dict[str, list[Any]] = {
+    "normal_targets": ["reference"],
     "dpo_epochs": [1],
     "normal": [700],
     "over_rejection": [300],
+    "answer_tokens": [128],
     "deep": [0.5],
     "epochs": [3],
     "lr": [2e-5, 5e-5],
     "dna_other": [150],
-    "answer_tokens": [128],
-    "normal_targets": ["reference"],
     "model": ["qwen2.5-coder-0.5b-instruct"],
 }
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
