@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND)
 
-.PHONY: setup setup-test fetch demo reproduce test bench docs clean-venv
+.PHONY: setup setup-test fetch demo reproduce test bench docs judge-check clean-venv
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ RESULT_RUNS = $(wildcard runs/demo runs/full) $(sort $(wildcard runs/locate-* ru
 docs: setup
 	$(PY) -m minisafe.report results $(RESULT_RUNS) --out docs/results.md
 	$(PY) -m minisafe.report bench runs/bench --out docs/bench.md
+
+# The refusal judges against the hand labels (minisafe/prompts/judge_labels.md): the keyword judge (the incumbent)
+# and keywords-plus, on the development half they were chosen on and on the report half that decides between them.
+judge-check: setup
+	$(PY) -m minisafe.judge_check --judge keywords --judge keywords-plus --split dev --out runs/judge-check/dev
+	$(PY) -m minisafe.judge_check --judge keywords --judge keywords-plus --split report --out runs/judge-check/report
 
 clean-venv:
 	rm -rf $(VENV)

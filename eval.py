@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p.add_argument("--template", choices=["chat", "alpaca"], default="chat",
                    help="prompt format: the model's own chat template or the paper's Alpaca template")
     p.add_argument("--judge", default="keywords",
-                   help="refusal judge: 'keywords' or a local chat model directory asked a yes/no question")
+                   help="refusal judge: 'keywords', 'probe:FILE' (a linear probe from minisafe.judge_probe) or a local chat "
+                        "model directory asked a yes/no question")
     p.add_argument("--refusal-phrases", metavar="F",
                    help="extra refusal openings for the keyword judge, one a line ('#' comments allowed)")
     p.add_argument("--examples", type=non_negative_int, default=1,

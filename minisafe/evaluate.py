@@ -203,7 +203,7 @@ def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate every model of cfg; writes results.json, responses.jsonl and report.md into cfg.out (after each
     model, so a long run keeps what it has finished)."""
-    from minisafe.judge import load_judge
+    from minisafe.judge import judge_inputs, load_judge
 
     _check_config(cfg)
     torch.manual_seed(cfg.seed)
@@ -213,8 +213,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     inputs = {f"{name}_set": s.path for name, s in sets.items()}
     if cfg.refusal_phrases:
         inputs["refusal_phrases"] = cfg.refusal_phrases
-    if cfg.judge != "keywords":
-        inputs["judge_model"] = cfg.judge
+    inputs |= judge_inputs(cfg.judge)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "seed", "command")}
     run = run_record(cfg.seed, inputs, **settings)
     if cfg.command is not None:
