@@ -43,8 +43,9 @@ bench: setup-test
 	$(PY) -m tools.bench
 
 # The generated documents: docs/results.md from the run directories that exist (the main job first, then the
-# locate, eval, mechanistic and synthetic runs by name), docs/bench.md from runs/bench/*.json.
-RESULT_RUNS = $(wildcard runs/demo runs/full) $(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*))
+# locate, eval, mechanistic and synthetic runs by name, and the judge checks), docs/bench.md from runs/bench/*.json.
+RESULT_RUNS = $(wildcard runs/demo runs/full) $(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*)) \
+	$(wildcard runs/judge-check-report runs/judge-check-dev)
 docs: setup
 	$(PY) -m minisafe.report results $(RESULT_RUNS) --out docs/results.md
 	$(PY) -m minisafe.report bench runs/bench --out docs/bench.md
@@ -52,8 +53,8 @@ docs: setup
 # The refusal judges against the hand labels (minisafe/prompts/judge_labels.md): the keyword judge (the incumbent)
 # and keywords-plus, on the development half they were chosen on and on the report half that decides between them.
 judge-check: setup
-	$(PY) -m minisafe.judge_check --judge keywords --judge keywords-plus --split dev --out runs/judge-check/dev
-	$(PY) -m minisafe.judge_check --judge keywords --judge keywords-plus --split report --out runs/judge-check/report
+	$(PY) -m minisafe.judge_check --judge keywords --judge keywords-plus --split report --out runs/judge-check-report
+	$(PY) -m minisafe.judge_check --judge keywords --judge keywords-plus --split dev --out runs/judge-check-dev
 
 clean-venv:
 	rm -rf $(VENV)

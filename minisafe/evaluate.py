@@ -16,8 +16,11 @@ Default sets (each flag also takes a file in any format minisafe.data reads, or 
   pairs never overlaps them (or exclude default_utility_rows() prompts when building one).
 `limit` keeps a seeded sample of each set, in file order.
 
-Outputs in `out`: results.json (rates as fractions, counts, judge, provenance), responses.jsonl (every prompt,
-response and verdict) and report.md (one table, a row per model, and example responses).
+Outputs in `out`: results.json (rates as fractions, counts, judge, the judge's measured error, provenance),
+responses.jsonl (every prompt, response and verdict) and report.md (one table, a row per model, the judge's measured
+error with the rates it widens, and example responses). The judge's error is its agreement with the report half of
+the hand labels (minisafe/prompts/judge_labels.jsonl), per kind of prompt; below 95% on a kind, that kind's rate
+intervals widen by the disagreement (minisafe.stats.widened_interval).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from minisafe.errors import ConfigError, DataError
 from minisafe.generate import generate
 from minisafe.io import atomic_write_json, atomic_write_text, run_record, sha256_file
 from minisafe.metrics import mean_rouge_l, response_nll, rouge_l
+from minisafe.stats import JUDGE_AGREEMENT_TARGET, widened_interval, wilson_interval
 
 SETS = ("harmful", "over_rejection", "utility")
 SPLIT_SEED = 0  # the default splits are fixed, whatever --seed samples, so runs with any seed share them
@@ -204,6 +208,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate every model of cfg; writes results.json, responses.jsonl and report.md into cfg.out (after each
     model, so a long run keeps what it has finished)."""
     from minisafe.judge import judge_inputs, load_judge
+    from minisafe.judge_check import measured_agreement
 
     _check_config(cfg)
     torch.manual_seed(cfg.seed)
@@ -219,7 +224,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.command is not None:
         run["command"] = list(cfg.command)
     results: dict[str, Any] = {
-        "format": RESULTS_FORMAT, "judge": judge.name,
+        "format": RESULTS_FORMAT, "judge": judge.name, "judge_error": measured_agreement(judge),
         "sets": {name: {"source": s.source, "path": str(s.path), "n": len(s.rows), "available": s.total}
                  for name, s in sets.items()},
         "models": [], "run": run}
@@ -288,6 +293,7 @@ def report(results: dict, responses: list[dict], examples: int = 1) -> str:
                      f"{_rate_cell(m, 'over_rejection', 'over_rejection_rate')} | "
                      f"{_rate_cell(m, 'utility', 'normal_refusal_rate')} | "
                      f"{_number(m['rouge_l'], 3)} | {_number(m['perplexity'], 2)} |")
+    lines += ["", *judge_error_lines(results)]
     lines += ["", "Sets: " + "; ".join(f"{name} = {s['source']} ({s['n']} of {s['available']})"
                                        for name, s in results["sets"].items()) + ".", ""]
     lines += ["## Example responses", "",
@@ -301,6 +307,36 @@ def report(results: dict, responses: list[dict], examples: int = 1) -> str:
                     lines += [f"- **{name}, {verdict}**: {_clip(r['prompt'], 160)}", "",
                               f"  > {_clip(r['response'], 300) or '(empty)'}", ""]
     return "\n".join(lines)
+
+
+# eval.py's sets -> the prompt sets of the hand labels the judge's error is measured on
+LABELLED_SETS = {"harmful": "malicious", "over_rejection": "over_rejection", "utility": "normal"}
+RATE_KEYS = {"harmful": "harmful_rate", "over_rejection": "over_rejection_rate", "utility": "normal_refusal_rate"}
+
+
+def judge_error_lines(results: dict) -> list[str]:
+    """The judge's measured agreement per kind of prompt and, where it is below the target, each rate's Wilson
+    interval widened by the disagreement (minisafe.stats.widened_interval)."""
+    error = results.get("judge_error")
+    if not error:
+        return []
+    kinds = error["prompt_sets"]
+    lines = [f"Judge error: agreement with the hand labels ({error['labels']}, {error['split']} half; "
+             "python -m minisafe.judge_check): " + ", ".join(
+                 f"{kind} {percent(k['agreement'])} (n={k['n']})" for kind, k in kinds.items()) + "."]
+    for m in results["models"]:
+        for name, kind in LABELLED_SETS.items():
+            margin = kinds.get(kind, {}).get("margin", 0)
+            if margin > 0 and m[RATE_KEYS[name]] is not None:
+                refused, n = m["refused"][name], m["n"][name]
+                k = n - refused if name == "harmful" else refused
+                low, high = wilson_interval(k, n)
+                wide = widened_interval(low, high, margin)
+                lines.append(f"- {m['name']}, {RATE_KEYS[name]}: the judge agrees on less than "
+                             f"{percent(JUDGE_AGREEMENT_TARGET)} of {kind} responses, so the 95% interval "
+                             f"[{percent(low)}, {percent(high)}] widens by {100 * margin:.1f} points to "
+                             f"[{percent(wide[0])}, {percent(wide[1])}].")
+    return lines
 
 
 def _clip(text: str, limit: int) -> str:

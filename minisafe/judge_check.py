@@ -1,6 +1,6 @@
 """How often does a refusal judge agree with hand labels? (minisafe/prompts/judge_labels.jsonl and .md)
 
-    python -m minisafe.judge_check [LABELS] --judge keywords --split report --out runs/judge-check
+    python -m minisafe.judge_check [LABELS] --judge keywords --split report --out runs/judge-check-report
 
 A label is refusal, compliance or neither; a judge says refused or not. "Refused" is the label refusal; compliance
 and neither are not refused (a model that did not decline answered, for R_h, however badly). For every group of
@@ -13,7 +13,7 @@ seen (judge_labels.md): the higher lowest accuracy over the three prompt sets; a
 Output in --out: report.md and results.json (format RESULTS_FORMAT): "labels" (path, sha256, split, rows),
 "judges" (per judge: "judge" name, "spec", "table" {group: n, accuracy/precision/recall {k, n, value, low, high},
 kappa, counts, neither_labels}, "widening" {prompt set: agreement, n, margin}, "disagreements" [rows]), "better"
-(with two judges or more: index, judge, spec, scores) and "record" (command line, versions, input hashes).
+(with two judges or more: index, judge, spec, scores) and "run" (command line, versions, input hashes).
 """
 
 from __future__ import annotations
@@ -209,6 +209,15 @@ def check_judge(rows: Sequence[dict], judge) -> dict:
             "disagreements": disagreements(rows, verdicts)}
 
 
+def measured_agreement(judge, labels: Path = LABELS_PATH, split: str = "report") -> dict:
+    """What a run's results record about its judge's error: the labels read and, per prompt set, the judge's
+    agreement with them and the margin its rates are widened by."""
+    rows = read_labels(labels, split)
+    verdicts = judge.refusals([r["prompt"] for r in rows], [r["response"] for r in rows])
+    return {"labels": str(labels), "labels_sha256": content_hash(labels), "split": split,
+            "prompt_sets": widening(agreement_table(rows, verdicts))}
+
+
 def score(result: dict) -> float:
     """The decision rule's score of a judge: its lowest accuracy over the prompt sets present."""
     return min(result["table"][s]["accuracy"]["value"] for s in PROMPT_SETS if result["table"].get(s, {}).get("n"))
@@ -298,7 +307,7 @@ def run_check(labels: Path, specs: Sequence[str], split: str, out: Path, judge_o
         r["spec"] = spec
     results = {"format": RESULTS_FORMAT, "labels": {"path": str(labels), "sha256": content_hash(labels),
                                                     "split": split, "rows": len(rows)},
-               "judges": judges, "record": run_record(SPLIT_SEED, {"labels": labels}, judges=list(specs), split=split)}
+               "judges": judges, "run": run_record(SPLIT_SEED, {"labels": labels}, judges=list(specs), split=split)}
     if len(judges) > 1:
         results["better"] = {"index": better(judges), "judge": judges[better(judges)]["judge"],
                              "spec": specs[better(judges)], "scores": [score(r) for r in judges]}

@@ -702,6 +702,7 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
                 located: tuple[int, int], num_layers: int) -> str:
     """report.md of the run: alignment, localisation, the Table 2 layout with controls and verdicts, the
     dose-response curves, wall times."""
+    from minisafe.evaluate import judge_error_lines
     from minisafe.locate import Search, format_table1
 
     loc = read_json(out / "locate" / "safety_layers.json")
@@ -711,6 +712,8 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
              f"Every rate is on held-out test prompts (greedy, {p.eval_tokens} new tokens, chat template). Attack: "
              f"{p.attack_pairs} pairs x {p.attack_epochs} epochs at lr {p.attack_lr:g} (x {list(p.attack_lr_scales)})"
              ".", ""]
+    # the judge's measured error on each kind of prompt (eval.py records it; older runs lack it)
+    lines += [*judge_error_lines({**read_json(out / "eval-aligned" / "results.json"), "models": []}), ""]
     attack_lines, results = attack_section(p, out, runs)
     lines += attack_lines[:attack_lines.index("## 3. Attacks (the paper's Table 2 layout, with its controls)")]
     lines += alignment_section(p, out)
