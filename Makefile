@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND)
 
-.PHONY: setup setup-test fetch demo reproduce sweep-align test bench docs clean-venv
+.PHONY: setup setup-test fetch demo reproduce sweep-align test bench docs judge-check clean-venv
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,11 +48,19 @@ bench: setup-test
 	$(PY) -m tools.bench
 
 # The generated documents: docs/results.md from the run directories that exist (the main job first, then the
-# locate, eval, mechanistic and synthetic runs by name), docs/bench.md from runs/bench/*.json.
-RESULT_RUNS = $(wildcard runs/demo runs/full runs/sweep) $(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*))
+# locate, eval, mechanistic and synthetic runs by name, and the judge checks), docs/bench.md from runs/bench/*.json.
+RESULT_RUNS = $(wildcard runs/demo runs/full runs/sweep) \
+	$(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*)) \
+	$(wildcard runs/judge-check-report runs/judge-check-dev)
 docs: setup
 	$(PY) -m minisafe.report results $(RESULT_RUNS) --out docs/results.md
 	$(PY) -m minisafe.report bench runs/bench --out docs/bench.md
+
+# The refusal judges against the hand labels (minisafe/prompts/judge_labels.md): the keyword judge (the incumbent)
+# and keywords-plus, on the development half they were chosen on and on the report half that decides between them.
+judge-check: setup
+	$(PY) -m minisafe.judge_check --judge keywords --judge keywords-plus --split report --out runs/judge-check-report
+	$(PY) -m minisafe.judge_check --judge keywords --judge keywords-plus --split dev --out runs/judge-check-dev
 
 clean-venv:
 	rm -rf $(VENV)

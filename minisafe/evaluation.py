@@ -16,8 +16,11 @@ Default sets (each flag also takes a file in any format minisafe.data reads, or 
   pairs never overlaps them (or exclude default_utility_rows() prompts when building one).
 `limit` keeps a seeded sample of each set, in file order.
 
-Outputs in `out`: results.json (rates as fractions, counts, judge, provenance), responses.jsonl (every prompt,
-response and verdict) and report.md (one table, a row per model, and example responses).
+Outputs in `out`: results.json (rates as fractions, counts, judge, the judge's measured error, provenance),
+responses.jsonl (every prompt, response and verdict) and report.md (one table, a row per model, the judge's measured
+error with the rates it widens, and example responses). The judge's error is its agreement with the report half of
+the hand labels (minisafe/prompts/judge_labels.jsonl), per kind of prompt; below 95% on a kind, that kind's rate
+intervals widen by the disagreement (minisafe.stats.widened_interval).
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from minisafe.cli import check_fields, device_name, non_negative_int, option, ou
 from minisafe.errors import ConfigError, DataError
 from minisafe.generate import generate
 from minisafe.io import atomic_write_json, atomic_write_text, file_hashes, run_record
-from minisafe.judge import load_judge
+from minisafe.judge import judge_inputs, load_judge
+from minisafe.judge_check import measured_agreement
 from minisafe.metrics import mean_rouge_l, response_nll, rouge_l
+from minisafe.stats import JUDGE_AGREEMENT_TARGET, widened_interval, wilson_interval
 from minisafe.tokenizer import TEMPLATES
 
 SETS = ("harmful", "over_rejection", "utility")
@@ -70,7 +75,8 @@ class EvalConfig:
     batch_size: int = option(16, "prompts per forward pass", type=positive_int)
     template: str = option("chat",
         "prompt format: the model's own chat template or the paper's Alpaca template", choices=TEMPLATES)
-    judge: str = option("keywords", "refusal judge: 'keywords' or a local chat model directory asked a yes/no question")
+    judge: str = option("keywords", "refusal judge: 'keywords', 'keywords-plus', 'probe:FILE' (a linear probe from "
+                                    "minisafe.judge_probe) or a local chat model directory asked a yes/no question")
     refusal_phrases: str | None = option(None,
         "extra refusal openings for the keyword judge, one a line ('#' comments allowed)", metavar="F")
     device: str = option("cpu", "cpu or cuda", type=device_name)
@@ -219,14 +225,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     inputs = {f"{name}_set": s.path for name, s in sets.items()}
     if cfg.refusal_phrases:
         inputs["refusal_phrases"] = cfg.refusal_phrases
-    if cfg.judge != "keywords":
-        inputs["judge_model"] = cfg.judge
+    inputs |= judge_inputs(cfg.judge)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "seed", "command")}
     run = run_record(cfg.seed, inputs, **settings)
     if cfg.command is not None:
         run["command"] = list(cfg.command)
     results: dict[str, Any] = {
-        "format": RESULTS_FORMAT, "judge": judge.name,
+        "format": RESULTS_FORMAT, "judge": judge.name, "judge_error": measured_agreement(judge),
         "sets": {name: {"source": s.source, "path": str(s.path), "n": len(s.rows), "available": s.total}
                  for name, s in sets.items()},
         "models": [], "run": run}
@@ -292,6 +297,7 @@ def report(results: dict, responses: list[dict], examples: int = 1) -> str:
                      f"{_rate_cell(m, 'over_rejection', 'over_rejection_rate')} | "
                      f"{_rate_cell(m, 'utility', 'normal_refusal_rate')} | "
                      f"{_number(m['rouge_l'], 3)} | {_number(m['perplexity'], 2)} |")
+    lines += ["", *judge_error_lines(results)]
     lines += ["", "Sets: " + "; ".join(f"{name} = {s['source']} ({s['n']} of {s['available']})"
                                        for name, s in results["sets"].items()) + ".", ""]
     lines += ["## Example responses", "",
@@ -305,6 +311,36 @@ def report(results: dict, responses: list[dict], examples: int = 1) -> str:
                     lines += [f"- **{name}, {verdict}**: {_clip(r['prompt'], 160)}", "",
                               f"  > {_clip(r['response'], 300) or '(empty)'}", ""]
     return "\n".join(lines)
+
+
+# eval.py's sets -> the prompt sets of the hand labels the judge's error is measured on
+LABELLED_SETS = {"harmful": "malicious", "over_rejection": "over_rejection", "utility": "normal"}
+RATE_KEYS = {"harmful": "harmful_rate", "over_rejection": "over_rejection_rate", "utility": "normal_refusal_rate"}
+
+
+def judge_error_lines(results: dict) -> list[str]:
+    """The judge's measured agreement per kind of prompt and, where it is below the target, each rate's Wilson
+    interval widened by the disagreement (minisafe.stats.widened_interval)."""
+    error = results.get("judge_error")
+    if not error:
+        return []
+    kinds = error["prompt_sets"]
+    lines = [f"Judge error: agreement with the hand labels ({error['labels']}, {error['split']} half; "
+             "python -m minisafe.judge_check): " + ", ".join(
+                 f"{kind} {percent(k['agreement'])} (n={k['n']})" for kind, k in kinds.items()) + "."]
+    for m in results["models"]:
+        for name, kind in LABELLED_SETS.items():
+            margin = kinds.get(kind, {}).get("margin", 0)
+            if margin > 0 and m[RATE_KEYS[name]] is not None:
+                refused, n = m["refused"][name], m["n"][name]
+                k = n - refused if name == "harmful" else refused
+                low, high = wilson_interval(k, n)
+                wide = widened_interval(low, high, margin)
+                lines.append(f"- {m['name']}, {RATE_KEYS[name]}: the judge agrees on less than "
+                             f"{percent(JUDGE_AGREEMENT_TARGET)} of {kind} responses, so the 95% interval "
+                             f"[{percent(low)}, {percent(high)}] widens by {100 * margin:.1f} points to "
+                             f"[{percent(wide[0])}, {percent(wide[1])}].")
+    return lines
 
 
 def _clip(text: str, limit: int) -> str:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from minisafe import data
+from minisafe.evaluation import judge_error_lines
 from minisafe.io import read_json
 from minisafe.locating import Search, format_table1
 from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
@@ -205,6 +206,8 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
              f"Every rate is on held-out test prompts (greedy, {p.eval_tokens} new tokens, chat template). Attack: "
              f"{p.attack_pairs} pairs x {p.attack_epochs} epochs at lr {p.attack_lr:g} (x {list(p.attack_lr_scales)})"
              ".", ""]
+    # the judge's measured error on each kind of prompt (eval.py records it; older runs lack it)
+    lines += [*judge_error_lines({**read_json(out / "eval-aligned" / "results.json"), "models": []}), ""]
     attack_lines, results = attack_section(p, out, runs)
     lines += attack_lines[:attack_lines.index("## 3. Attacks (the paper's Table 2 layout, with its controls)")]
     lines += alignment_section(p, out)

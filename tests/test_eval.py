@@ -12,6 +12,7 @@ from minisafe.errors import ConfigError, DataError
 from minisafe.evaluation import EvalConfig, report, run_eval, sample
 from minisafe import metrics
 from minisafe.metrics import lcs_length, length_batches, perplexity, response_nll, rouge_l
+from minisafe.stats import wilson_interval
 from tiny import save_tiny
 
 # ---------------------------------------------------------------- ROUGE-L
@@ -254,3 +255,18 @@ def test_missing_model_directory_is_a_config_error(sets, tmp_path):
 def test_cli_reports_a_bad_input_on_stderr_with_exit_code_2(tiny_dir, sets, tmp_path, capsys):
     assert main(cli_args([tiny_dir], tmp_path, sets, "--harmful", str(tmp_path / "absent.csv"))) == 2
     assert "eval.py: error:" in capsys.readouterr().err
+
+
+def test_the_report_names_the_judges_measured_error_and_widens_rates_below_the_target():
+    from minisafe.evaluation import judge_error_lines
+
+    results = {"judge_error": {"labels": "judge_labels.jsonl", "split": "report", "prompt_sets": {
+                   "malicious": {"agreement": 0.9, "n": 10, "margin": 0.1},
+                   "normal": {"agreement": 1.0, "n": 10, "margin": 0.0}}},
+               "models": [{"name": "a", "harmful_rate": 0.5, "normal_refusal_rate": 0.0, "over_rejection_rate": None,
+                           "refused": {"harmful": 5, "utility": 0}, "n": {"harmful": 10, "utility": 10}}]}
+    lines = judge_error_lines(results)
+    assert "malicious 90.0% (n=10)" in lines[0]
+    assert len(lines) == 2 and "harmful_rate" in lines[1]  # only the rate on a kind below the target is widened
+    low, high = wilson_interval(5, 10)
+    assert f"to [{100 * (low - 0.1):.1f}%, {100 * (high + 0.1):.1f}%]" in lines[1]

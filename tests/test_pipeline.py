@@ -62,6 +62,7 @@ def test_pipeline_writes_every_artefact_and_a_report_in_the_paper_layout(run):
     for heading in ("## Verdicts", "## 1. Alignment", "## 2. Locating the safety layers", "## 3. Attacks",
                     "## 4. Dose-response", "## 5. Frozen-share sweep", "## Wall time per step"):
         assert heading in text
+    assert "Judge error: agreement with the hand labels" in text  # the judge's measured error beside the rates
     located = json.loads((out / "locate" / "safety_layers.json").read_text())
     assert {"first", "last", "alpha", "initial", "baseline_refusals", "trace"} <= set(located)
     assert (out / "locate" / "cosine.png").stat().st_size > 0 and (out / "locate_base" / "cosine.png").is_file()
