@@ -54,7 +54,7 @@ RESULT_RUNS = $(wildcard runs/demo runs/full runs/sweep) \
 	$(wildcard runs/judge-check-report runs/judge-check-dev)
 docs: setup
 	$(PY) -m minisafe.report results $(RESULT_RUNS) --out docs/results.md
-	$(PY) -m minisafe.report bench runs/bench --out docs/bench.md
+	$(if $(wildcard runs/bench/*.json),$(PY) -m minisafe.report bench runs/bench --out docs/bench.md,@echo "no runs/bench/*.json: make bench writes one")
 
 # The refusal judges against the hand labels (minisafe/prompts/judge_labels.md): the keyword judge (the incumbent)
 # and keywords-plus, on the development half they were chosen on and on the report half that decides between them.
