@@ -54,6 +54,7 @@ RESULT_RUNS = $(wildcard runs/demo runs/full runs/sweep) \
 	$(wildcard runs/judge-check-report runs/judge-check-dev)
 docs: setup
 	$(PY) -m minisafe.report results $(RESULT_RUNS) --out docs/results.md
+	$(if $(wildcard runs/demo/report.md),$(PY) -m minisafe.report headline runs/demo --out README.md)
 	$(if $(wildcard runs/bench/*.json),$(PY) -m minisafe.report bench runs/bench --out docs/bench.md,@echo "no runs/bench/*.json: make bench writes one")
 
 # The refusal judges against the hand labels (minisafe/prompts/judge_labels.md): the keyword judge (the incumbent)

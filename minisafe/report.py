@@ -317,14 +317,58 @@ class BenchCommand:
     out: Path = option(Path("docs/bench.md"), "the document to write", type=Path)
 
 
-def parse_command(argv: list[str]) -> ResultsCommand | BenchCommand:
+@dataclass
+class HeadlineCommand:
+    """python -m minisafe.report headline: the README's headline table, from a pipeline run's report.md."""
+    run: Path = option(help="a pipeline run directory (its report.md)", type=Path, positional=True)
+    out: Path = option(Path("README.md"), "the file whose headline block to rewrite", type=Path)
+
+
+COMMANDS = {"results": ResultsCommand, "bench": BenchCommand, "headline": HeadlineCommand}
+HEADLINE_START = "<!-- headline: written by `make docs` (python -m minisafe.report headline); do not edit -->"
+HEADLINE_END = "<!-- /headline -->"
+
+
+def headline_block(run: Path, command: str) -> list[str]:
+    """The first attack's Table 2 rows (method, frozen, R_h, rise) and every verdict line of a run's report.md."""
+    lines = read_report(run).splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| attack | method |")), None)
+    if start is None:
+        raise ConfigError(f"{run / 'report.md'}: no Table 2 rows ('| attack | method | ...'); not a pipeline report")
+    rows = [line.split(" | ") for line in lines[start + 2:] if line.startswith("| ")]
+    end = next((i for i, row in enumerate(rows) if row[0] != rows[0][0]), len(rows))
+    table = ["| method | frozen | R_h % [95% CI] | rise over aligned, points |", "|---|---|---|---|"]
+    table += [f"| {row[1]} | {row[2]} | {row[3]} | {row[4]} |" for row in rows[:end]]
+    first = lines.index("## Verdicts") + 1 if "## Verdicts" in lines else len(lines)
+    section = lines[first:next((i for i in range(first, len(lines)) if lines[i].startswith("#")), len(lines))]
+    verdicts = [line for line in section if line.startswith("- ")]
+    title = f"{rows[0][0].lstrip('| ')}, {run} (`{command}`):"
+    return [HEADLINE_START, "", title, "", *table, "", *verdicts, "", HEADLINE_END]
+
+
+def read_report(run: Path) -> str:
+    path = run / "report.md"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run the pipeline into {run} first")
+    return path.read_text(encoding="utf-8")
+
+
+def with_headline(text: str, block: list[str], path: Path) -> str:
+    """text with the lines between the headline markers (markers included) replaced by block."""
+    if HEADLINE_START not in text or HEADLINE_END not in text:
+        raise ConfigError(f"{path}: no headline block ({HEADLINE_START} ... {HEADLINE_END})")
+    before, rest = text.split(HEADLINE_START, 1)
+    return before + "\n".join(block) + rest.split(HEADLINE_END, 1)[1]
+
+
+def parse_command(argv: list[str]) -> ResultsCommand | BenchCommand | HeadlineCommand:
     """The document asked for and its inputs."""
     parser = Parser(prog="python -m minisafe.report", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="document", required=True)
-    for name, command in (("results", ResultsCommand), ("bench", BenchCommand)):
+    for name, command in COMMANDS.items():
         add_options(sub.add_parser(name, help=command.__doc__.split(": ", 1)[1].rstrip(".")), command)
     args = parser.parse_args(argv)
-    return config_from_args(ResultsCommand if args.document == "results" else BenchCommand, args)
+    return config_from_args(COMMANDS[args.document], args)
 
 
 @script()
@@ -335,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "minisafe.report", *argv])
     if isinstance(args, ResultsCommand):
         text = results_document(args.runs, args.out, command)
-    else:
+    elif isinstance(args, BenchCommand):
         text = bench_document(bench_files(args.sources), command)
+    else:
+        run_command_of = recorded_command(args.run) or "a pipeline run"
+        text = with_headline(args.out.read_text(encoding="utf-8"), headline_block(args.run, run_command_of), args.out)
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     return 0

@@ -139,3 +139,30 @@ def test_bench_document_shows_training_at_the_pipeline_settings_and_sppft(tmp_pa
     assert "| attack | 8 | 400 | 200 | 250 | 2.00x | 1.60x | 31% |" in text
     assert "median step-time ratio 0.88, AdamW state 0.80x, peak memory 0.90x" in text
     assert "| sppft | 2.20 | 110.0 M | 819 | 2700 |" in text
+
+
+def test_the_readme_headline_is_rewritten_between_its_markers_from_a_pipeline_report(tmp_path, monkeypatch):
+    from minisafe.report import HEADLINE_END, HEADLINE_START
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"command": ["python", "-m", "minisafe.pipeline", "--out", "runs/demo"]}))
+    (run / "report.md").write_text("\n".join([
+        "# demo", "", "## Verdicts", "", "- D_I: no protection detected (numbers)", "", "## 1. Alignment", "",
+        "- refuses >= 90% of HarmBench test: MISSED", "", "### D_I", "",
+        "| attack | method | frozen | R_h % [95% CI] | rise over aligned, points | method - SPPFT, points | seeds x prompts |",
+        "|---|---|---|---|---|---|---|",
+        "| D_I | aligned | - | 18.0 [8.0, 30.0] | - | - | 1 x 50 |",
+        "| D_I | full | none | 88.0 [78.0, 96.0] | +70.0 [+56.0, +82.0] | +5.0 [+0.0, +12.0] | 2 x 50 |", ""]))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# tool\n\nbefore\n\n{HEADLINE_START}\nold rows\n{HEADLINE_END}\n\nafter\n")
+    assert main(["headline", "runs/demo", "--out", "README.md"]) == 0
+    text = readme.read_text()
+    assert "old rows" not in text and text.startswith("# tool\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    assert "| full | none | 88.0 [78.0, 96.0] | +70.0 [+56.0, +82.0] |" in text
+    assert "- D_I: no protection detected (numbers)" in text and "HarmBench test: MISSED" not in text
+    assert "`python -m minisafe.pipeline --out runs/demo`" in text
+    assert main(["headline", "runs/demo", "--out", "README.md"]) == 0 and readme.read_text() == text
+    readme.write_text("# no markers\n")
+    assert main(["headline", "runs/demo", "--out", "README.md"]) == 2
