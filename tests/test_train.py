@@ -351,3 +351,30 @@ def test_logits_at_labelled_positions_only_give_the_loss_and_gradients_of_full_l
     assert fast[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
     for name, grad in plain[1].items():
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_micro_batch_splits_by_length_only_where_it_saves_padding_and_keeps_the_gradient(files, monkeypatch):
+    from minisafe import training
+    from minisafe.checkpoint import load
+
+    seq = lambda n: (list(range(1, n + 1)), [IGNORE] + list(range(2, n + 1)))  # noqa: E731
+    examples = [(seq(n),) for n in (5, 40, 6, 38, 7, 41, 5, 39)]
+    groups = training.length_groups(examples, list(range(8)))
+    assert len(groups) == 2 and sorted(groups[0] + groups[1]) == list(range(8))
+    assert max(len(examples[i][0][0]) for i in groups[0]) < min(len(examples[i][0][0]) for i in groups[1])
+    even = [(seq(n),) for n in (20, 21, 22, 20)]
+    assert training.length_groups(even, [0, 1, 2, 3]) == [[0, 1, 2, 3]]
+
+    def one_step() -> dict[str, torch.Tensor]:
+        model, _ = load(files["model"])
+        params = list(model.parameters())
+        cfg = TrainConfig(model="", data="", out="", batch_size=8, grad_clip=0.0)
+        training.optimizer_step(model, torch.optim.SGD(params, lr=1.0), params, examples, list(range(8)), 1.0, cfg,
+                                None, 0, training.Dist())
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    split = one_step()
+    monkeypatch.setattr(training, "length_groups", lambda examples, rows: [rows])
+    whole = one_step()
+    for name, weight in whole.items():
+        torch.testing.assert_close(split[name], weight, rtol=1e-5, atol=1e-6, msg=name)

@@ -6,8 +6,9 @@ Workloads (--train-data FILE ... or, by default, built from the fetched data the
   align:  alignment-style rows: HarmBench prompts -> a refusal phrasing, ShareGPT prompts -> their answers.
 Each is tokenized by train.py's encode (chat template, max_len 160) and cut into batches of 8 in a seeded order.
 Every contender trains in bfloat16 autocast with float32 weights, clips the gradient norm at 1 and steps AdamW:
-  minisafe         train.micro_loss_sum (the head only at labelled positions) inside fastpath.fast_training (attention
-                   as two matmuls) and the fused AdamW, as train.py runs;
+  minisafe         training.optimizer_step, as train.py runs it: micro-batches split by length where that saves
+                   padding, the head only at labelled positions, attention as two matmuls (fastpath.fast_training),
+                   the fused AdamW;
   minisafe-before  logits at every position, copied to float32 for the loss, and the unfused AdamW: train.py's
                    path before the training-speed change;
   transformers     AutoModelForCausalLM with labels (its own loss over all positions) and the fused AdamW.
@@ -30,7 +31,7 @@ from minisafe import builders, data
 from minisafe.fastpath import fast_training
 from minisafe.freeze import FreezeSpec, apply_freeze, parse_layer_range
 from minisafe.objectives import IGNORE
-from minisafe.training import Example, TrainConfig, collate, micro_loss_sum, tokenize
+from minisafe.training import Dist, Example, TrainConfig, collate, optimizer_step, tokenize
 
 BATCH, MAX_LEN = 8, 160
 Step = Callable[[list[tuple[list[int], list[int]]]], None]
@@ -67,16 +68,17 @@ def finish_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.opt
 
 
 def minisafe_step(model, pad_id: int) -> Step:
-    """What train.py runs: micro_loss_sum (logits at labelled positions only), fused AdamW."""
-    cfg = TrainConfig(model="", data="", out="", dtype="bfloat16")
+    """What train.py runs: its optimizer_step (length groups, logits at labelled positions only, the fused AdamW)
+    inside fastpath.fast_training."""
+    cfg = TrainConfig(model="", data="", out="", dtype="bfloat16", batch_size=BATCH)
     optimizer = optimizer_for(model, fused=True)
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def step(batch):
         examples = [(sequence,) for sequence in batch]
-        count = sum(sum(label != IGNORE for label in labels[1:]) for _, labels in batch)
         with fast_training(model):
-            loss = micro_loss_sum(model, examples, list(range(len(batch))), cfg, None, pad_id, torch.device("cpu"))
-            finish_step(model, loss / count, optimizer)
+            optimizer_step(model, optimizer, params, examples, list(range(len(batch))), 1e-5, cfg, None, pad_id,
+                           Dist())
     step.optimizer = optimizer  # type: ignore[attr-defined]  # for the memory part's AdamW-state count
     return step
 
