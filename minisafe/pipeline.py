@@ -51,6 +51,8 @@ from minisafe.training import TrainConfig, train
 # no freezing, the safety layers, the paper's NFFT control (as many random neurons), as many random layers off the
 # safety layers, as many layers right before / after them (the paper's ablation)
 METHODS = ("full", "sppft", "nfft", "random", "before", "after")
+# The alignment recipe both profiles use: the alignment sweep's (minisafe.sweep) base recipe until the sweep, which
+# scores recipes on validation splits only, has chosen one (runs/sweep/sweep.json).
 RECIPE = Recipe()
 
 

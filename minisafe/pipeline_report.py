@@ -26,10 +26,6 @@ if TYPE_CHECKING:  # annotations only: the pipeline imports this module
 
 ATTACKS = {"implicit": "D_I (implicit attack)", "normal": "D_N (normal data)", "backdoor": "D_B (backdoor)",
            "harmful": "harmful mix"}
-# The alignment recipe both profiles use: chosen by the alignment sweep (minisafe.sweep) on validation splits.
-
-def _pct(rate: float | None) -> str:
-    return "-" if rate is None else f"{100 * rate:.1f}"
 
 
 def _results(out: Path, label: str, test_set: str | None = None) -> dict:

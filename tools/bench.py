@@ -293,7 +293,7 @@ def run_dtype_parts(a: argparse.Namespace, prompts: list[str], results: dict) ->
 
 def run_train_parts(a: argparse.Namespace, results: dict) -> None:
     """Training at the pipeline's settings (three contenders, every workload) and SPPFT against full fine-tuning."""
-    workloads = (bench_train.read_rows(a.train_data) if a.train_data else
+    workloads = (bench_train.workloads_from_files(a.train_data) if a.train_data else
                  {name: bench_train.workload_rows(name) for name in ("attack", "align")})
     peak = results["peak_gflop_s"]["bfloat16"]["peak"]
     if "train" in a.parts:

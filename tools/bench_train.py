@@ -198,6 +198,6 @@ def bench_sppft_memory(path: str, rows: list[dict], freeze: str, threads: int) -
             "peak_rss_ratio": sppft["peak_rss_mb"] / full["peak_rss_mb"]}
 
 
-def read_rows(files: list[str]) -> dict[str, list[dict]]:
+def workloads_from_files(files: list[str]) -> dict[str, list[dict]]:
     """--train-data files as named workloads (by file stem)."""
     return {Path(f).stem: data.read_dataset(f) for f in files}
