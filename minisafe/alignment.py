@@ -93,12 +93,16 @@ def greedy_answerer(model_dir: str | Path) -> Callable[[list[str], int], list[st
     return answer
 
 
-def own_answers(model_dir: str | Path, prompts: list[str], tokens: int, cache: Path) -> list[str]:
-    """The unaligned model's greedy answers to prompts, each cut to its last full sentence; cached by model hash."""
+def own_answerer(model_dir: str | Path, tokens: int, cache: Path) -> Callable[[list[str]], list[str]]:
+    """own(prompts): the unaligned model's greedy answers, each cut to its last full sentence; cached by model hash
+    (hashed once, the model loaded at most once, whatever the number of calls)."""
     answer = greedy_answerer(model_dir)
     key = f"{content_hash(model_dir)}:greedy:{tokens}"
-    raw = builders.cached_responses(prompts, lambda missing: answer(missing, tokens), cache, key)
-    return [complete_sentences(text) for text in raw]
+
+    def own(prompts: list[str]) -> list[str]:
+        raw = builders.cached_responses(prompts, lambda missing: answer(missing, tokens), cache, key)
+        return [complete_sentences(text) for text in raw]
+    return own
 
 
 def with_answers(rows: list[dict], answers: list[str]) -> list[dict]:
@@ -144,7 +148,8 @@ def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Pat
     else:
         distilled = ANSWERED_POOLS
     prompts = [row["prompt"] for pool in distilled for row in answered[pool]]
-    own = dict(zip(prompts, own_answers(model_dir, prompts, recipe.answer_tokens, cache)))
+    ask = own_answerer(model_dir, recipe.answer_tokens, cache)
+    own = dict(zip(prompts, ask(prompts)))
     normal = with_answers(answered["instructions"], [own[r["prompt"]] for r in answered["instructions"]])
     normal = (answered["normal"] if recipe.normal_targets == "reference" else
               with_answers(answered["normal"], [own[r["prompt"]] for r in answered["normal"]])) + normal
@@ -152,7 +157,7 @@ def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Pat
     sft = builders.alignment_sft(malicious, normal, refusals, seed=seed, over_rejection=over)
     harmful: list[dict] = []
     if recipe.deep or recipe.dpo_epochs:
-        answers = own_answers(model_dir, [r["prompt"] for r in malicious], recipe.answer_tokens, cache)
+        answers = ask([r["prompt"] for r in malicious])
         judge = KeywordJudge()  # a harmful answer that is itself a refusal teaches nothing (or the opposite)
         harmful = [row for row in with_answers(malicious, answers) if not judge.is_refusal(row["response"])]
     if recipe.deep:

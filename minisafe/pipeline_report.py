@@ -141,9 +141,10 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[s
         specs = {m: frozen_description(out, [r for r in members if r.method == m]) for m in tables}
         lines += [f"### {group}", "", *TABLE_HEADER,
                   f"| {group} | aligned | - | {bootstrap_mean(aligned).points()} | - | - | 1 x {len(prompts)} |"]
-        lines += table_rows(group, results[group], specs) + ["", f"Verdict: {verdict(group, results[group])}", ""]
+        said = verdict(group, results[group])
+        lines += table_rows(group, results[group], specs) + ["", f"Verdict: {said}", ""]
         lines += utility_rows(out, members) + [""]
-        verdicts.append(f"- {verdict(group, results[group])}")
+        verdicts.append(f"- {said}")
     return ["## Verdicts", "", *verdicts, "", "![forest](forest.png)", ""] + lines, results
 
 
@@ -173,18 +174,20 @@ def steps_trained(run_dir: Path) -> int:
 def dose_curves(p: Profile, out: Path, runs: list[AttackRun]) -> dict[str, dict[str, list]]:
     """R_h after 0 (the aligned model), each dose share and all of each attack's steps, per method."""
     aligned = prompt_outcomes(out / "eval-aligned", "harmful")
+    prompts = sorted(aligned)
+    start = (0.0, bootstrap_mean(outcome_table([aligned], prompts)))
+    step_of = lambda snapshot: int(snapshot.name.removeprefix("snapshot-"))  # noqa: E731
     curves: dict[str, dict[str, list]] = {}
     for group, members in attack_groups(runs).items():
         dosed = [r for r in members if r.seed in p.seeds[:p.dose_seeds] and r.lr_scale == 1]
         for method in dict.fromkeys(r.method for r in dosed):
             mine = [r for r in dosed if r.method == method]
-            prompts = sorted(aligned)
-            points = [(0.0, bootstrap_mean(outcome_table([aligned], prompts)))]
-            snapshots = sorted((out / f"attack-{mine[0].label}").glob("snapshot-*"), key=lambda d: int(d.name[9:]))
+            points = [start]
+            snapshots = sorted((out / f"attack-{mine[0].label}").glob("snapshot-*"), key=step_of)
             total = steps_trained(out / f"attack-{mine[0].label}")
             for snapshot in snapshots:
                 rows = [prompt_outcomes(out / f"dose-{r.label}-{snapshot.name}", "harmful") for r in mine]
-                points.append((int(snapshot.name[9:]) / total, bootstrap_mean(outcome_table(rows, prompts))))
+                points.append((step_of(snapshot) / total, bootstrap_mean(outcome_table(rows, prompts))))
             rows = [prompt_outcomes(out / f"eval-{r.label}", "harmful") for r in mine]
             points.append((1.0, bootstrap_mean(outcome_table(rows, prompts))))
             curves.setdefault(group, {})[method] = points
