@@ -46,11 +46,11 @@ VARIATIONS: dict[str, list[Any]] = {
     "dpo_epochs": [1],
     "normal": [700],
     "over_rejection": [300],
-    "answer_tokens": [128],
     "deep": [0.5],
     "epochs": [3],
-    "lr": [2e-5, 5e-5],
+    "lr": [5e-5, 2e-5],
     "dna_other": [150],
+    "answer_tokens": [128],
     "model": ["qwen2.5-coder-0.5b-instruct"],
 }
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
