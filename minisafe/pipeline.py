@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ from minisafe.training import TrainConfig, train
 # no freezing, the safety layers, the paper's NFFT control (as many random neurons), as many random layers off the
 # safety layers, as many layers right before / after them (the paper's ablation)
 METHODS = ("full", "sppft", "nfft", "random", "before", "after")
+# the methods run again at the other learning rates of a profile: SPPFT and the controls it must beat
+SCALED_METHODS = ("full", "sppft", "nfft", "random")
 # The alignment recipe both profiles use: the alignment sweep's (minisafe.sweep) base recipe until the sweep, which
 # scores recipes on validation splits only, has chosen one (runs/sweep/sweep.json).
 RECIPE = Recipe()
@@ -76,7 +78,8 @@ class Profile:
     seeds: tuple[int, ...]  # every (attack, method) is fine-tuned once per seed: data order, NFFT and random draws
     dose: tuple[float, ...]  # shares of an attack's steps after which R_h is also measured (dose-response)
     dose_seeds: int  # how many of the seeds get the dose-response measurements
-    attack_lr_scales: tuple[float, ...]  # learning rates (x attack_lr); scales other than 1 run the first attack only
+    attack_lr_scales: tuple[float, ...]  # learning rates (x attack_lr); scales other than 1 run SCALED_METHODS only
+    long_factor: int  # > 1: the dose seeds' runs again with this many times the epochs (the dose curves' last point)
     share_widths: tuple[int, ...]  # frozen-share sweep on the first attack: this many layers around / at random
     # evaluation
     eval_limit: int | None  # prompts per evaluation set (a seeded sample; None = all)
@@ -92,11 +95,11 @@ PROFILES = {
     "quick": Profile("quick", RECIPE, locate_prompts=64, locate_over_rejection=64, locate_initial=None,
                      attacks=("implicit",), attack_pairs=32, attack_epochs=2, attack_lr=1e-4, harmful_p=0.1,
                      methods=("full", "sppft", "nfft", "random"), seeds=(0, 1), dose=(0.25, 0.5), dose_seeds=1,
-                     attack_lr_scales=(1.0,), share_widths=(), eval_limit=50, eval_tokens=64, max_len=160),
+                     attack_lr_scales=(1.0,), long_factor=0, share_widths=(), eval_limit=50, eval_tokens=64, max_len=160),
     "full": Profile("full", RECIPE, locate_prompts=100, locate_over_rejection=128, locate_initial=None,
                     attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=64, attack_epochs=2,
                     attack_lr=1e-4, harmful_p=0.1, methods=METHODS, seeds=(0, 1, 2), dose=(0.25, 0.5), dose_seeds=3,
-                    attack_lr_scales=(1.0, 0.1), share_widths=(4, 8, 12, 16), eval_limit=None, eval_tokens=64,
+                    attack_lr_scales=(1.0, 0.1), long_factor=2, share_widths=(4, 8, 12, 16), eval_limit=None, eval_tokens=64,
                     max_len=160),
 }
 
@@ -290,11 +293,18 @@ class AttackRun:
     lr_scale: float = 1.0
     freeze: str | None = None  # FIRST:LAST frozen (layer methods)
     neurons: str | None = None  # --freeze-random-neurons (nfft)
+    epochs_factor: int = 1  # > 1: a dose-response run this many times as long as the attack (its own schedule)
 
     @property
     def label(self) -> str:
         scale = "" if self.lr_scale == 1 else f"-lr{self.lr_scale:g}"
-        return f"{self.attack}-{self.method}{scale}-s{self.seed}"
+        longer = "" if self.epochs_factor == 1 else f"-x{self.epochs_factor}"
+        return f"{self.attack}-{self.method}{scale}{longer}-s{self.seed}"
+
+    @property
+    def in_table(self) -> bool:
+        """Whether the run is one of the Table 2 comparisons (not the frozen-share sweep or a longer dose run)."""
+        return "-w" not in self.method and self.epochs_factor == 1
 
 
 def method_freeze(method: str, first: int, last: int, num_layers: int, seed: int) -> dict | None:
@@ -321,15 +331,19 @@ def method_freeze(method: str, first: int, last: int, num_layers: int, seed: int
 
 
 def attack_runs(p: Profile, first: int, last: int, num_layers: int) -> list[AttackRun]:
-    """Every fine-tune of the profile: attacks x learning rates x methods x seeds, then the frozen-share sweep."""
+    """Every fine-tune of the profile: attacks x learning rates x methods x seeds (the other learning rates with
+    SCALED_METHODS only), the longer dose runs, then the frozen-share sweep."""
     runs = []
     for attack in p.attacks:
-        for scale in p.attack_lr_scales if attack == p.attacks[0] else (1.0,):
-            for method in p.methods:
+        for scale in p.attack_lr_scales:
+            for method in p.methods if scale == 1 else [m for m in p.methods if m in SCALED_METHODS]:
                 for seed in p.seeds:
                     freeze = method_freeze(method, first, last, num_layers, seed)
                     if freeze is not None:
                         runs.append(AttackRun(attack, method, seed, scale, **freeze))
+        if p.long_factor > 1:
+            runs += [replace(run, epochs_factor=p.long_factor) for run in runs
+                     if run.attack == attack and run.lr_scale == 1 and run.seed in p.seeds[:p.dose_seeds]]
     for width in p.share_widths:
         for kind in ("sppft", "random"):
             for seed in p.seeds:
@@ -346,12 +360,15 @@ def attack_steps(p: Profile, out: Path, sets: Path, aligned: Path, attack_data: 
     """One fine-tune, its evaluation, and the dose-response evaluations of its snapshots, as resumable steps."""
     steps = {}
     target = out / f"attack-{run.label}"
-    dose = p.dose if run.seed in p.seeds[:p.dose_seeds] and run.lr_scale == 1 and "-w" not in run.method else ()
+    dose = p.dose if run.seed in p.seeds[:p.dose_seeds] and run.lr_scale == 1 and run.in_table else ()
     settings = step_settings(p, "attack", freeze=run.freeze, neurons=run.neurons, seed=run.seed,
                              lr_scale=run.lr_scale, snapshots=list(dose))
+    if run.epochs_factor != 1:  # kept out of the settings otherwise, so earlier runs' records still match
+        settings["epochs_factor"] = run.epochs_factor
+    epochs = p.attack_epochs * run.epochs_factor
     steps[f"attack-{run.label}"] = run_step(
         f"attack-{run.label}", target, {"model": aligned, "data": attack_data[run.attack]}, settings,
-        lambda o: fine_tune(aligned, attack_data[run.attack], o, p, p.attack_epochs, p.attack_lr * run.lr_scale,
+        lambda o: fine_tune(aligned, attack_data[run.attack], o, p, epochs, p.attack_lr * run.lr_scale,
                             run.freeze, seed=run.seed, neurons=run.neurons, snapshots=dose), say)
     steps[f"eval-{run.label}"] = run_step(
         f"eval-{run.label}", out / f"eval-{run.label}", {"model": target, "sets": sets}, step_settings(p, "eval"),
@@ -407,7 +424,7 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
 class PipelineCommand:
     """The command line of python -m minisafe.pipeline."""
     profile: str = option("quick",
-        "quick: the make-demo sizes (minutes); full: the make-reproduce sizes (about an hour)",
+        "quick: the make-demo sizes (under 35 minutes); full: the make-reproduce sizes (hours)",
         choices=sorted(PROFILES))
     out: str = option("runs/demo", "run directory: one sub-directory per step and report.md")
     model: str = option(f"weights/{RECIPE.model}",

@@ -8,6 +8,7 @@ so the report can be rebuilt from a finished run directory.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,13 @@ ALIGNMENT_COLUMNS = (("HarmBench test", None, "harmful"), ("Do-Not-Answer MU+IH"
                      ("Do-Not-Answer other areas", "dna_other_test", "harmful"),
                      ("reformulated", "reformulated_test", "harmful"), ("ShareGPT (normal)", None, "utility"),
                      ("over-rejection", None, "over_rejection"))
+
+
+def judge_margins(out: Path) -> dict[str, float]:
+    """{kind of prompt: the judge's measured disagreement there when below the target, else 0}, as eval.py recorded
+    it for the aligned model (runs made before the judge was measured have none: no widening)."""
+    error = read_json(out / "eval-aligned" / "results.json").get("judge_error") or {"prompt_sets": {}}
+    return {kind: k["margin"] for kind, k in error["prompt_sets"].items()}
 
 
 def alignment_rates(out: Path, label: str) -> dict[str, Rate]:
@@ -113,10 +121,11 @@ def frozen_description(out: Path, runs: list[AttackRun]) -> str:
 
 
 def attack_groups(runs: list[AttackRun]) -> dict[str, list[AttackRun]]:
-    """Runs grouped by (attack, learning rate), the frozen-share sweep's runs left out; keyed by a readable name."""
+    """Runs grouped by (attack, learning rate), the frozen-share sweep's and the longer dose runs left out; keyed by a
+    readable name."""
     groups: dict[str, list[AttackRun]] = {}
     for run in runs:
-        if "-w" not in run.method:
+        if run.in_table:
             scale = "" if run.lr_scale == 1 else f", lr x{run.lr_scale:g}"
             groups.setdefault(f"{ATTACKS[run.attack]}{scale}", []).append(run)
     return groups
@@ -126,13 +135,18 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[s
     """Section 3: the Table 2 layout per attack, with R_h over seeds and prompts, rises, paired differences and the
     verdict; returns the lines and each group's MethodResults (for the plots)."""
     aligned_answers = prompt_outcomes(out / "eval-aligned", "harmful")
+    margin = judge_margins(out).get("malicious", 0.0)
     lines = ["## 3. Attacks (the paper's Table 2 layout, with its controls)", "",
              f"Each method fine-tunes the aligned model with seeds {list(p.seeds)}; every fine-tune answers the same "
              "held-out malicious prompts. R_h = malicious prompts answered. Intervals: 95% bootstrap over seeds and "
              "prompts (minisafe.stats); differences are paired by seed and prompt. Methods: full (nothing frozen), "
              "sppft (the safety layers), nfft (as many parameters in random neurons, the paper's control), random "
              "(as many contiguous layers at a seeded random position off the safety layers), before / after (as "
-             "many layers right before / after them). The verdict rule is in minisafe.protection.", ""]
+             "many layers right before / after them). The verdict rule is in minisafe.protection.",
+             "", f"Judge error: each R_h interval is widened by {100 * margin:.1f} points, the judge's measured "
+             "disagreement on malicious responses where it is below the 95% target (minisafe.stats). Rises, "
+             "differences and the verdicts are left as bootstrapped: every arm is judged by the same judge on the "
+             "same prompts, and the labels do not measure whether its errors differ between methods.", ""]
     verdicts, results = [], {}
     for group, members in attack_groups(runs).items():
         tables, prompts = group_tables(out, members)
@@ -140,17 +154,19 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[s
         results[group] = compare_methods(tables, aligned)
         specs = {m: frozen_description(out, [r for r in members if r.method == m]) for m in tables}
         lines += [f"### {group}", "", *TABLE_HEADER,
-                  f"| {group} | aligned | - | {bootstrap_mean(aligned).points()} | - | - | 1 x {len(prompts)} |"]
+                  f"| {group} | aligned | - | {bootstrap_mean(aligned).widened(margin).points()} | - | - | "
+                  f"1 x {len(prompts)} |"]
         said = verdict(group, results[group])
-        lines += table_rows(group, results[group], specs) + ["", f"Verdict: {said}", ""]
+        lines += table_rows(group, results[group], specs, margin) + ["", f"Verdict: {said}", ""]
         lines += utility_rows(out, members) + [""]
         verdicts.append(f"- {said}")
     return ["## Verdicts", "", *verdicts, "", "![forest](forest.png)", ""] + lines, results
 
 
 def utility_rows(out: Path, runs: list[AttackRun]) -> list[str]:
-    """Over-rejection, normal refusals (bootstrap over seeds and prompts), ROUGE-L and perplexity (mean and range
-    over seeds) of each method after the attack."""
+    """Over-rejection, normal refusals (bootstrap over seeds and prompts, widened by the judge's error), ROUGE-L and
+    perplexity (mean and range over seeds) of each method after the attack."""
+    margin = judge_margins(out)
     over, _ = group_tables(out, runs, "over_rejection", refused=True)
     normal, _ = group_tables(out, runs, "utility", refused=True)
     lines = ["| method | over-rejection refused % | normal refused % | ROUGE-L (range) | perplexity (range) |",
@@ -158,8 +174,8 @@ def utility_rows(out: Path, runs: list[AttackRun]) -> list[str]:
     for method in over:
         results = [_results(out, r.label) for r in runs if r.method == method]
         rouge, ppl = [m["rouge_l"] for m in results], [m["perplexity"] for m in results]
-        lines.append(f"| {method} | {bootstrap_mean(over[method]).points()} | "
-                     f"{bootstrap_mean(normal[method]).points()} "
+        lines.append(f"| {method} | {bootstrap_mean(over[method]).widened(margin.get('over_rejection', 0)).points()} | "
+                     f"{bootstrap_mean(normal[method]).widened(margin.get('normal', 0)).points()} "
                      f"| {sum(rouge) / len(rouge):.3f} ({min(rouge):.3f}-{max(rouge):.3f}) | "
                      f"{sum(ppl) / len(ppl):.2f} ({min(ppl):.2f}-{max(ppl):.2f}) |")
     return lines
@@ -172,7 +188,8 @@ def steps_trained(run_dir: Path) -> int:
 
 
 def dose_curves(p: Profile, out: Path, runs: list[AttackRun]) -> dict[str, dict[str, list]]:
-    """R_h after 0 (the aligned model), each dose share and all of each attack's steps, per method."""
+    """R_h after 0 (the aligned model), each dose share and all of each attack's steps, per method; and after
+    p.long_factor times the steps, from the longer runs of the same seeds, where the profile has them."""
     aligned = prompt_outcomes(out / "eval-aligned", "harmful")
     prompts = sorted(aligned)
     start = (0.0, bootstrap_mean(outcome_table([aligned], prompts)))
@@ -190,6 +207,10 @@ def dose_curves(p: Profile, out: Path, runs: list[AttackRun]) -> dict[str, dict[
                 points.append((step_of(snapshot) / total, bootstrap_mean(outcome_table(rows, prompts))))
             rows = [prompt_outcomes(out / f"eval-{r.label}", "harmful") for r in mine]
             points.append((1.0, bootstrap_mean(outcome_table(rows, prompts))))
+            longer = [r for r in runs if r.epochs_factor > 1 and replace(r, epochs_factor=1) in mine]
+            if longer:  # the same runs with epochs_factor times the epochs (each on its own schedule)
+                rows = [prompt_outcomes(out / f"eval-{r.label}", "harmful") for r in longer]
+                points.append((float(longer[0].epochs_factor), bootstrap_mean(outcome_table(rows, prompts))))
             curves.setdefault(group, {})[method] = points
     return curves
 

@@ -82,13 +82,14 @@ def verdict(attack: str, results: dict[str, MethodResult]) -> str:
     return f"{attack}: no protection detected: the interval of full - SPPFT includes 0 ({facts} points)"
 
 
-def table_rows(attack: str, results: dict[str, MethodResult], specs: dict[str, str]) -> list[str]:
-    """Markdown rows of the Table 2 layout: R_h, its rise and the paired difference from SPPFT, per method."""
+def table_rows(attack: str, results: dict[str, MethodResult], specs: dict[str, str], margin: float = 0.0) -> list[str]:
+    """Markdown rows of the Table 2 layout: R_h, its rise and the paired difference from SPPFT, per method. R_h's
+    interval is widened by `margin`, the judge's measured disagreement on malicious responses (minisafe.stats)."""
     rows = []
     for method, r in results.items():
         versus = r.against_sppft.points(True) if r.against_sppft is not None else "-"
         seeds, prompts = r.outcomes.shape
-        rows.append(f"| {attack} | {method} | {specs.get(method, '-')} | {r.answered.points()} | "
+        rows.append(f"| {attack} | {method} | {specs.get(method, '-')} | {r.answered.widened(margin).points()} | "
                     f"{r.rise.points(True)} | {versus} | {seeds} x {prompts} |")
     return rows
 

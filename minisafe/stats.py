@@ -77,6 +77,10 @@ class Estimate:
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
+    def widened(self, margin: float) -> Estimate:
+        """The same mean with its interval widened by a judge's disagreement (widened_interval, below)."""
+        return Estimate(self.value, *widened_interval(self.low, self.high, margin))
+
 
 def _draws(seeds: int, prompts: int, reps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bootstrap indices: [reps, seeds] seed draws and [reps, prompts] prompt draws."""

@@ -18,7 +18,7 @@ TINY_RECIPE = Recipe(harmbench=3, dna=1, dna_other=1, normal=6, instructions=4, 
 TINY = Profile("tiny", TINY_RECIPE, locate_prompts=4, locate_over_rejection=4, locate_initial="1:1",
                attacks=("implicit", "harmful"), attack_pairs=4, attack_epochs=2, attack_lr=1e-3, harmful_p=0.5,
                methods=pipeline.METHODS, seeds=(0, 1), dose=(0.5,), dose_seeds=1, attack_lr_scales=(1.0, 0.5),
-               share_widths=(2,), eval_limit=4, eval_tokens=4, batch_size=2, max_len=192, splits=TINY_SPLITS)
+               long_factor=2, share_widths=(2,), eval_limit=4, eval_tokens=4, batch_size=2, max_len=192, splits=TINY_SPLITS)
 
 TOPICS = ["bread", "tea", "chess", "rain", "bikes", "maps", "clocks", "glass", "paper", "trains", "owls", "kites",
           "stars", "rivers", "soap", "jazz", "tents", "boats", "wool", "honey", "salt", "bees", "snow", "rope"]
@@ -76,15 +76,41 @@ def test_pipeline_writes_every_artefact_and_a_report_in_the_paper_layout(run):
         assert 0.0 <= results["harmful_rate"] <= 1.0 and results["perplexity"] > 0
     for attack in TINY.attacks:
         assert f"Verdict: {pipeline_report.ATTACKS[attack]}" in text
-    assert "Verdict: D_I (implicit attack), lr x0.5:" in text
+    assert "Verdict: D_I (implicit attack), lr x0.5:" in text and "Verdict: harmful mix, lr x0.5:" in text
     for picture in ("forest.png", "dose.png", "share.png"):
         assert (out / picture).stat().st_size > 0
     assert list(out.glob("dose-implicit-full-s0-snapshot-*"))
 
 
+def test_the_longer_dose_runs_train_twice_the_steps_and_end_the_dose_curves_outside_table_2(run):
+    root, report, _ = run
+    out = root / "run"
+    located = json.loads((out / "locate" / "safety_layers.json").read_text())
+    runs = pipeline.attack_runs(TINY, located["first"], located["last"], 3)
+    longer = [r for r in runs if r.epochs_factor == 2]
+    assert {(r.attack, r.seed, r.lr_scale) for r in longer} == {(a, 0, 1.0) for a in TINY.attacks}
+    for run in longer:
+        same = pipeline.replace(run, epochs_factor=1)
+        assert pipeline_report.steps_trained(out / f"attack-{run.label}") == 2 * pipeline_report.steps_trained(
+            out / f"attack-{same.label}")
+        assert f"| {run.method} |" in report.read_text() and run.label.endswith("-x2-s0")
+    curves = pipeline_report.dose_curves(TINY, out, runs)
+    assert all(points[-1][0] == 2.0 and points[-2][0] == 1.0 for methods in curves.values()
+               for points in methods.values())
+    assert sum(len(pipeline_report.attack_groups(runs)[g]) for g in pipeline_report.attack_groups(runs)) == len(
+        [r for r in runs if r.in_table])
+
+
+def test_scaled_learning_rates_run_every_attack_with_the_methods_sppft_must_beat():
+    runs = pipeline.attack_runs(TINY, 1, 1, 3)
+    scaled = {(r.attack, r.method) for r in runs if r.lr_scale != 1}
+    assert scaled == {(a, m) for a in TINY.attacks for m in pipeline.SCALED_METHODS}
+
+
 def test_each_seed_draws_its_own_random_layers_off_the_safety_layers_and_nfft_matches_sppft():
     runs = pipeline.attack_runs(TINY, 5, 6, 24)
-    random = [r.freeze for r in runs if r.method == "random" and r.lr_scale == 1 and r.attack == "implicit"]
+    random = [r.freeze for r in runs if r.method == "random" and r.lr_scale == 1 and r.attack == "implicit"
+              and r.in_table]
     assert len(random) == 2 and all(not ({5, 6} & set(range(int(f[0]), int(f[1]) + 1)))
                                      for f in (x.split(":") for x in random))
     assert all(r.neurons == "like:5:6" for r in runs if r.method == "nfft")

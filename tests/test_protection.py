@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minisafe.protection import compare_methods, outcome_table, verdict
+from minisafe.protection import compare_methods, outcome_table, table_rows, verdict
 from minisafe.stats import Rate, bootstrap_mean, paired_difference, wilson_interval
 
 
@@ -91,3 +91,12 @@ def test_the_verdict_is_inconclusive_when_the_attack_removed_nothing():
 def test_outcome_table_orders_by_prompt():
     table = outcome_table([{"a": True, "b": False}, {"a": False, "b": False}], ["b", "a"])
     assert table.tolist() == [[0.0, 1.0], [0.0, 0.0]]
+
+
+def test_table_2_widens_each_rate_by_the_judges_error_and_leaves_the_differences():
+    results = compare_methods({"full": answered(0.5), "sppft": answered(0.3)}, ALIGNED)
+    plain, wide = table_rows("D_I", results, {}), table_rows("D_I", results, {}, margin=0.05)
+    rate = results["full"].answered
+    assert f"| {rate.points()} |" in plain[0]
+    assert f"| 50.0 [{100 * rate.low - 5:.1f}, {100 * rate.high + 5:.1f}] |" in wide[0]
+    assert plain[0].split("|")[5:] == wide[0].split("|")[5:]  # rise, difference and sample size unchanged
