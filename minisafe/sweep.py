@@ -3,7 +3,7 @@
     python -m minisafe.sweep --out runs/sweep                 # the whole grid; a rerun skips finished recipes
     python -m minisafe.sweep --out runs/sweep --only base lr=2e-05
 
-The grid is BASE and then each value of VARIATIONS, one lever changed at a time (expand_grid). Every recipe is
+The grid is BASE, each value of VARIATIONS (one lever changed at a time), then COMBINATIONS (expand_grid). Every recipe is
 trained exactly as the pipeline trains its alignment (pipeline.align_steps, the full profile's settings) and scored
 on validation splits carved from the training sources (pipeline.Splits): HarmBench train half and Do-Not-Answer
 (malicious), ShareGPT (normal), over-rejection prompts. The pipeline's test splits are written by the same data step
@@ -53,6 +53,9 @@ VARIATIONS: dict[str, list[Any]] = {
     "answer_tokens": [128],
     "model": ["qwen2.5-coder-0.5b-instruct"],
 }
+# Then recipes that change several levers at once, each combining levers that helped alone (chosen from the one-lever
+# rows' validation scores, never from a test split).
+COMBINATIONS: list[dict[str, Any]] = []
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
 
 
@@ -70,14 +73,18 @@ class Target:
 TARGET = Target()
 
 
-def expand_grid(base: Recipe = BASE, variations: dict[str, list[Any]] = VARIATIONS) -> list[tuple[str, Recipe]]:
-    """[(name, recipe)]: 'base', then one recipe per value of each lever, named 'lever=value'."""
+def expand_grid(base: Recipe = BASE, variations: dict[str, list[Any]] = VARIATIONS,
+                combinations: list[dict[str, Any]] = COMBINATIONS) -> list[tuple[str, Recipe]]:
+    """[(name, recipe)]: 'base', then one recipe per value of each lever, named 'lever=value', then each
+    combination, named 'lever=value+lever=value'."""
+    changes = [{lever: value} for lever, values in variations.items() for value in values] + combinations
     grid = [("base", base)]
-    for lever, values in variations.items():
-        if lever not in asdict(base):
-            raise ConfigError(f"sweep lever {lever!r} is not a Recipe field")
-        grid += [(f"{lever}={value}", replace(base, **{lever: value})) for value in values
-                 if value != getattr(base, lever)]
+    for change in changes:
+        unknown = sorted(set(change) - set(asdict(base)))
+        if unknown:
+            raise ConfigError(f"sweep lever {unknown[0]!r} is not a Recipe field")
+        if any(value != getattr(base, lever) for lever, value in change.items()):
+            grid.append(("+".join(f"{lever}={value}" for lever, value in change.items()), replace(base, **change)))
     return grid
 
 

@@ -22,6 +22,15 @@ def test_the_grid_is_the_base_then_one_lever_changed_at_a_time():
         expand_grid(base, {"learning_rate": [1.0]})
 
 
+def test_combinations_follow_the_one_lever_recipes_and_change_every_lever_they_name():
+    base = Recipe(epochs=2, lr=3e-5)
+    grid = expand_grid(base, {"lr": [5e-5]}, [{"lr": 5e-5, "epochs": 3}, {"lr": 3e-5}])
+    assert [name for name, _ in grid] == ["base", "lr=5e-05", "lr=5e-05+epochs=3"]  # {"lr": 3e-5} is the base
+    assert grid[2][1] == replace(base, lr=5e-5, epochs=3)
+    with pytest.raises(Exception, match="not a Recipe field"):
+        expand_grid(base, {}, [{"lr": 1e-5, "steps": 3}])
+
+
 def test_distance_is_zero_inside_the_target_box_and_counts_shortfalls_in_points():
     rate = lambda k, n=100: {"k": k, "n": n}  # noqa: E731
     base = {"malicious": rate(10), "normal": rate(2), "over_rejection": rate(0), "rouge_l": 0.2, "perplexity": 5.0}
