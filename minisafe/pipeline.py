@@ -44,7 +44,7 @@ from minisafe.evaluation import EvalConfig, run_eval
 from minisafe.freeze import parse_layer_range
 from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record
 from minisafe.locating import LocateConfig, run_locate
-from minisafe.pipeline_report import demo_report
+from minisafe.pipeline_report import alignment_report, demo_report
 from minisafe.splits import SPLITS, Splits, build_sets
 from minisafe.training import TrainConfig, train
 
@@ -381,8 +381,9 @@ def attack_steps(p: Profile, out: Path, sets: Path, aligned: Path, attack_data: 
 
 
 def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_dir: str | Path,
-                 say: Callable[[str], None] = print) -> Path:
-    """Every step of the main job; returns the path of report.md."""
+                 say: Callable[[str], None] = print, alignment_only: bool = False) -> Path:
+    """Every step of the main job (with alignment_only, up to the evaluation of the aligned model); returns the path
+    of report.md."""
     out, data_dir, model_dir = Path(out), Path(data_dir), Path(model_dir)
     settings = lambda step, **extra: step_settings(profile, step, **extra)  # noqa: E731
     steps: dict[str, dict] = {}
@@ -395,6 +396,10 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
         steps[f"eval-{label}"] = run_step(f"eval-{label}", out / f"eval-{label}", {"model": path, "sets": sets},
                                           settings("eval", extra=True),
                                           lambda o, m=path: evaluate_tests(m, sets, profile, o, True), say)
+    if alignment_only:
+        report = out / "report.md"
+        atomic_write_text(report, alignment_report(profile, out, model_dir, steps))
+        return report
     steps["locate"] = run_step("locate", out / "locate", {"model": aligned, "sets": sets},
                                settings("locate"), lambda o: locate_step(aligned, sets, profile, o, scaling=True), say)
     steps["locate_base"] = run_step("locate_base", out / "locate_base", {"model": model_dir, "sets": sets},
@@ -431,6 +436,8 @@ class PipelineCommand:
         f"unaligned chat model to align and attack (the bundled one: `python -m tools.weights fetch {RECIPE.model}`)")
     data: str = option("data", "directory of the fetched datasets (`python -m tools.fetch_data` writes them)")
     threads: int = option(0, "torch threads (0 = torch's default)", type=non_negative_int)
+    alignment_only: bool = option(False, "stop after aligning and evaluating the aligned model on the test splits "
+                                  "(report.md then holds the alignment table only; a later run without it goes on)")
 
 
 @script()
@@ -449,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     record = run_record(PROFILES[args.profile].seed, {"model": args.model, "data": args.data}, profile=args.profile)
     record["command"] = ["python", "-m", "minisafe.pipeline", *(sys.argv[1:] if argv is None else argv)]
     atomic_write_json(Path(args.out) / "run.json", record)  # the command docs/results.md shows for this run
-    report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data)
+    report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data, alignment_only=args.alignment_only)
     print(f"report: {report}")
     return 0
 

@@ -215,6 +215,23 @@ def dose_curves(p: Profile, out: Path, runs: list[AttackRun]) -> dict[str, dict[
     return curves
 
 
+def wall_time_lines(steps: dict[str, dict]) -> list[str]:
+    """The wall time of every step of the run, and their total."""
+    lines = ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {name} | {record['seconds']:.0f} |" for name, record in steps.items()]
+    return lines + ["", f"Total: {sum(r['seconds'] for r in steps.values()) / 60:.1f} min (steps that ran in earlier "
+                    "invocations count with the time they took then).", ""]
+
+
+def alignment_report(p: Profile, out: Path, model_dir: Path, steps: dict[str, dict]) -> str:
+    """report.md of a run stopped after the alignment (--alignment-only): the alignment table and wall times."""
+    lines = [f"# minisafe alignment ({p.name} profile)", "",
+             f"Model: {model_dir.name}, aligned (minisafe.alignment). Judge: {_results(out, 'aligned')['judge']}. "
+             f"Every rate is on held-out test prompts (greedy, {p.eval_tokens} new tokens, chat template).", "",
+             *judge_error_lines({**read_json(out / "eval-aligned" / "results.json"), "models": []}), ""]
+    return "\n".join(lines + alignment_section(p, out) + wall_time_lines(steps))
+
+
 def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], steps: dict[str, dict],
                 located: tuple[int, int], num_layers: int) -> str:
     """report.md of the run: alignment, localisation, the Table 2 layout with controls and verdicts, the
@@ -247,11 +264,7 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
                   f"{list(p.seeds[:p.dose_seeds])}; 0 = the aligned model):", "", "![dose](dose.png)", ""]
     if p.share_widths:
         lines += share_section(out, runs)
-    lines += ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {name} | {record['seconds']:.0f} |" for name, record in steps.items()]
-    lines += ["", f"Total: {sum(r['seconds'] for r in steps.values()) / 60:.1f} min (steps that ran in earlier "
-              "invocations count with the time they took then).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + wall_time_lines(steps))
 
 
 def share_section(out: Path, runs: list[AttackRun]) -> list[str]:

@@ -182,3 +182,12 @@ def test_an_interrupted_fine_tune_is_not_recorded_as_a_finished_step(tmp_path, m
                           lambda o: pipeline.fine_tune("model", tmp_path / "d.jsonl", o, TINY, 1, 1e-3, None),
                           say=lambda m: None)
     assert not (tmp_path / "attack-x" / "step.json").exists()
+
+
+def test_alignment_only_stops_after_the_aligned_models_evaluation_and_reports_its_table(run, tmp_path):
+    root, _, _ = run
+    report = run_pipeline(TINY, tmp_path / "run", root / "model", root / "data", say=lambda _: None,
+                          alignment_only=True)
+    text = report.read_text()
+    assert "## 1. Alignment" in text and "refuses >= 90% of HarmBench test" in text and "## 3. Attacks" not in text
+    assert (tmp_path / "run" / "eval-aligned" / "results.json").is_file() and not (tmp_path / "run" / "locate").exists()
