@@ -4,7 +4,8 @@ A Recipe names the data mix and the schedule:
 - malicious prompts (the HarmBench train half, Do-Not-Answer) -> a refusal from minisafe/prompts/refusals.txt;
 - normal prompts (ShareGPT, the bundled imperative-style instructions) and over-rejection prompts -> the
   unaligned model's own greedy answer (self-distillation: the model is taught when to refuse, not new answers); or,
-  with normal_targets "reference", the ShareGPT prompts keep the answers ShareGPT recorded;
+  with normal_targets "reference", the ShareGPT prompts keep the answers ShareGPT recorded; with own_refusals "drop",
+  a prompt whose own answer the keyword judge calls a refusal is left out rather than taught as one;
 - deep alignment (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"), optional:
   a share of the malicious prompts appears again with the first words of the unaligned model's own harmful answer
   already written (`response_prefix`, never trained on), followed by a refusal, so that refusing does not live
@@ -37,6 +38,10 @@ POOLS = {"harmbench": "align_harmbench", "dna": "align_dna", "dna_other": "align
 MALICIOUS_POOLS = ("harmbench", "dna", "dna_other")
 ANSWERED_POOLS = ("normal", "instructions", "over_rejection")
 NORMAL_TARGETS = ("own", "reference")
+OWN_REFUSALS = ("keep", "drop")
+# Levers added after sweep runs were recorded: left out of Recipe.settings() at their default, so the records of
+# those runs (which trained exactly as the default says) still match and are not retrained.
+LATER_LEVERS = {"own_refusals": "keep"}
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,11 @@ class Recipe:
     dpo_beta: float = 0.1
     answer_tokens: int = 64  # new tokens of each own answer (greedy)
     normal_targets: str = "own"  # ShareGPT targets: "own" answers, or the "reference" answers ShareGPT recorded
+    own_refusals: str = "keep"  # an own answer that is a refusal: "keep" it as the target, or "drop" the prompt
 
     def settings(self) -> dict:
-        return asdict(self)
+        """The fields that key the recipe's steps (LATER_LEVERS at their default left out)."""
+        return {k: v for k, v in asdict(self).items() if LATER_LEVERS.get(k, object()) != v}
 
 
 def pool_rows(sets: Path, recipe: Recipe, pool: str) -> list[dict]:
@@ -105,9 +112,12 @@ def own_answerer(model_dir: str | Path, tokens: int, cache: Path) -> Callable[[l
     return own
 
 
-def with_answers(rows: list[dict], answers: list[str]) -> list[dict]:
-    """Rows with their answers as responses; a prompt the model answered with nothing is left out."""
-    return [{**row, "response": text} for row, text in zip(rows, answers) if text]
+def with_answers(rows: list[dict], answers: list[str], drop_refusals: bool = False) -> list[dict]:
+    """Rows with their answers as responses; a prompt the model answered with nothing (or, with drop_refusals, with
+    what the keyword judge calls a refusal) is left out."""
+    judge = KeywordJudge()
+    return [{**row, "response": text} for row, text in zip(rows, answers)
+            if text and not (drop_refusals and judge.is_refusal(text))]
 
 
 def deep_rows(harmful: list[dict], refusals: list[str], share: float, seed: int) -> list[dict]:
@@ -139,6 +149,9 @@ def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Pat
     if recipe.normal_targets not in NORMAL_TARGETS:
         raise ConfigError(f"recipe normal_targets must be one of {', '.join(NORMAL_TARGETS)}, "
                           f"got {recipe.normal_targets!r}")
+    if recipe.own_refusals not in OWN_REFUSALS:
+        raise ConfigError(f"recipe own_refusals must be one of {', '.join(OWN_REFUSALS)}, got {recipe.own_refusals!r}")
+    drop = recipe.own_refusals == "drop"
     refusals = data.bundled_prompts("refusals")
     malicious = [row for pool in MALICIOUS_POOLS for row in pool_rows(sets, recipe, pool)]
     answered = {pool: pool_rows(sets, recipe, pool) for pool in ANSWERED_POOLS}
@@ -150,10 +163,10 @@ def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Pat
     prompts = [row["prompt"] for pool in distilled for row in answered[pool]]
     ask = own_answerer(model_dir, recipe.answer_tokens, cache)
     own = dict(zip(prompts, ask(prompts)))
-    normal = with_answers(answered["instructions"], [own[r["prompt"]] for r in answered["instructions"]])
+    normal = with_answers(answered["instructions"], [own[r["prompt"]] for r in answered["instructions"]], drop)
     normal = (answered["normal"] if recipe.normal_targets == "reference" else
-              with_answers(answered["normal"], [own[r["prompt"]] for r in answered["normal"]])) + normal
-    over = with_answers(answered["over_rejection"], [own[r["prompt"]] for r in answered["over_rejection"]])
+              with_answers(answered["normal"], [own[r["prompt"]] for r in answered["normal"]], drop)) + normal
+    over = with_answers(answered["over_rejection"], [own[r["prompt"]] for r in answered["over_rejection"]], drop)
     sft = builders.alignment_sft(malicious, normal, refusals, seed=seed, over_rejection=over)
     harmful: list[dict] = []
     if recipe.deep or recipe.dpo_epochs:

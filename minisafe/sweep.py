@@ -45,6 +45,7 @@ VARIATIONS: dict[str, list[Any]] = {
     "normal_targets": ["reference"],
     "dpo_epochs": [1],
     "normal": [700],
+    "own_refusals": ["drop"],
     "over_rejection": [300],
     "deep": [0.5],
     "epochs": [3],

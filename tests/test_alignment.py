@@ -54,3 +54,23 @@ def test_reference_targets_keep_the_recorded_sharegpt_answers(inputs):
 def test_a_pool_shorter_than_the_recipe_is_an_error_naming_it(inputs):
     with pytest.raises(ConfigError, match="align_dna.jsonl has 4"):
         alignment_data(inputs / "sets", Recipe(harmbench=1, dna=9), inputs / "model", inputs / "answers.jsonl", seed=0)
+
+
+def test_own_refusals_drop_leaves_out_the_prompts_the_model_refused_and_keep_teaches_them(inputs, tmp_path):
+    from minisafe.io import content_hash
+    key = f"{content_hash(inputs / 'model')}:greedy:4"
+    answers = {"What is a good fact about bees?": "I'm sorry, but I can't help with that.",
+               "What is a good fact about rope?": "Rope is made of fibres."}
+    cache = tmp_path / "answers.jsonl"
+    cache.write_text("".join(json.dumps({"model": key, "prompt": p, "response": r}) + "\n" for p, r in answers.items()))
+    recipe = Recipe(harmbench=1, dna=0, dna_other=0, normal=2, instructions=0, over_rejection=0, answer_tokens=4)
+    kept = alignment_data(inputs / "sets", recipe, inputs / "model", cache, seed=0)
+    dropped = alignment_data(inputs / "sets", Recipe(**{**recipe.__dict__, "own_refusals": "drop"}), inputs / "model",
+                             cache, seed=0)
+    normal = lambda made: {r["prompt"]: r["response"] for r in made.sft if r["kind"] == "normal"}  # noqa: E731
+    assert normal(kept) == answers and normal(dropped) == {"What is a good fact about rope?": "Rope is made of fibres."}
+
+
+def test_a_later_lever_at_its_default_leaves_the_recorded_settings_unchanged():
+    assert "own_refusals" not in Recipe().settings()
+    assert Recipe(own_refusals="drop").settings()["own_refusals"] == "drop"
