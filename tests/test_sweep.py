@@ -8,7 +8,7 @@ import pytest
 
 from minisafe import splits
 from minisafe.alignment import Recipe
-from minisafe.sweep import distance, expand_grid, run_sweep
+from minisafe.sweep import distance, expand_grid, run_sweep, shortfalls
 from test_pipeline import TINY, TINY_RECIPE, write_sources
 from tiny import save_tiny
 
@@ -38,6 +38,8 @@ def test_distance_is_zero_inside_the_target_box_and_counts_shortfalls_in_points(
     assert distance(inside, base) == 0
     outside = {**inside, "malicious": rate(80), "normal": rate(12)}  # 10 points short, 5 points over (2 + 5 = 7 cap)
     assert distance(outside, base) == pytest.approx(15.0)
+    missed = {bound: gap for bound, gap in shortfalls(outside, base).items() if gap}
+    assert missed == {"malicious refused >= 90%": pytest.approx(10.0), "normal refused <= 7%": pytest.approx(5.0)}
 
 
 @pytest.fixture(scope="module")
