@@ -40,7 +40,8 @@ from minisafe.stats import Rate
 
 BASE = Recipe()
 # One lever at a time around BASE, in the order they run: first the levers aimed at what the base recipe misses
-# (selectivity and utility), the larger model last, since it trains several times slower.
+# (selectivity and utility), then the larger model (whether it can be the subject at all), then the schedule, and
+# last the lever that regenerates every own answer (answer_tokens).
 VARIATIONS: dict[str, list[Any]] = {
     "normal_targets": ["reference"],
     "dpo_epochs": [1],
@@ -48,11 +49,11 @@ VARIATIONS: dict[str, list[Any]] = {
     "own_refusals": ["drop"],
     "over_rejection": [300],
     "deep": [0.5],
-    "epochs": [3],
+    "model": ["qwen2.5-coder-0.5b-instruct"],
+    "epochs": [3, 1, 4],
     "lr": [5e-5, 2e-5],
     "dna_other": [150],
     "answer_tokens": [128],
-    "model": ["qwen2.5-coder-0.5b-instruct"],
 }
 # Then recipes that change several levers at once, each combining levers that helped alone (chosen from the one-lever
 # rows' validation scores, never from a test split).
