@@ -79,7 +79,7 @@ class Profile:
     dose: tuple[float, ...]  # shares of an attack's steps after which R_h is also measured (dose-response)
     dose_seeds: int  # how many of the seeds get the dose-response measurements
     attack_lr_scales: tuple[float, ...]  # learning rates (x attack_lr); scales other than 1 run SCALED_METHODS only
-    long_factor: int  # > 1: the dose seeds' runs again with this many times the epochs (the dose curves' last point)
+    long_factor: int  # > 1: the first seed's runs again with this many times the epochs (the dose curves' last point)
     share_widths: tuple[int, ...]  # frozen-share sweep on the first attack: this many layers around / at random
     # evaluation
     eval_limit: int | None  # prompts per evaluation set (a seeded sample; None = all)
@@ -99,8 +99,8 @@ PROFILES = {
     "full": Profile("full", RECIPE, locate_prompts=100, locate_over_rejection=128, locate_initial=None,
                     attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=64, attack_epochs=2,
                     attack_lr=1e-4, harmful_p=0.1, methods=METHODS, seeds=(0, 1, 2), dose=(0.25, 0.5), dose_seeds=3,
-                    attack_lr_scales=(1.0, 0.1), long_factor=2, share_widths=(4, 8, 12, 16), eval_limit=None, eval_tokens=64,
-                    max_len=160),
+                    attack_lr_scales=(1.0, 0.1), long_factor=2, share_widths=(4, 8, 12, 16), eval_limit=None,
+                    eval_tokens=64, max_len=160),
 }
 
 
@@ -343,7 +343,7 @@ def attack_runs(p: Profile, first: int, last: int, num_layers: int) -> list[Atta
                         runs.append(AttackRun(attack, method, seed, scale, **freeze))
         if p.long_factor > 1:
             runs += [replace(run, epochs_factor=p.long_factor) for run in runs
-                     if run.attack == attack and run.lr_scale == 1 and run.seed in p.seeds[:p.dose_seeds]]
+                     if run.attack == attack and run.lr_scale == 1 and run.seed == p.seeds[0]]
     for width in p.share_widths:
         for kind in ("sppft", "random"):
             for seed in p.seeds:

@@ -260,8 +260,10 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
     plot_forest(results, out / "forest.png")
     if p.dose:
         plot_dose(dose_curves(p, out, runs), out / "dose.png")
+        longer = (f"; {p.long_factor:g} = seed {p.seeds[0]}'s runs {p.long_factor:g} times as long, each on its own "
+                  "learning-rate schedule" if p.long_factor > 1 else "")
         lines += ["## 4. Dose-response", "", "R_h along each attack (seed(s) "
-                  f"{list(p.seeds[:p.dose_seeds])}; 0 = the aligned model):", "", "![dose](dose.png)", ""]
+                  f"{list(p.seeds[:p.dose_seeds])}; 0 = the aligned model{longer}):", "", "![dose](dose.png)", ""]
     if p.share_widths:
         lines += share_section(out, runs)
     return "\n".join(lines + wall_time_lines(steps))
