@@ -40,16 +40,16 @@ from minisafe.stats import Rate
 
 BASE = Recipe()
 # One lever at a time around BASE, in the order they run: first the levers aimed at what the base recipe misses
-# (selectivity and utility), then the larger model (whether it can be the subject at all), then the schedule, and
+# (selectivity and utility) and the larger model (whether it can be the subject at all), then the schedule, and
 # last the lever that regenerates every own answer (answer_tokens).
 VARIATIONS: dict[str, list[Any]] = {
     "normal_targets": ["reference"],
     "dpo_epochs": [1],
     "normal": [700],
+    "model": ["qwen2.5-coder-0.5b-instruct"],
     "own_refusals": ["drop"],
     "over_rejection": [300],
     "deep": [0.5],
-    "model": ["qwen2.5-coder-0.5b-instruct"],
     "epochs": [3, 1, 4],
     "lr": [5e-5, 2e-5],
     "dna_other": [150],
