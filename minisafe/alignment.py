@@ -170,9 +170,8 @@ def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Pat
     sft = builders.alignment_sft(malicious, normal, refusals, seed=seed, over_rejection=over)
     harmful: list[dict] = []
     if recipe.deep or recipe.dpo_epochs:
-        answers = ask([r["prompt"] for r in malicious])
-        judge = KeywordJudge()  # a harmful answer that is itself a refusal teaches nothing (or the opposite)
-        harmful = [row for row in with_answers(malicious, answers) if not judge.is_refusal(row["response"])]
+        # a harmful answer that is itself a refusal teaches nothing (or the opposite)
+        harmful = with_answers(malicious, ask([r["prompt"] for r in malicious]), drop_refusals=True)
     if recipe.deep:
         sft = builders.seeded_order(sft + deep_rows(harmful, refusals, recipe.deep, seed), seed)
     dpo = builders.preference_pairs(harmful, normal + over, refusals, seed=seed) if recipe.dpo_epochs else []

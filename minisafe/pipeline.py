@@ -12,9 +12,10 @@ Steps, in order (each writes one directory under --out):
   eval-original/, eval-aligned/   both models on every test split (HarmBench, Do-Not-Answer, reformulated requests,
                  ShareGPT, over-rejection)
   locate/        locate.py on the aligned model; locate_base/ the cosine analysis of the unaligned original
-  attack-<attack>-<method>[-lr<scale>]-s<seed>/   fine-tunes of the aligned model (attack_runs): each attack set,
-                 learning rate, method (full, sppft, nfft, random, before, after; the frozen-share sweep's sppft-wN
-                 and random-wN) and seed; the dose-response runs keep snapshots part-way
+  attack-<attack>-<method>[-lr<scale>][-x<factor>]-s<seed>/   fine-tunes of the aligned model (attack_runs): each
+                 attack set, learning rate, method (full, sppft, nfft, random, before, after; the frozen-share sweep's
+                 sppft-wN and random-wN) and seed; the dose-response runs keep snapshots part-way, and the longer
+                 runs (-x<factor>: that many times the epochs) give the dose curves' last point
   eval-*/, dose-*/   eval.py on every fine-tune and on its snapshots (R_h only), on held-out prompts only
   report.md      minisafe.pipeline_report: the verdicts, the alignment table, the localisation, the Table 2 layout
                  with bootstrap intervals and paired differences, dose-response, frozen-share sweep, wall times
@@ -95,7 +96,8 @@ PROFILES = {
     "quick": Profile("quick", RECIPE, locate_prompts=64, locate_over_rejection=64, locate_initial=None,
                      attacks=("implicit",), attack_pairs=32, attack_epochs=2, attack_lr=1e-4, harmful_p=0.1,
                      methods=("full", "sppft", "nfft", "random"), seeds=(0, 1), dose=(0.25, 0.5), dose_seeds=1,
-                     attack_lr_scales=(1.0,), long_factor=0, share_widths=(), eval_limit=50, eval_tokens=64, max_len=160),
+                     attack_lr_scales=(1.0,), long_factor=0, share_widths=(), eval_limit=50, eval_tokens=64,
+                     max_len=160),
     "full": Profile("full", RECIPE, locate_prompts=100, locate_over_rejection=128, locate_initial=None,
                     attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=64, attack_epochs=2,
                     attack_lr=1e-4, harmful_p=0.1, methods=METHODS, seeds=(0, 1, 2), dose=(0.25, 0.5), dose_seeds=3,
@@ -372,7 +374,8 @@ def attack_steps(p: Profile, out: Path, sets: Path, aligned: Path, attack_data: 
                             run.freeze, seed=run.seed, neurons=run.neurons, snapshots=dose), say)
     steps[f"eval-{run.label}"] = run_step(
         f"eval-{run.label}", out / f"eval-{run.label}", {"model": target, "sets": sets}, step_settings(p, "eval"),
-        lambda o: evaluate_tests(target, sets, p, o, extra=False), say)
+        lambda o: (evaluate_tests(target, sets, p, o, extra=False) if run.epochs_factor == 1 else  # dose: R_h only
+                   evaluate_step(target, p, o, sets / "malicious_test.jsonl")), say)
     for snapshot in sorted(target.glob("snapshot-*")):
         name = f"dose-{run.label}-{snapshot.name}"
         steps[name] = run_step(name, out / name, {"model": snapshot, "sets": sets}, step_settings(p, "eval"),
@@ -429,7 +432,7 @@ def run_pipeline(profile: Profile, out: str | Path, model_dir: str | Path, data_
 class PipelineCommand:
     """The command line of python -m minisafe.pipeline."""
     profile: str = option("quick",
-        "quick: the make-demo sizes (under 35 minutes); full: the make-reproduce sizes (hours)",
+        "quick: the make-demo sizes; full: the make-reproduce sizes (several times the quick profile's attacks)",
         choices=sorted(PROFILES))
     out: str = option("runs/demo", "run directory: one sub-directory per step and report.md")
     model: str = option(f"weights/{RECIPE.model}",

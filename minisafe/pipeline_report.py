@@ -20,7 +20,7 @@ from minisafe.io import read_json
 from minisafe.locating import Search, format_table1
 from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
                                  table_rows, verdict)
-from minisafe.stats import Rate, bootstrap_mean
+from minisafe.stats import JUDGE_AGREEMENT_TARGET, Rate, bootstrap_mean
 
 if TYPE_CHECKING:  # annotations only: the pipeline imports this module
     from minisafe.pipeline import AttackRun, Profile
@@ -55,6 +55,19 @@ def judge_margins(out: Path) -> dict[str, float]:
     it for the aligned model (runs made before the judge was measured have none: no widening)."""
     error = read_json(out / "eval-aligned" / "results.json").get("judge_error") or {"prompt_sets": {}}
     return {kind: k["margin"] for kind, k in error["prompt_sets"].items()}
+
+
+def judge_widening_line(margins: dict[str, float]) -> str:
+    """What the attack tables' intervals hold of the judge's measured error (the rule: minisafe.stats)."""
+    if not margins:
+        return "Judge error: not measured for this run; no interval is widened."
+    widened = {kind: m for kind, m in margins.items() if m > 0}
+    said = ("; ".join(f"{kind} responses by {100 * m:.1f} points" for kind, m in widened.items()) if widened else
+            f"none: the judge meets the {100 * JUDGE_AGREEMENT_TARGET:.0f}% agreement target on every kind of prompt")
+    return ("Judge error: the refusal-rate intervals below (R_h, over-rejection, normal) are widened by the judge's "
+            f"measured disagreement where it is below the target: {said}. Rises, differences and the verdicts are "
+            "left as bootstrapped: every arm is judged by the same judge on the same prompts, and the labels do not "
+            "measure whether its errors differ between methods.")
 
 
 def alignment_rates(out: Path, label: str) -> dict[str, Rate]:
@@ -135,7 +148,8 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[s
     """Section 3: the Table 2 layout per attack, with R_h over seeds and prompts, rises, paired differences and the
     verdict; returns the lines and each group's MethodResults (for the plots)."""
     aligned_answers = prompt_outcomes(out / "eval-aligned", "harmful")
-    margin = judge_margins(out).get("malicious", 0.0)
+    margins = judge_margins(out)
+    margin = margins.get("malicious", 0.0)
     lines = ["## 3. Attacks (the paper's Table 2 layout, with its controls)", "",
              f"Each method fine-tunes the aligned model with seeds {list(p.seeds)}; every fine-tune answers the same "
              "held-out malicious prompts. R_h = malicious prompts answered. Intervals: 95% bootstrap over seeds and "
@@ -143,10 +157,7 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[s
              "sppft (the safety layers), nfft (as many parameters in random neurons, the paper's control), random "
              "(as many contiguous layers at a seeded random position off the safety layers), before / after (as "
              "many layers right before / after them). The verdict rule is in minisafe.protection.",
-             "", f"Judge error: each R_h interval is widened by {100 * margin:.1f} points, the judge's measured "
-             "disagreement on malicious responses where it is below the 95% target (minisafe.stats). Rises, "
-             "differences and the verdicts are left as bootstrapped: every arm is judged by the same judge on the "
-             "same prompts, and the labels do not measure whether its errors differ between methods.", ""]
+             "", judge_widening_line(margins), ""]
     verdicts, results = [], {}
     for group, members in attack_groups(runs).items():
         tables, prompts = group_tables(out, members)
@@ -223,12 +234,19 @@ def wall_time_lines(steps: dict[str, dict]) -> list[str]:
                     "invocations count with the time they took then).", ""]
 
 
+def report_header(p: Profile, out: Path, model_dir: Path, title: str, attacked: str = "") -> list[str]:
+    """The title, the model, the judge with its measured error per kind of prompt, and the decoding of the rates."""
+    return [f"# minisafe {title} ({p.name} profile)", "",
+            f"Model: {model_dir.name}, aligned (minisafe.alignment){attacked}. Judge: "
+            f"{_results(out, 'aligned')['judge']}. Every rate is on held-out test prompts (greedy, {p.eval_tokens} new "
+            "tokens, chat template).", "",
+            # eval.py records the judge's measured error; runs made before it was measured lack it
+            *judge_error_lines({**read_json(out / "eval-aligned" / "results.json"), "models": []}), ""]
+
+
 def alignment_report(p: Profile, out: Path, model_dir: Path, steps: dict[str, dict]) -> str:
     """report.md of a run stopped after the alignment (--alignment-only): the alignment table and wall times."""
-    lines = [f"# minisafe alignment ({p.name} profile)", "",
-             f"Model: {model_dir.name}, aligned (minisafe.alignment). Judge: {_results(out, 'aligned')['judge']}. "
-             f"Every rate is on held-out test prompts (greedy, {p.eval_tokens} new tokens, chat template).", "",
-             *judge_error_lines({**read_json(out / "eval-aligned" / "results.json"), "models": []}), ""]
+    lines = report_header(p, out, model_dir, "alignment")
     return "\n".join(lines + alignment_section(p, out) + wall_time_lines(steps))
 
 
@@ -237,14 +255,8 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
     """report.md of the run: alignment, localisation, the Table 2 layout with controls and verdicts, the
     dose-response curves, wall times."""
     loc = read_json(out / "locate" / "safety_layers.json")
-    aligned = _results(out, "aligned")
-    lines = [f"# minisafe demo ({p.name} profile)", "",
-             f"Model: {model_dir.name}, aligned (minisafe.alignment), then attacked. Judge: {aligned['judge']}. "
-             f"Every rate is on held-out test prompts (greedy, {p.eval_tokens} new tokens, chat template). Attack: "
-             f"{p.attack_pairs} pairs x {p.attack_epochs} epochs at lr {p.attack_lr:g} (x {list(p.attack_lr_scales)})"
-             ".", ""]
-    # the judge's measured error on each kind of prompt (eval.py records it; older runs lack it)
-    lines += [*judge_error_lines({**read_json(out / "eval-aligned" / "results.json"), "models": []}), ""]
+    lines = report_header(p, out, model_dir, "demo", f", then attacked ({p.attack_pairs} pairs x {p.attack_epochs} "
+                          f"epochs at lr {p.attack_lr:g} x {list(p.attack_lr_scales)})")
     attack_lines, results = attack_section(p, out, runs)
     lines += attack_lines[:attack_lines.index("## 3. Attacks (the paper's Table 2 layout, with its controls)")]
     lines += alignment_section(p, out)
@@ -261,7 +273,7 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
     if p.dose:
         plot_dose(dose_curves(p, out, runs), out / "dose.png")
         longer = (f"; {p.long_factor:g} = seed {p.seeds[0]}'s runs {p.long_factor:g} times as long, each on its own "
-                  "learning-rate schedule" if p.long_factor > 1 else "")
+                  "learning-rate schedule, one seed, so its band holds no seed variance" if p.long_factor > 1 else "")
         lines += ["## 4. Dose-response", "", "R_h along each attack (seed(s) "
                   f"{list(p.seeds[:p.dose_seeds])}; 0 = the aligned model{longer}):", "", "![dose](dose.png)", ""]
     if p.share_widths:
@@ -269,10 +281,15 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
     return "\n".join(lines + wall_time_lines(steps))
 
 
+def share_runs(runs: list[AttackRun]) -> list[AttackRun]:
+    """The frozen-share sweep's runs, with the first attack's full and SPPFT runs of Table 2 as its ends."""
+    return [r for r in runs if "-w" in r.method or (r.method in ("full", "sppft") and r.attack == runs[0].attack
+                                                    and r.lr_scale == 1 and r.in_table)]
+
+
 def share_section(out: Path, runs: list[AttackRun]) -> list[str]:
     """The frozen-share sweep: R_h against the share of parameters frozen, around the safety layers and at random."""
-    swept = [r for r in runs if "-w" in r.method or (r.method in ("full", "sppft") and r.attack == runs[0].attack
-                                                     and r.lr_scale == 1)]
+    swept = share_runs(runs)
     tables, _ = group_tables(out, swept)
     points = []
     for method, table in tables.items():

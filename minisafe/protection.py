@@ -94,7 +94,7 @@ def table_rows(attack: str, results: dict[str, MethodResult], specs: dict[str, s
     return rows
 
 
-TABLE_HEADER = ["| attack | method | frozen | R_h % [95% CI] | rise over aligned, points | method - SPPFT, points | "
+TABLE_HEADER = ["| attack | method | frozen | R_h % [95% CI, judge-widened] | rise over aligned, points | method - SPPFT, points | "
                 "seeds x prompts |", "|---|---|---|---|---|---|---|"]
 
 

@@ -73,7 +73,7 @@ def test_pipeline_writes_every_artefact_and_a_report_in_the_paper_layout(run):
         assert audit["summary"]["frozen_changed"] == 0 and audit["summary"]["frozen_rows_changed"] == 0
         assert audit["freeze"] == run.freeze and audit["freeze_random_neurons"] == run.neurons
         results = json.loads((out / f"eval-{run.label}" / "results.json").read_text())["models"][0]
-        assert 0.0 <= results["harmful_rate"] <= 1.0 and results["perplexity"] > 0
+        assert 0.0 <= results["harmful_rate"] <= 1.0 and (run.epochs_factor > 1 or results["perplexity"] > 0)
     for attack in TINY.attacks:
         assert f"Verdict: {pipeline_report.ATTACKS[attack]}" in text
     assert "Verdict: D_I (implicit attack), lr x0.5:" in text and "Verdict: harmful mix, lr x0.5:" in text
@@ -93,12 +93,18 @@ def test_the_longer_dose_runs_train_twice_the_steps_and_end_the_dose_curves_outs
         same = pipeline.replace(run, epochs_factor=1)
         assert pipeline_report.steps_trained(out / f"attack-{run.label}") == 2 * pipeline_report.steps_trained(
             out / f"attack-{same.label}")
-        assert f"| {run.method} |" in report.read_text() and run.label.endswith("-x2-s0")
+        assert run.label.endswith("-x2-s0")
+        scored = json.loads((out / f"eval-{run.label}" / "results.json").read_text())["models"][0]["n"]
+        assert scored["harmful"] > 0 and not scored.get("utility")  # a dose point: R_h only
     curves = pipeline_report.dose_curves(TINY, out, runs)
     assert all(points[-1][0] == 2.0 and points[-2][0] == 1.0 for methods in curves.values()
                for points in methods.values())
-    assert sum(len(pipeline_report.attack_groups(runs)[g]) for g in pipeline_report.attack_groups(runs)) == len(
-        [r for r in runs if r.in_table])
+    # Table 2 and the frozen-share table count every seed once: a longer run there would make it 3 x, not 2 x
+    rows = [line.split(" | ") for line in report.read_text().splitlines() if line.startswith("| ")]
+    seeds = [row[-1] for row in rows if row[1] not in ("aligned", "method") and " x " in row[-1]]
+    assert seeds and all(cell.startswith(f"{len(TINY.seeds)} x ") for cell in seeds)
+    swept = pipeline_report.share_runs(runs)
+    assert {r.method for r in swept} >= {"full", "sppft", "sppft-w2"} and all(r.epochs_factor == 1 for r in swept)
 
 
 def test_scaled_learning_rates_run_every_attack_with_the_methods_sppft_must_beat():

@@ -8,6 +8,7 @@ import pytest
 
 from minisafe import splits
 from minisafe.alignment import Recipe
+from minisafe.errors import ConfigError
 from minisafe.sweep import distance, expand_grid, run_sweep, shortfalls
 from test_pipeline import TINY, TINY_RECIPE, write_sources
 from tiny import save_tiny
@@ -24,10 +25,12 @@ def test_the_grid_is_the_base_then_one_lever_changed_at_a_time():
 
 def test_combinations_follow_the_one_lever_recipes_and_change_every_lever_they_name():
     base = Recipe(epochs=2, lr=3e-5)
-    grid = expand_grid(base, {"lr": [5e-5]}, [{"lr": 5e-5, "epochs": 3}, {"lr": 3e-5}])
-    assert [name for name, _ in grid] == ["base", "lr=5e-05", "lr=5e-05+epochs=3"]  # {"lr": 3e-5} is the base
-    assert grid[2][1] == replace(base, lr=5e-5, epochs=3)
-    with pytest.raises(Exception, match="not a Recipe field"):
+    grid = expand_grid(base, {"lr": [5e-5]}, [{"lr": 5e-5, "epochs": 3}, {"lr": 3e-5}, {"lr": 5e-5, "epochs": 2},
+                                              {"epochs": 3, "lr": 3e-5}])
+    # {"lr": 3e-5} is the base, {"lr": 5e-5, "epochs": 2} the lr row; a lever at its base value leaves the name
+    assert [name for name, _ in grid] == ["base", "lr=5e-05", "lr=5e-05+epochs=3", "epochs=3"]
+    assert grid[2][1] == replace(base, lr=5e-5, epochs=3) and grid[3][1] == replace(base, epochs=3)
+    with pytest.raises(ConfigError, match="not a Recipe field"):
         expand_grid(base, {}, [{"lr": 1e-5, "steps": 3}])
 
 
