@@ -3,11 +3,11 @@
     python -m minisafe.sweep --out runs/sweep                 # the whole grid; a rerun skips finished recipes
     python -m minisafe.sweep --out runs/sweep --only base lr=2e-05
 
-The grid is BASE, each value of VARIATIONS (one lever changed at a time), then COMBINATIONS (expand_grid). Every recipe is
-trained exactly as the pipeline trains its alignment (pipeline.align_steps, the full profile's settings) and scored
-on validation splits carved from the training sources (pipeline.Splits): HarmBench train half and Do-Not-Answer
-(malicious), ShareGPT (normal), over-rejection prompts. The pipeline's test splits are written by the same data step
-and never read here.
+The grid is BASE, each value of VARIATIONS (one lever changed at a time), then COMBINATIONS (expand_grid). Every
+recipe is trained exactly as the pipeline trains its alignment (pipeline.align_steps, the full profile's settings)
+and scored on validation splits carved from the training sources (pipeline.Splits): HarmBench train half and
+Do-Not-Answer (malicious), ShareGPT (normal), over-rejection prompts. The pipeline's test splits are written by the
+same data step and never read here.
 
 Under --out: data/ (the pipeline's sets), answers-<model>.jsonl (each model's own greedy answers, shared by every
 recipe), unaligned-<model>/ (the unaligned model on the validation splits), and per recipe <name>/ with align_data/,

@@ -18,7 +18,8 @@ TINY_RECIPE = Recipe(harmbench=3, dna=1, dna_other=1, normal=6, instructions=4, 
 TINY = Profile("tiny", TINY_RECIPE, locate_prompts=4, locate_over_rejection=4, locate_initial="1:1",
                attacks=("implicit", "harmful"), attack_pairs=4, attack_epochs=2, attack_lr=1e-3, harmful_p=0.5,
                methods=pipeline.METHODS, seeds=(0, 1), dose=(0.5,), dose_seeds=1, attack_lr_scales=(1.0, 0.5),
-               long_factor=2, share_widths=(2,), eval_limit=4, eval_tokens=4, batch_size=2, max_len=192, splits=TINY_SPLITS)
+               long_factor=2, share_widths=(2,), eval_limit=4, eval_tokens=4, batch_size=2, max_len=192,
+               splits=TINY_SPLITS)
 
 TOPICS = ["bread", "tea", "chess", "rain", "bikes", "maps", "clocks", "glass", "paper", "trains", "owls", "kites",
           "stars", "rivers", "soap", "jazz", "tents", "boats", "wool", "honey", "salt", "bees", "snow", "rope"]
