@@ -141,14 +141,20 @@ def run_step(name: str, out: Path, inputs: dict[str, str | Path], settings: dict
     # An interrupted fine-tune of the same inputs and settings resumes from its checkpoint; anything else that is
     # there is stale or half-made, and goes.
     pending = out.with_name(f".{out.name}.pending.json")  # beside, not in: train.py wants an empty directory
-    resumable = (out / "checkpoint").is_dir() and read_json(pending) == record
+    prior = read_json(pending) or {}
+    resumable = (out / "checkpoint").is_dir() and {k: prior.get(k) for k in record} == record
     if out.exists() and not resumable:
         shutil.rmtree(out)
     say(f"[{name}] {'resuming' if resumable else 'running'}")
-    atomic_write_json(pending, record)
+    earlier = prior.get("seconds", 0.0) if resumable else 0.0  # spent by the invocations that were interrupted
+    atomic_write_json(pending, {**record, "seconds": earlier})
     start = time.perf_counter()
-    work(out)
-    record["seconds"] = round(time.perf_counter() - start, 1)
+    try:
+        work(out)
+    except BaseException:
+        atomic_write_json(pending, {**record, "seconds": round(earlier + time.perf_counter() - start, 1)})
+        raise
+    record["seconds"] = round(earlier + time.perf_counter() - start, 1)
     atomic_write_json(out / "step.json", record)
     pending.unlink()
     say(f"[{name}] done in {record['seconds']:.0f} s")

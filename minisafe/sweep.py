@@ -23,6 +23,7 @@ the one that trained fastest.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -146,11 +147,23 @@ def run_sweep(out: Path, weights: Path, data_dir: Path, grid: list[tuple[str, Re
         cache = out / f"answers-{recipe.model}.jsonl"
         aligned, steps = align_steps(recipe, weights / recipe.model, sets, out / name, p, say, cache)
         result = scores(validation_scores(out / name / "val", sets, aligned, p, say))
-        train_seconds = sum(r["seconds"] for key, r in steps.items() if key != "align_data")
+        train_seconds = sum(training_seconds(out / name / key) for key in steps if key != "align_data")
         rows.append({"name": name, "recipe": recipe.settings(), **result, "train_seconds": train_seconds,
                      "distance": distance(result, unaligned[recipe.model])})
         summary = write_summary(out, unaligned, rows)  # after every recipe: an interrupted sweep keeps its table
     return summary
+
+
+def training_seconds(run_dir: Path) -> float:
+    """Seconds the training loop of a fine-tune ran, summed over every invocation of a resumed run (train_log.jsonl's
+    elapsed_s starts again at each)."""
+    total = last = 0.0
+    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+        elapsed = json.loads(line)["elapsed_s"] if line.strip() else last
+        if elapsed < last:
+            total += last
+        last = elapsed
+    return round(total + last, 1)
 
 
 def write_summary(out: Path, unaligned: dict, rows: list[dict]) -> dict:

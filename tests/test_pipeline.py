@@ -198,3 +198,18 @@ def test_alignment_only_stops_after_the_aligned_models_evaluation_and_reports_it
     text = report.read_text()
     assert "## 1. Alignment" in text and "refuses >= 90% of HarmBench test" in text and "## 3. Attacks" not in text
     assert (tmp_path / "run" / "eval-aligned" / "results.json").is_file() and not (tmp_path / "run" / "locate").exists()
+
+
+def test_a_resumed_step_records_the_time_of_every_invocation(tmp_path, monkeypatch):
+    clock = iter([0.0, 30.0, 100.0, 104.0])  # first invocation 30 s (interrupted), second 4 s
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
+    out = tmp_path / "align"
+
+    def interrupted(o):
+        (o / "checkpoint").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_step("align", out, {}, {"a": 1}, interrupted, say=lambda m: None)
+    record = pipeline.run_step("align", out, {}, {"a": 1}, lambda o: None, say=lambda m: None)
+    assert record["seconds"] == 34.0

@@ -9,7 +9,7 @@ import pytest
 from minisafe import splits
 from minisafe.alignment import Recipe
 from minisafe.errors import ConfigError
-from minisafe.sweep import distance, expand_grid, run_sweep, shortfalls
+from minisafe.sweep import distance, expand_grid, run_sweep, shortfalls, training_seconds
 from test_pipeline import TINY, TINY_RECIPE, write_sources
 from tiny import save_tiny
 
@@ -87,3 +87,10 @@ def test_a_rerun_skips_every_finished_recipe(sweep):
     run_sweep(root / "out", root / "weights", root / "data", grid, TINY, say=messages.append)
     ran = [m for m in messages if m.startswith("[") and m.endswith(("running", "resuming"))]
     assert not ran and any("up to date" in m for m in messages)
+
+
+def test_training_seconds_add_up_every_invocation_of_a_resumed_fine_tune(tmp_path):
+    elapsed = [1.0, 2.0, 3.5, 0.5, 1.5]  # interrupted after 3.5 s, resumed for 1.5 s
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps({"step": i, "elapsed_s": e}) + "\n"
+                                                      for i, e in enumerate(elapsed)))
+    assert training_seconds(tmp_path) == 5.0
