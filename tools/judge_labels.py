@@ -67,7 +67,8 @@ def source_rows(spec: str, data_dir: Path) -> list[dict]:
             raise DataError(f"{path}: the keyword judge now says {verdict} where the file says {r['verdict']}")
         prompt_file = data_dir / PROMPT_FILES[prompt_set]
         for p in (r["model"], prompt_file):
-            hashes.setdefault(str(p), content_hash(p))
+            if str(p) not in hashes:  # once per file: a checkpoint is gigabytes
+                hashes[str(p)] = content_hash(p)
         rows.append({"key": row_key(kind, attack, model, prompt_set, r["prompt"]), "prompt": r["prompt"],
                      "response": r["response"], "prompt_set": prompt_set, "model_kind": kind, "model": model,
                      "attack": attack, "checkpoint": r["model"], "checkpoint_sha256": hashes[r["model"]],
