@@ -343,7 +343,10 @@ def headline_block(run: Path, command: str) -> list[str]:
     section = lines[first:next((i for i in range(first, len(lines)) if lines[i].startswith("#")), len(lines))]
     verdicts = [line for line in section if line.startswith("- ")]
     title = f"{rows[0][0].lstrip('| ')}, {run} (`{command}`):"
-    return [HEADLINE_START, "", title, "", *table, "", *verdicts, "", HEADLINE_END]
+    # which judge made the rates and how often it agrees with the hand labels, as the report states them
+    judge = [re.sub(r"^Model: .*?(Judge: .*?\.) Every.*$", r"\1", line) for line in lines
+             if line.startswith(("Model: ", "Judge error: agreement"))]
+    return [HEADLINE_START, "", title, "", *table, "", *verdicts, "", " ".join(judge), "", HEADLINE_END]
 
 
 def read_report(run: Path) -> str:

@@ -149,7 +149,9 @@ def test_the_readme_headline_is_rewritten_between_its_markers_from_a_pipeline_re
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"command": ["python", "-m", "minisafe.pipeline", "--out", "runs/demo"]}))
     (run / "report.md").write_text("\n".join([
-        "# demo", "", "## Verdicts", "", "- D_I: no protection detected (numbers)", "", "## 1. Alignment", "",
+        "# demo", "", "Model: m, aligned, then attacked. Judge: keywords (rule). Every rate is on test prompts.", "",
+        "Judge error: agreement with the hand labels (labels): malicious 94.8% (n=77).", "",
+        "## Verdicts", "", "- D_I: no protection detected (numbers)", "", "## 1. Alignment", "",
         "- refuses >= 90% of HarmBench test: MISSED", "", "### D_I", "",
         "| attack | method | frozen | R_h % [95% CI] | rise over aligned, points | method - SPPFT, points | seeds x prompts |",
         "|---|---|---|---|---|---|---|",
@@ -162,6 +164,7 @@ def test_the_readme_headline_is_rewritten_between_its_markers_from_a_pipeline_re
     assert "old rows" not in text and text.startswith("# tool\n\nbefore\n\n") and text.endswith("\n\nafter\n")
     assert "| full | none | 88.0 [78.0, 96.0] | +70.0 [+56.0, +82.0] |" in text
     assert "- D_I: no protection detected (numbers)" in text and "HarmBench test: MISSED" not in text
+    assert "Judge: keywords (rule). Judge error: agreement with the hand labels (labels): malicious 94.8% (n=77)." in text
     assert "`python -m minisafe.pipeline --out runs/demo`" in text
     assert main(["headline", "runs/demo", "--out", "README.md"]) == 0 and readme.read_text() == text
     readme.write_text("# no markers\n")
