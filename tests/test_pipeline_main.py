@@ -25,9 +25,12 @@ def test_pipeline_records_its_command_in_the_run_directory(tmp_path, monkeypatch
     (tmp_path / "model" / "config.json").write_text("{}")
     for name in ("harmbench", "donotanswer", "sharegpt"):
         (tmp_path / "data" / f"{name}.jsonl").write_text('{"prompt": "x"}\n')
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda profile, out, model, data: tmp_path / "run" / "report.md")
+    called = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda profile, out, model, data, alignment_only: called.update(
+        alignment_only=alignment_only) or tmp_path / "run" / "report.md")
     argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
-    assert pipeline.main(argv) == 0
+    assert pipeline.main(argv) == 0 and called == {"alignment_only": False}
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["command"] == ["python", "-m", "minisafe.pipeline", *argv]
     assert set(record["inputs"]) == {"model", "data"} and record["settings"] == {"profile": "quick"}
+    assert pipeline.main([*argv, "--alignment-only"]) == 0 and called == {"alignment_only": True}
