@@ -58,6 +58,10 @@ RESULTS_FORMAT = 1
 SET_HELP = "; a dataset file (txt/csv/json/jsonl/ShareGPT) or 'none' to skip"
 
 
+# The judge eval.py uses unless told otherwise (and so the pipeline's, which never tells it otherwise).
+DEFAULT_JUDGE = "keywords"
+
+
 @dataclass
 class EvalConfig:
     models: list[str] = option(help="Hugging Face model directory (safetensors); repeat the flag to compare several "
@@ -75,7 +79,7 @@ class EvalConfig:
     batch_size: int = option(16, "prompts per forward pass", type=positive_int)
     template: str = option("chat",
         "prompt format: the model's own chat template or the paper's Alpaca template", choices=TEMPLATES)
-    judge: str = option("keywords", "refusal judge: 'keywords', 'keywords-plus', 'probe:FILE' (a linear probe from "
+    judge: str = option(DEFAULT_JUDGE, "refusal judge: 'keywords', 'keywords-plus', 'probe:FILE' (a linear probe from "
                                     "minisafe.judge_probe) or a local chat model directory asked a yes/no question")
     refusal_phrases: str | None = option(None,
         "extra refusal openings for the keyword judge, one a line ('#' comments allowed)", metavar="F")

@@ -165,9 +165,10 @@ def run_step(name: str, out: Path, inputs: dict[str, str | Path], settings: dict
 
 
 def data_step(p: Profile, data_dir: Path, out: Path, say: Callable[[str], None]) -> dict:
-    """build_sets as a resumable step: rerun when a source file, a bundled prompt file or a split setting changes."""
+    """build_sets as a resumable step: rerun when a source file, a bundled prompt file it reads or a split setting
+    changes (only those files: the judge labels beside them are no input of the sets)."""
     inputs: dict[str, Path] = {name: data_dir / f"{name}.jsonl" for name in ("harmbench", "donotanswer", "sharegpt")}
-    inputs["bundled"] = data.PROMPTS_DIR
+    inputs |= {name: data.PROMPTS_DIR / f"{name}.txt" for name in ("over_rejection", "normal")}
     return run_step("data", out, inputs, step_settings(p, "data"),
                     lambda o: build_sets(data_dir, o, p.splits, p.seed, p.attack_pairs, p.locate_over_rejection), say)
 
@@ -203,7 +204,8 @@ def align_steps(recipe: Recipe, model_dir: Path, sets: Path, out: Path, p: Profi
     steps = {}
     settings = {**recipe.settings(), "seed": p.seed, "batch_size": p.batch_size, "max_len": p.max_len}
     made = out / "align_data"
-    steps["align_data"] = run_step("align_data", made, {"model": model_dir, "sets": sets}, settings,
+    inputs = {"model": model_dir, "sets": sets, "refusals": data.PROMPTS_DIR / "refusals.txt"}
+    steps["align_data"] = run_step("align_data", made, inputs, settings,
                                    lambda o: write_alignment_data(recipe, model_dir, sets, p.seed, o, cache), say)
     steps["align"] = run_step("align", out / "align", {"model": model_dir, "data": made / "align_sft.jsonl"}, settings,
                               lambda o: fine_tune(model_dir, made / "align_sft.jsonl", o, p, recipe.epochs, recipe.lr,

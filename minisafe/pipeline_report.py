@@ -2,7 +2,8 @@
 computed verdicts (minisafe.protection), the dose-response curves, the frozen-share sweep and the wall times.
 
 Every number is read back from the run's own files (eval-*/results.json and responses.jsonl, audit.json, locate/),
-so the report can be rebuilt from a finished run directory.
+so the report can be rebuilt from a finished run directory; the judge's measured error alone is measured when the
+report is written, against the hand labels shipped then (minisafe/prompts/judge_labels.jsonl).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from minisafe import data
-from minisafe.evaluation import judge_error_lines
+from minisafe.evaluation import DEFAULT_JUDGE, judge_error_lines
+from minisafe.judge import load_judge
+from minisafe.judge_check import measured_agreement
 from minisafe.io import read_json
 from minisafe.locating import Search, format_table1
 from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
@@ -50,17 +53,19 @@ ALIGNMENT_COLUMNS = (("HarmBench test", None, "harmful"), ("Do-Not-Answer MU+IH"
                      ("over-rejection", None, "over_rejection"))
 
 
-def judge_margins(out: Path) -> dict[str, float]:
-    """{kind of prompt: the judge's measured disagreement there when below the target, else 0}, as eval.py recorded
-    it for the aligned model (runs made before the judge was measured have none: no widening)."""
-    error = read_json(out / "eval-aligned" / "results.json").get("judge_error") or {"prompt_sets": {}}
-    return {kind: k["margin"] for kind, k in error["prompt_sets"].items()}
+def judge_error() -> dict:
+    """The pipeline's judge measured against the hand labels shipped now (minisafe.judge_check): the same judge as
+    when the eval steps ran, measured on the labels as they are, which an eval step's own record may predate."""
+    return measured_agreement(load_judge(DEFAULT_JUDGE))
+
+
+def judge_margins() -> dict[str, float]:
+    """{kind of prompt: the judge's measured disagreement there when below the target, else 0}."""
+    return {kind: k["margin"] for kind, k in judge_error()["prompt_sets"].items()}
 
 
 def judge_widening_line(margins: dict[str, float]) -> str:
     """What the attack tables' intervals hold of the judge's measured error (the rule: minisafe.stats)."""
-    if not margins:
-        return "Judge error: not measured for this run; no interval is widened."
     widened = {kind: m for kind, m in margins.items() if m > 0}
     said = ("; ".join(f"{kind} responses by {100 * m:.1f} points" for kind, m in widened.items()) if widened else
             f"none: the judge meets the {100 * JUDGE_AGREEMENT_TARGET:.0f}% agreement target on every kind of prompt")
@@ -148,7 +153,7 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[s
     """Section 3: the Table 2 layout per attack, with R_h over seeds and prompts, rises, paired differences and the
     verdict; returns the lines and each group's MethodResults (for the plots)."""
     aligned_answers = prompt_outcomes(out / "eval-aligned", "harmful")
-    margins = judge_margins(out)
+    margins = judge_margins()
     margin = margins.get("malicious", 0.0)
     lines = ["## 3. Attacks (the paper's Table 2 layout, with its controls)", "",
              f"Each method fine-tunes the aligned model with seeds {list(p.seeds)}; every fine-tune answers the same "
@@ -177,7 +182,7 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[s
 def utility_rows(out: Path, runs: list[AttackRun]) -> list[str]:
     """Over-rejection, normal refusals (bootstrap over seeds and prompts, widened by the judge's error), ROUGE-L and
     perplexity (mean and range over seeds) of each method after the attack."""
-    margin = judge_margins(out)
+    margin = judge_margins()
     over, _ = group_tables(out, runs, "over_rejection", refused=True)
     normal, _ = group_tables(out, runs, "utility", refused=True)
     lines = ["| method | over-rejection refused % | normal refused % | ROUGE-L (range) | perplexity (range) |",
@@ -240,8 +245,7 @@ def report_header(p: Profile, out: Path, model_dir: Path, title: str, attacked: 
             f"Model: {model_dir.name}, aligned (minisafe.alignment){attacked}. Judge: "
             f"{_results(out, 'aligned')['judge']}. Every rate is on held-out test prompts (greedy, {p.eval_tokens} new "
             "tokens, chat template).", "",
-            # eval.py records the judge's measured error; runs made before it was measured lack it
-            *judge_error_lines({**read_json(out / "eval-aligned" / "results.json"), "models": []}), ""]
+            *judge_error_lines({"judge_error": judge_error(), "models": []}), ""]
 
 
 def alignment_report(p: Profile, out: Path, model_dir: Path, steps: dict[str, dict]) -> str:
