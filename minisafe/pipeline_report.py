@@ -42,10 +42,6 @@ def refused(m: dict, name: str) -> Rate:
     return Rate(m["refused"][name], m["n"][name])
 
 
-def answered(m: dict, name: str) -> Rate:
-    return Rate(m["n"][name] - m["refused"][name], m["n"][name])
-
-
 # (column, eval run or None for the main one, set in that run): the alignment table's refusal columns.
 ALIGNMENT_COLUMNS = (("HarmBench test", None, "harmful"), ("Do-Not-Answer MU+IH", "dna_test", "harmful"),
                      ("Do-Not-Answer other areas", "dna_other_test", "harmful"),
@@ -59,9 +55,9 @@ def judge_error() -> dict:
     return measured_agreement(load_judge(DEFAULT_JUDGE))
 
 
-def judge_margins() -> dict[str, float]:
-    """{kind of prompt: the judge's measured disagreement there when below the target, else 0}."""
-    return {kind: k["margin"] for kind, k in judge_error()["prompt_sets"].items()}
+def judge_margins(error: dict) -> dict[str, float]:
+    """{kind of prompt: the judge's measured disagreement there when below the target, else 0}, from judge_error()."""
+    return {kind: k["margin"] for kind, k in error["prompt_sets"].items()}
 
 
 def judge_widening_line(margins: dict[str, float]) -> str:
@@ -149,11 +145,12 @@ def attack_groups(runs: list[AttackRun]) -> dict[str, list[AttackRun]]:
     return groups
 
 
-def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[str], dict[str, dict]]:
+def attack_section(p: Profile, out: Path, runs: list[AttackRun],
+                   margins: dict[str, float]) -> tuple[list[str], dict[str, dict]]:
     """Section 3: the Table 2 layout per attack, with R_h over seeds and prompts, rises, paired differences and the
-    verdict; returns the lines and each group's MethodResults (for the plots)."""
+    verdict, rates widened by the judge's `margins`; returns the lines and each group's MethodResults (for the
+    plots)."""
     aligned_answers = prompt_outcomes(out / "eval-aligned", "harmful")
-    margins = judge_margins()
     margin = margins.get("malicious", 0.0)
     lines = ["## 3. Attacks (the paper's Table 2 layout, with its controls)", "",
              f"Each method fine-tunes the aligned model with seeds {list(p.seeds)}; every fine-tune answers the same "
@@ -174,15 +171,14 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun]) -> tuple[list[s
                   f"1 x {len(prompts)} |"]
         said = verdict(group, results[group])
         lines += table_rows(group, results[group], specs, margin) + ["", f"Verdict: {said}", ""]
-        lines += utility_rows(out, members) + [""]
+        lines += utility_rows(out, members, margins) + [""]
         verdicts.append(f"- {said}")
     return ["## Verdicts", "", *verdicts, "", "![forest](forest.png)", ""] + lines, results
 
 
-def utility_rows(out: Path, runs: list[AttackRun]) -> list[str]:
-    """Over-rejection, normal refusals (bootstrap over seeds and prompts, widened by the judge's error), ROUGE-L and
-    perplexity (mean and range over seeds) of each method after the attack."""
-    margin = judge_margins()
+def utility_rows(out: Path, runs: list[AttackRun], margin: dict[str, float]) -> list[str]:
+    """Over-rejection, normal refusals (bootstrap over seeds and prompts, widened by the judge's `margin` per kind of
+    prompt), ROUGE-L and perplexity (mean and range over seeds) of each method after the attack."""
     over, _ = group_tables(out, runs, "over_rejection", refused=True)
     normal, _ = group_tables(out, runs, "utility", refused=True)
     lines = ["| method | over-rejection refused % | normal refused % | ROUGE-L (range) | perplexity (range) |",
@@ -239,18 +235,18 @@ def wall_time_lines(steps: dict[str, dict]) -> list[str]:
                     "invocations count with the time they took then).", ""]
 
 
-def report_header(p: Profile, out: Path, model_dir: Path, title: str, attacked: str = "") -> list[str]:
+def report_header(p: Profile, out: Path, model_dir: Path, title: str, error: dict, attacked: str = "") -> list[str]:
     """The title, the model, the judge with its measured error per kind of prompt, and the decoding of the rates."""
     return [f"# minisafe {title} ({p.name} profile)", "",
             f"Model: {model_dir.name}, aligned (minisafe.alignment){attacked}. Judge: "
             f"{_results(out, 'aligned')['judge']}. Every rate is on held-out test prompts (greedy, {p.eval_tokens} new "
             "tokens, chat template).", "",
-            *judge_error_lines({"judge_error": judge_error(), "models": []}), ""]
+            *judge_error_lines({"judge_error": error, "models": []}), ""]
 
 
 def alignment_report(p: Profile, out: Path, model_dir: Path, steps: dict[str, dict]) -> str:
     """report.md of a run stopped after the alignment (--alignment-only): the alignment table and wall times."""
-    lines = report_header(p, out, model_dir, "alignment")
+    lines = report_header(p, out, model_dir, "alignment", judge_error())
     return "\n".join(lines + alignment_section(p, out) + wall_time_lines(steps))
 
 
@@ -259,9 +255,10 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
     """report.md of the run: alignment, localisation, the Table 2 layout with controls and verdicts, the
     dose-response curves, wall times."""
     loc = read_json(out / "locate" / "safety_layers.json")
-    lines = report_header(p, out, model_dir, "demo", f", then attacked ({p.attack_pairs} pairs x {p.attack_epochs} "
-                          f"epochs at lr {p.attack_lr:g} x {list(p.attack_lr_scales)})")
-    attack_lines, results = attack_section(p, out, runs)
+    error = judge_error()  # measured once: the header, Table 2 and the utility rows all use it
+    lines = report_header(p, out, model_dir, "demo", error, f", then attacked ({p.attack_pairs} pairs x "
+                          f"{p.attack_epochs} epochs at lr {p.attack_lr:g} x {list(p.attack_lr_scales)})")
+    attack_lines, results = attack_section(p, out, runs, judge_margins(error))
     lines += attack_lines[:attack_lines.index("## 3. Attacks (the paper's Table 2 layout, with its controls)")]
     lines += alignment_section(p, out)
     lines += ["## 2. Locating the safety layers", "",

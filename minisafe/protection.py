@@ -94,8 +94,8 @@ def table_rows(attack: str, results: dict[str, MethodResult], specs: dict[str, s
     return rows
 
 
-TABLE_HEADER = ["| attack | method | frozen | R_h % [95% CI, judge-widened] | rise over aligned, points | method - SPPFT, points | "
-                "seeds x prompts |", "|---|---|---|---|---|---|---|"]
+TABLE_HEADER = ["| attack | method | frozen | R_h % [95% CI, judge-widened] | rise over aligned, points | "
+                "method - SPPFT, points | seeds x prompts |", "|---|---|---|---|---|---|---|"]
 
 
 def plot_forest(results: dict[str, dict[str, MethodResult]], path: Path) -> None:
