@@ -24,6 +24,11 @@ class Rate:
     k: int
     n: int
 
+    @classmethod
+    def of(cls, record: dict) -> Rate:
+        """The Rate of a JSON record holding its "k" and "n" (as the sweep and the attack reports store them)."""
+        return cls(record["k"], record["n"])
+
     @property
     def value(self) -> float:
         return self.k / self.n if self.n else math.nan

@@ -96,8 +96,8 @@ def expand_grid(base: Recipe = BASE, variations: dict[str, list[Any]] = VARIATIO
 def validation_scores(out: Path, sets: Path, model_dir: Path, p: Profile, say) -> dict:
     """eval.py of one model on the validation splits, as a resumable step; returns its results."""
     record = run_step("val", out, {"model": model_dir, "sets": sets}, {"seed": p.seed, "eval_tokens": p.eval_tokens},
-                      lambda o: evaluate_step(model_dir, p, o, *(sets / f"{name}.jsonl" for name in VALIDATION.values())),
-                      say)
+                      lambda o: evaluate_step(model_dir, p, o, *(sets / f"{name}.jsonl"
+                                                                 for name in VALIDATION.values())), say)
     return {**read_json(out / "results.json")["models"][0], "seconds_eval": record["seconds"]}
 
 
@@ -177,8 +177,10 @@ def write_summary(out: Path, unaligned: dict, rows: list[dict]) -> dict:
     return summary
 
 
-def _pct(rate: dict) -> str:
-    return Rate(rate["k"], rate["n"]).percent()
+def score_cells(s: dict) -> str:
+    """The table cells of one model's scores: the three refusal rates, ROUGE-L and perplexity."""
+    rates = " | ".join(Rate.of(s[key]).percent() for key in ("malicious", "normal", "over_rejection"))
+    return f"{rates} | {s['rouge_l']:.3f} | {s['perplexity']:.2f}"
 
 
 def sweep_table(summary: dict) -> str:
@@ -188,12 +190,9 @@ def sweep_table(summary: dict) -> str:
              "interval] (n); distance = the summed shortfall against the target in points (minisafe.sweep).", "",
              "| recipe | malicious refused | normal refused | over-rejection refused | ROUGE-L | perplexity | "
              "training s | distance |", "|---|---|---|---|---|---|---|---|"]
-    for model, s in summary["unaligned"].items():
-        lines.append(f"| unaligned {model} | {_pct(s['malicious'])} | {_pct(s['normal'])} | "
-                     f"{_pct(s['over_rejection'])} | {s['rouge_l']:.3f} | {s['perplexity']:.2f} | - | - |")
-    for r in summary["recipes"]:
-        lines.append(f"| {r['name']} | {_pct(r['malicious'])} | {_pct(r['normal'])} | {_pct(r['over_rejection'])} | "
-                     f"{r['rouge_l']:.3f} | {r['perplexity']:.2f} | {r['train_seconds']:.0f} | {r['distance']:.1f} |")
+    lines += [f"| unaligned {model} | {score_cells(s)} | - | - |" for model, s in summary["unaligned"].items()]
+    lines += [f"| {r['name']} | {score_cells(r)} | {r['train_seconds']:.0f} | {r['distance']:.1f} |"
+              for r in summary["recipes"]]
     lines += ["", f"Chosen: **{summary['chosen']}** (smallest distance, then fastest training).", ""]
     chosen = next((r for r in summary["recipes"] if r["name"] == summary["chosen"]), None)
     if chosen:
