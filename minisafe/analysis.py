@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import codecs
 import contextlib
+import itertools
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -228,10 +229,11 @@ def clustering_scores(model: Transformer, tok: Tokenizer, sets: dict[str, Sequen
     against the same means."""
     mu_safe = mlp_activations(model, tok, reference_safe, template, batch_size, progress).mean(0)
     mu_unsafe = mlp_activations(model, tok, reference_unsafe, template, batch_size, progress).mean(0)
-    read = {name: mlp_activations(model, tok, prompts, template, batch_size, progress)
-            for name, prompts in sets.items()}
+    # one set's activations at a time: each is scored and dropped before the next is read
+    read = ((name, mlp_activations(model, tok, prompts, template, batch_size, progress))
+            for name, prompts in sets.items())
     out = {}
-    for name, acts in {**read, **(activations or {})}.items():
+    for name, acts in itertools.chain(read, (activations or {}).items()):
         scores = tau(acts, mu_safe, mu_unsafe)
         out[name] = {"mean": scores.mean(0).tolist(),
                      "std": (scores.std(0, unbiased=False) if len(acts) > 1 else torch.zeros_like(scores[0])).tolist()}

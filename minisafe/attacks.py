@@ -45,8 +45,6 @@ Budgets are string keys; "attack@b" in tau is the attacked prompts with their so
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,10 +55,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from minisafe import checkpoint, data, evaluation
-from minisafe.analysis import (clustering_scores, jailbreak_prompts, plot_tau, record_mlp_inputs, split_reference,
-                               stack_records, tau_table)
+from minisafe.analysis import (check_shaded_layers, clustering_scores, jailbreak_prompts, plot_tau, record_mlp_inputs,
+                               split_reference, stack_records, tau_table)
 from minisafe.cli import device_name, non_negative_int, option, output_dir, positive_float, positive_int
 from minisafe.errors import CheckpointError, ConfigError
+from minisafe.fastpath import fast_inference
 from minisafe.freeze import read_layer_spec
 from minisafe.generate import generate, generate_ids, similar_length_batches
 from minisafe.io import atomic_write_json, atomic_write_text, run_record
@@ -94,10 +93,14 @@ class AttackResult:
     target_ids: list[int]
     success: bool = False  # greedy decoding wrote the target within the largest budget
     steps: int = 0  # Adam updates made: until the target was written, else the largest budget
-    target_logprob: float = math.nan  # log p(target | attacked prompt), summed over target tokens, at the end
-    embeddings: Tensor | None = None  # [slots, hidden] float32: the optimised soft prompt, as it ended
     snapshots: dict[int, Tensor] = field(default_factory=dict)  # budget -> soft prompt after min(budget, steps) updates
     trace: list[float] = field(default_factory=list)  # target log-prob before each update and after the last
+
+    @property
+    def embeddings(self) -> Tensor:
+        """[slots, hidden] float32: the optimised soft prompt as it ended (the largest budget's snapshot, which the
+        attack fills when a prompt finishes)."""
+        return self.snapshots[max(self.snapshots)]
 
     def success_within(self, budget: int) -> bool:
         """Greedy decoding wrote the target after at most `budget` updates."""
@@ -213,8 +216,7 @@ def record_step(result: AttackResult, step: int, vector: Tensor, total: float, h
         if budget not in result.snapshots and (budget == step or done):
             result.snapshots[budget] = vector.detach().clone()
     if done:
-        result.success, result.steps, result.target_logprob = hit, step, total
-        result.embeddings = vector.detach().clone()
+        result.success, result.steps = hit, step
     return done
 
 
@@ -286,11 +288,12 @@ def attacked_continuations(model: Transformer, tok: Tokenizer, results: Sequence
                            max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
     """Each attacked prompt's greedy continuation with its soft prompt after `budget` updates (what a judge reads)."""
     texts = [""] * len(results)
-    for rows, ids, mask, where, vectors in attacked_batches(model, tok, results, budget, batch_size):
-        with soft_prompt(model, where, vectors):
-            new, lengths = generate_ids(model, ids, mask, max_new_tokens, tok.eos_token_ids, tok.pad_token_id)
-        for row, tokens, n in zip(rows, new.tolist(), lengths.tolist()):
-            texts[row] = tok.decode(tokens[:n])
+    with fast_inference(model):  # the weights packed once for every batch (generate_ids alone packs per call)
+        for rows, ids, mask, where, vectors in attacked_batches(model, tok, results, budget, batch_size):
+            with soft_prompt(model, where, vectors):
+                new, lengths = generate_ids(model, ids, mask, max_new_tokens, tok.eos_token_ids, tok.pad_token_id)
+            for row, tokens, n in zip(rows, new.tolist(), lengths.tolist()):
+                texts[row] = tok.decode(tokens[:n])
     return texts
 
 
@@ -328,11 +331,6 @@ def rate_record(rate: Rate) -> dict:
     return {"k": rate.k, "n": rate.n, "rate": rate.value, "interval": list(rate.interval)}
 
 
-def rate_text(record: dict) -> str:
-    """A rate_record as '42% [33, 52] (n=100)'."""
-    return Rate(record["k"], record["n"]).percent()
-
-
 def attack_table(summaries: dict[str, dict], budgets: Sequence[int]) -> list[str]:
     """Markdown rows, one per model: success within each budget, mean steps of the successes, mean final target
     log-prob, seconds."""
@@ -340,7 +338,7 @@ def attack_table(summaries: dict[str, dict], budgets: Sequence[int]) -> list[str
              "mean final log p(target) | seconds |", "|---|" + "---|" * (3 + len(budgets))]
     for name, a in summaries.items():
         mean_steps = a["steps_of_successes"]["mean"]
-        lines.append(f"| {name} | " + " | ".join(rate_text(a["success"][str(b)]) for b in budgets)
+        lines.append(f"| {name} | " + " | ".join(Rate.of(a["success"][str(b)]).percent() for b in budgets)
                      + f" | {'-' if mean_steps is None else f'{mean_steps:.1f}'} | {a['final_logprob_mean']:.2f} | "
                        f"{a['seconds']:.0f} |")
     return lines
@@ -416,9 +414,8 @@ def attack_model(path: str, prompts: dict[str, list[str]], judge, cfg: AttackRun
     """One model: the plain prompts' answers, the attack, each budget's judged answers, tau of every set."""
     started = time.perf_counter()
     model, tok = checkpoint.load(path, device=cfg.device)
-    if layers is not None and layers[1] >= model.config.num_layers:
-        raise ConfigError(f"--layers {cfg.layers}: layer {layers[1]} is outside this {model.config.num_layers}-layer "
-                          f"model ({path})")
+    if layers is not None:
+        check_shaded_layers(cfg.layers, layers, model.config.num_layers, path)
     attacked = prompts["attacked"]
     plain = generate(model, tok, [tok.prompt_ids(p, cfg.template) for p in attacked], cfg.max_new_tokens,
                      cfg.batch_size, progress=cfg.progress).texts
@@ -476,7 +473,7 @@ def run_attack(cfg: AttackRunConfig) -> dict:
               "sets": {k: len(v) for k, v in prompts.items()}, "models": models}
     out = Path(cfg.out)
     atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "responses.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses))
+    atomic_write_text(out / "responses.jsonl", data.jsonl_text(responses))
     top = max(cfg.budgets)
     plot_tau({name: m["tau"] for name, m in models.items()}, out / "tau.png",
              ["safe", "unsafe", "jailbreak", f"attack@{top}"], "tau", layers)
@@ -502,8 +499,8 @@ def attack_report(result: dict) -> str:
              "| model | plain | " + " | ".join(f"{b} steps" for b in budgets) + " |",
              "|---|" + "---|" * (1 + len(budgets))]
     for name, m in result["models"].items():
-        lines.append(f"| {name} | {rate_text(m['answered']['plain'])} | "
-                     + " | ".join(rate_text(m["answered"][str(b)]) for b in budgets) + " |")
+        lines.append(f"| {name} | {Rate.of(m['answered']['plain']).percent()} | "
+                     + " | ".join(Rate.of(m["answered"][str(b)]).percent() for b in budgets) + " |")
     lines += ["", "Target written by greedy decoding (the attack's own success):", ""]
     lines += attack_table({name: m["attack"] for name, m in result["models"].items()}, budgets)
     lines += ["", "![attack](attack.png)", "", "## Clustering score tau per layer", "",
