@@ -1,5 +1,5 @@
 """Faster paths on the CPU: `with fast_inference(model):` for inference, `with fast_training(model):` for training
-(attention written out as two matmuls, see training_attention).
+(attention written out as two matmuls, see short_enough_to_train).
 
 Inside the block some methods of the model's modules are swapped for faster ones that compute the same thing, and
 on exit the originals come back (also when an exception escapes):
@@ -116,15 +116,21 @@ def stacked_projection(plain: Callable[[Tensor], tuple[Tensor, ...]], linears: S
     return project
 
 
-def decoding_attention(attention: Attention) -> Callable[..., Tensor]:
-    """An attend method that writes one-token steps out as matmuls and leaves longer ones to the original."""
+def matmul_attend(attention: Attention, use_matmul: Callable[[Tensor, Tensor], bool]) -> Callable[..., Tensor]:
+    """An attend method that writes attention out as two matmuls (matmul_attention) where use_matmul(q, k) says so,
+    and leaves the rest to the original."""
     plain, cfg = attention.attend, attention.cfg
 
     def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        if q.shape[2] > 1:
+        if not use_matmul(q, k):
             return plain(q, k, v, mask)
         return matmul_attention(q, k, v, mask, cfg.attn_scale, cfg.attn_softcap)
     return attend
+
+
+def one_token_step(q: Tensor, k: Tensor) -> bool:
+    """Decoding: a one-token step is written out as matmuls; a prompt keeps the fused kernel."""
+    return q.shape[2] <= 1
 
 
 class GrowingKVCache(KVCache):
@@ -216,7 +222,7 @@ def packed_methods(model: Transformer) -> list[tuple[nn.Module, str, Callable]]:
 def fast_methods(model: Transformer) -> list[tuple[nn.Module, str, Callable]]:
     """Every swap fast_inference makes on this model, as (module, method name, replacement)."""
     swaps: list[tuple[nn.Module, str, Callable]] = [(model, "new_cache", growing_cache(model))]
-    swaps += [(block.self_attn, "attend", decoding_attention(block.self_attn)) for block in model.layers]
+    swaps += [(block.self_attn, "attend", matmul_attend(block.self_attn, one_token_step)) for block in model.layers]
     if packable(model.model.embed_tokens.weight):
         swaps += packed_methods(model)
     return swaps
@@ -261,22 +267,17 @@ def swapped(swaps: list[tuple[nn.Module, str, Callable]]) -> Iterator[None]:
 MATMUL_TRAINING_LENGTH = 512
 
 
-def training_attention(attention: Attention) -> Callable[..., Tensor]:
-    """Attention.attend for training: two matmuls up to MATMUL_TRAINING_LENGTH positions, else the plain method."""
-    plain = attention.attend
-
-    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        if k.shape[2] > MATMUL_TRAINING_LENGTH:
-            return plain(q, k, v, mask)
-        return matmul_attention(q, k, v, mask, attention.cfg.attn_scale, attention.cfg.attn_softcap)
-    return attend
+def short_enough_to_train(q: Tensor, k: Tensor) -> bool:
+    """Training: two matmuls up to MATMUL_TRAINING_LENGTH positions, the fused kernel beyond."""
+    return k.shape[2] <= MATMUL_TRAINING_LENGTH
 
 
 @contextmanager
 def fast_training(model: Transformer) -> Iterator[None]:
-    """Inside this block training steps take the attention of training_attention; on exit, the model's own."""
+    """Inside this block training steps take matmul attention where short_enough_to_train; on exit, the model's own."""
     if model.model.embed_tokens.weight.device.type != "cpu":
         yield
         return
-    with swapped([(block.self_attn, "attend", training_attention(block.self_attn)) for block in model.layers]):
+    with swapped([(block.self_attn, "attend", matmul_attend(block.self_attn, short_enough_to_train))
+                  for block in model.layers]):
         yield

@@ -213,12 +213,11 @@ def measured_agreement(judge, labels: Path = LABELS_PATH, split: str = "report")
     """What a run's results record about its judge's error: the labels read and, per prompt set, the judge's
     agreement with them and the margin its rates are widened by."""
     rows = read_labels(labels, split)
-    verdicts = judge.refusals([r["prompt"] for r in rows], [r["response"] for r in rows])
     shown = labels.resolve()
     if shown.is_relative_to(LABELS_PATH.parents[2]):  # the bundled file: named from the repository, not the machine
         shown = shown.relative_to(LABELS_PATH.parents[2])
     return {"labels": str(shown), "labels_sha256": content_hash(labels), "split": split,
-            "prompt_sets": widening(agreement_table(rows, verdicts))}
+            "prompt_sets": check_judge(rows, judge)["widening"]}
 
 
 def score(result: dict) -> float:

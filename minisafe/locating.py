@@ -223,7 +223,6 @@ class RefusalCounter:
                             progress=self.progress).texts
         if first is None:
             return run()
-        check_layer_range(self.model.config.num_layers, first, last)
         with scaled_layers(self.model, first, last, alpha, self.scale_o_proj):
             return run()
 

@@ -337,8 +337,8 @@ def headline_block(run: Path, command: str) -> list[str]:
         raise ConfigError(f"{run / 'report.md'}: no Table 2 rows ('| attack | method | ...'); not a pipeline report")
     rows = [line.split(" | ") for line in lines[start + 2:] if line.startswith("| ")]
     end = next((i for i, row in enumerate(rows) if row[0] != rows[0][0]), len(rows))
-    table = ["| method | frozen | R_h % [95% CI, judge-widened] | rise over aligned, points |", "|---|---|---|---|"]
-    table += [f"| {row[1]} | {row[2]} | {row[3]} | {row[4]} |" for row in rows[:end]]
+    first_attack = table(["method", "frozen", "R_h % [95% CI, judge-widened]", "rise over aligned, points"],
+                         [row[1:5] for row in rows[:end]])
     first = lines.index("## Verdicts") + 1 if "## Verdicts" in lines else len(lines)
     section = lines[first:next((i for i in range(first, len(lines)) if lines[i].startswith("#")), len(lines))]
     verdicts = [line for line in section if line.startswith("- ")]
@@ -346,7 +346,7 @@ def headline_block(run: Path, command: str) -> list[str]:
     # which judge made the rates and how often it agrees with the hand labels, as the report states them
     judge = [re.sub(r"^Model: .*?(Judge: .*?\.) Every.*$", r"\1", line) for line in lines
              if line.startswith(("Model: ", "Judge error: agreement"))]
-    return [HEADLINE_START, "", title, "", *table, "", *verdicts, "", " ".join(judge), "", HEADLINE_END]
+    return [HEADLINE_START, "", title, "", *first_attack, "", *verdicts, "", " ".join(judge), "", HEADLINE_END]
 
 
 def read_report(run: Path) -> str:

@@ -31,7 +31,7 @@ from minisafe import builders, data
 from minisafe.fastpath import fast_training
 from minisafe.freeze import FreezeSpec, apply_freeze, parse_layer_range
 from minisafe.objectives import IGNORE
-from minisafe.training import Dist, Example, TrainConfig, collate, optimizer_step, tokenize
+from minisafe.training import Dist, Example, TrainConfig, collate, n_targets, optimizer_step, tokenize
 
 BATCH, MAX_LEN = 8, 160
 Step = Callable[[list[tuple[list[int], list[int]]]], None]
@@ -122,16 +122,16 @@ def alternate(steps: dict[str, Step], workload: list, warm_up: int = 1) -> dict[
     return seconds
 
 
-def train_flops(model, batch: list[tuple[list[int], list[int]]], head_everywhere: bool) -> float:
-    """Matmul FLOPs of a training step (3 x forward): projections on every padded position, the head on every
-    position or on labelled ones only."""
+def train_flops(model, batch: list[tuple[list[int], list[int]]]) -> float:
+    """Matmul FLOPs of a training step (3 x forward): projections on every padded position, the head on the labelled
+    ones only (as the loss computes it)."""
     cfg = model.config
     tokens = BATCH * max(len(ids) for ids, _ in batch)
-    labelled = sum(sum(label != IGNORE for label in labels[1:]) for _, labels in batch)
+    labelled = sum(n_targets(labels) for _, labels in batch)
     body = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
                and "lm_head" not in n)
     head = cfg.vocab_size * cfg.hidden_size
-    return 3 * 2 * (body * tokens + head * (tokens if head_everywhere else labelled))
+    return 3 * 2 * (body * tokens + head * labelled)
 
 
 def bench_train_workload(path: str, theirs, rows: list[dict], steps: int, bf16_peak: float) -> dict:
@@ -146,7 +146,7 @@ def bench_train_workload(path: str, theirs, rows: list[dict], steps: int, bf16_p
                          "transformers": transformers_step(theirs, pad)}, workload)
     tokens = sum(len(ids) for batch in workload[1:] for ids, _ in batch)
     total = {name: sum(s) for name, s in seconds.items()}
-    flops = sum(train_flops(ours, batch, head_everywhere=False) for batch in workload[1:])
+    flops = sum(train_flops(ours, batch) for batch in workload[1:])
     return {"steps": steps, "batch": BATCH, "tokens": tokens,
             **{f"{name}_tok_s": tokens / t for name, t in total.items()},
             "median_step_s": {name: statistics.median(s) for name, s in seconds.items()},
