@@ -199,10 +199,6 @@ def ratio_rows(bench: dict) -> list[list[str]]:
                 share = f"{run['share_of_peak']:.0%}" if "share_of_peak" in run else "-"
                 rows.append([part, dtype, f"{run['minisafe_tok_s']:.0f}", f"{run['transformers_tok_s']:.0f}",
                              f"{run['ratio']:.2f}x", share])
-    if bench.get("train") and "ratio" in bench["train"]:  # files written before the pipeline-workload bench
-        run = bench["train"]
-        rows.append(["training step", "float32", f"{run['minisafe_tok_s']:.0f}", f"{run['transformers_tok_s']:.0f}",
-                     f"{run['ratio']:.2f}x", "-"])
     return rows
 
 

@@ -40,8 +40,7 @@ def fake_bench(directory: Path) -> Path:
              "machine": {"cpu": "Some CPU", "cores": 2, "platform": "Linux"}, "model": "weights/smollm2-135m-instruct",
              "threads": 2, "torch": "2.13.0", "transformers": "5.23.0",
              "peak_gflop_s": {"float32": {"matmul": 190.0, "onednn_packed": 220.0, "peak": 220.0}},
-             "float32": {"prefill": {**side, "share_of_peak": 0.84}, "generate": side},
-             "train": {"minisafe_tok_s": 120.0, "transformers_tok_s": 140.0, "ratio": 0.857}}
+             "float32": {"prefill": {**side, "share_of_peak": 0.84}, "generate": side}}
     directory.mkdir(parents=True)
     path = directory / "b.json"
     path.write_text(json.dumps(bench))
@@ -102,7 +101,6 @@ def test_bench_document_holds_the_ratio_table_and_the_recorded_setting(tmp_path,
     assert "Machine: Some CPU, 2 cores, Linux" in text and "Run at: 2026-12-02T10:00:00+00:00" in text
     assert "| prefill | float32 | 300 | 200 | 1.50x | 84% |" in text
     assert "| generate | float32 | 300 | 200 | 1.50x | - |" in text
-    assert "| training step | float32 | 120 | 140 | 0.86x | - |" in text
 
 
 def test_regenerating_bench_gives_identical_bytes(tmp_path, monkeypatch):

@@ -51,15 +51,9 @@ def best_times(a: Callable[[], object], b: Callable[[], object], repeat: int = 3
                ) -> tuple[float, float]:
     """Fastest of `repeat` runs of each of two rivals, run in turn (a, b, a, b, ...) after one warm-up run each (unless
     the caller warmed them up), so that a slow spell of the machine falls on both sides alike."""
-    if warm_up:
-        a(), b()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeat):
-        for fn, spent in zip((a, b), times):
-            start = time.perf_counter()
-            fn()
-            spent.append(time.perf_counter() - start)
-    return min(times[0]), min(times[1])
+    seconds = bench_train.alternate({"a": lambda _: a(), "b": lambda _: b()}, [None] * (repeat + warm_up),
+                                    warm_up=int(warm_up))
+    return min(seconds["a"]), min(seconds["b"])
 
 
 def peak_rss_mb() -> float:
@@ -294,7 +288,7 @@ def run_dtype_parts(a: argparse.Namespace, prompts: list[str], results: dict) ->
 def run_train_parts(a: argparse.Namespace, results: dict) -> None:
     """Training at the pipeline's settings (three contenders, every workload) and SPPFT against full fine-tuning."""
     workloads = (bench_train.workloads_from_files(a.train_data) if a.train_data else
-                 {name: bench_train.workload_rows(name) for name in ("attack", "align")})
+                 bench_train.default_workloads())
     peak = results["peak_gflop_s"]["bfloat16"]["peak"]
     if "train" in a.parts:
         theirs = load_transformers(a.model)

@@ -37,13 +37,12 @@ BATCH, MAX_LEN = 8, 160
 Step = Callable[[list[tuple[list[int], list[int]]]], None]
 
 
-def workload_rows(name: str, data_dir: str | Path = "data", n: int = 240) -> list[dict]:
-    """The rows of a default workload, built from the fetched data (see the module docstring)."""
+def default_workloads(data_dir: str | Path = "data", n: int = 240) -> dict[str, list[dict]]:
+    """The default workloads' rows, attack then align, built from the fetched data (see the module docstring)."""
     pairs = builders.normal_pairs(data.read_dataset(data.fetched("sharegpt", data_dir)), seed=0)[:n]
-    if name == "attack":
-        return builders.implicit_attack(pairs)
     malicious = data.read_dataset(data.fetched("harmbench", data_dir))[: n // 3]
-    return builders.alignment_sft(malicious, pairs[: n - len(malicious)], data.bundled_prompts("refusals"))
+    return {"attack": builders.implicit_attack(pairs),
+            "align": builders.alignment_sft(malicious, pairs[: n - len(malicious)], data.bundled_prompts("refusals"))}
 
 
 def batches(rows: list[dict], tokenizer, count: int) -> list[list[tuple[list[int], list[int]]]]:
