@@ -120,20 +120,23 @@ def read_txt(path: str | Path) -> list[dict]:
     return _nonempty(rows, path)
 
 
+def json_lines(path: str | Path) -> list[tuple[str, Any]]:
+    """[(where, value)]: the JSON value of each non-blank line, where = "path, line N"; bad JSON is a DataError."""
+    path = Path(path)
+    values = []
+    for number, line in enumerate(text_lines(read_text_file(path)), start=1):
+        if line.strip():
+            where = f"{path}, line {number}"
+            try:
+                values.append((where, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
+    return values
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """One JSON object a line with 'prompt' (and optional 'response', or 'chosen' + 'rejected')."""
-    path = Path(path)
-    rows = []
-    for number, line in enumerate(text_lines(read_text_file(path)), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
-        rows.append(record_row(record, where))
-    return _nonempty(rows, path)
+    return _nonempty([record_row(record, where) for where, record in json_lines(path)], Path(path))
 
 
 def read_csv(path: str | Path, column: str | None = None) -> list[dict]:

@@ -19,7 +19,6 @@ kappa, counts, neither_labels}, "widening" {prompt set: agreement, n, margin}, "
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -30,9 +29,9 @@ from pathlib import Path
 import torch
 
 from minisafe.builders import seeded_hash
-from minisafe.cli import Parser, device_name, output_dir, positive_int
-from minisafe.data import read_text_file, text_lines
-from minisafe.errors import DataError, MinisafeError
+from minisafe.cli import Parser, device_name, output_dir, positive_int, script
+from minisafe.data import json_lines
+from minisafe.errors import DataError
 from minisafe.io import atomic_write_json, atomic_write_text, content_hash, run_record
 from minisafe.stats import JUDGE_AGREEMENT_TARGET, Rate, judge_margin
 
@@ -86,13 +85,7 @@ def check_rows(rows: Sequence[dict], where: str | Path) -> None:
 
 def read_labels(path: str | Path = LABELS_PATH, split: str | None = None) -> list[dict]:
     """The labelled rows of a judge_labels.jsonl (checked against the schema), optionally one split only."""
-    rows = []
-    for number, line in enumerate(text_lines(read_text_file(Path(path))), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {number}: not valid JSON: {e.msg}") from None
+    rows = [row for _, row in json_lines(path)]
     if not rows:
         raise DataError(f"{path}: no labelled rows")
     check_rows(rows, path)
@@ -334,15 +327,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@script()
 def main(argv: list[str] | None = None) -> int:
-    try:
-        a = parse_args(argv)
-        options = {"device": a.device, "dtype": getattr(torch, a.dtype), "batch_size": a.batch_size,
-                   "progress": not a.no_progress}
-        results = run_check(a.labels, a.judge or ["keywords"], a.split, Path(a.out), options)
-    except MinisafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    a = parse_args(argv)
+    options = {"device": a.device, "dtype": getattr(torch, a.dtype), "batch_size": a.batch_size,
+               "progress": not a.no_progress}
+    results = run_check(a.labels, a.judge or ["keywords"], a.split, Path(a.out), options)
     for r in results["judges"]:
         sets = ", ".join(f"{s} {100 * w['agreement']:.1f}%" for s, w in r["widening"].items())
         print(f"{r['judge']}: accuracy {_pct(r['table']['all']['accuracy'])} ({sets})")

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from minisafe.cli import Parser, positive_int
-from minisafe.errors import CheckpointError, ConfigError, MinisafeError
+from minisafe.cli import Parser, positive_int, script
+from minisafe.errors import CheckpointError, ConfigError
 from minisafe.io import atomic_directory, atomic_write_json, content_hash
 
 LAYER_SHARES = (0.25, 0.5, 0.75, 1.0)  # depth of the probed layer, as a share of the model's layers
@@ -173,6 +173,7 @@ def train_probe(labels: Path, model_dir: Path, out: Path, batch_size: int, cv_ou
     return meta
 
 
+@script()
 def main(argv: list[str] | None = None) -> int:
     from minisafe.judge_check import LABELS_PATH
 
@@ -182,14 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="probe file to write (.safetensors)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="exchanges per forward pass")
     p.add_argument("--cv-out", type=Path, help="also write the chosen grid entry's held-out verdicts on dev (JSON)")
-    try:
-        a = p.parse_args(argv)
-        if a.out.suffix != ".safetensors":
-            raise ConfigError(f"--out {a.out}: a probe file ends in .safetensors")
-        meta = train_probe(a.labels, a.model, a.out, a.batch_size, a.cv_out)
-    except MinisafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    a = p.parse_args(argv)
+    if a.out.suffix != ".safetensors":
+        raise ConfigError(f"--out {a.out}: a probe file ends in .safetensors")
+    meta = train_probe(a.labels, a.model, a.out, a.batch_size, a.cv_out)
     print(f"probe: layer {meta['layer']}, l2 {meta['l2']:g}, cross-validated accuracy on dev "
           f"{100 * meta['cv_accuracy']:.1f}% ({meta['rows']} rows) -> {a.out}")
     return 0

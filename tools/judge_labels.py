@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from minisafe.builders import seeded_hash
-from minisafe.cli import Parser, positive_int
-from minisafe.data import jsonl_text
-from minisafe.errors import DataError, MinisafeError
+from minisafe.cli import Parser, positive_int, script
+from minisafe.data import json_lines, jsonl_text
+from minisafe.errors import DataError
 from minisafe.io import atomic_write_text, content_hash
 from minisafe.judge import KeywordJudge
 from minisafe.judge_check import LABELS, MODEL_KINDS, assign_splits, check_rows
@@ -58,7 +57,7 @@ def row_key(kind: str, attack: str, model: str, prompt_set: str, prompt: str) ->
 def source_rows(spec: str, data_dir: Path) -> list[dict]:
     """Every response of one source, with provenance and the keyword verdict recomputed (and checked)."""
     kind, attack, model, path = parse_source(spec)
-    responses = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    responses = [row for _, row in json_lines(path)]
     judge, hashes, rows = KeywordJudge(), {}, []
     for r in responses:
         prompt_set = PROMPT_SETS[r["set"]]
@@ -125,19 +124,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@script()
 def main(argv: list[str] | None = None) -> int:
-    try:
-        a = parse_args(argv)
-        if a.command == "sample":
-            rows = [r for spec in a.source for r in source_rows(spec, a.data)]
-            out = stratified_sample(rows, a.cap, a.seed)
-        else:
-            read = lambda p: [json.loads(x) for x in p.read_text().splitlines() if x.strip()]  # noqa: E731
-            out = build(read(a.candidates), {h["key"]: h for h in read(a.labels)}, a.seed)
-        atomic_write_text(a.out, jsonl_text(out))
-    except (MinisafeError, OSError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    a = parse_args(argv)
+    if a.command == "sample":
+        rows = [r for spec in a.source for r in source_rows(spec, a.data)]
+        out = stratified_sample(rows, a.cap, a.seed)
+    else:
+        read = lambda path: [row for _, row in json_lines(path)]  # noqa: E731
+        out = build(read(a.candidates), {h["key"]: h for h in read(a.labels)}, a.seed)
+    atomic_write_text(a.out, jsonl_text(out))
     print(f"{len(out)} rows -> {a.out}")
     return 0
 
