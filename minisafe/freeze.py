@@ -81,9 +81,8 @@ def check_layer_range(num_layers: int, first: int, last: int) -> None:
         raise ConfigError(f"layer range {first}:{last}: FIRST ({first}) is after LAST ({last})")
     missing = next((layer for layer in (first, last) if not 0 <= layer < num_layers), None)
     if missing is not None:
-        raise ConfigError(f"layer range {first}:{last} is outside this {num_layers}-layer model (layers "
-                          f"0..{num_layers - 1}, both inclusive): layer {missing} is outside this {num_layers}-layer "
-                          f"model (0..{num_layers - 1})")
+        raise ConfigError(f"layer range {first}:{last}: layer {missing} is outside this {num_layers}-layer model "
+                          f"(layers 0..{num_layers - 1}, both inclusive)")
 
 
 def layer_of(name: str) -> int | None:

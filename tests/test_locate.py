@@ -72,7 +72,8 @@ def test_o_proj_can_be_left_unscaled_and_phi3_fused_matrices_are_scaled(tmp_path
 
 def test_scaling_a_range_outside_the_model_is_a_clear_error(tiny):
     model, _ = tiny
-    with pytest.raises(ConfigError, match=r"layer range 2:3 is outside this 3-layer model \(layers 0\.\.2"):
+    message = r"layer range 2:3: layer 3 is outside this 3-layer model \(layers 0\.\.2, both inclusive\)"
+    with pytest.raises(ConfigError, match=message):
         with scaled_layers(model, 2, 3, 1.2):
             pass
 

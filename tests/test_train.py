@@ -95,7 +95,8 @@ def test_trainable_and_frozen_patterns_combine_with_the_range():
 
 
 @pytest.mark.parametrize("spec, message", [
-    (FreezeSpec(layers=(28, 40)), "layer 40 is outside this 30-layer model (0..29)"),
+    (FreezeSpec(layers=(28, 40)),
+     "layer range 28:40: layer 40 is outside this 30-layer model (layers 0..29, both inclusive)"),
     (FreezeSpec(trainable="nothing_like_this"), "--trainable 'nothing_like_this' matches no parameter"),
     (FreezeSpec(frozen="nothing_like_this"), "--frozen 'nothing_like_this' matches no parameter"),
     (FreezeSpec(frozen="("), "not a valid regular expression"),
