@@ -57,7 +57,8 @@ from tqdm import tqdm
 from minisafe import checkpoint, data, evaluation
 from minisafe.analysis import (check_shaded_layers, clustering_scores, jailbreak_prompts, plot_tau, record_mlp_inputs,
                                split_reference, stack_records, tau_table)
-from minisafe.cli import device_name, non_negative_int, option, output_dir, positive_float, positive_int
+from minisafe.cli import (check_fields, device_name, non_negative_int, option, output_dir, positive_float, positive_int,
+                          whole)
 from minisafe.errors import CheckpointError, ConfigError
 from minisafe.fastpath import fast_inference
 from minisafe.freeze import read_layer_spec
@@ -375,11 +376,12 @@ class AttackRunConfig:
     layers: str | None = option(None, "safety layers to shade in the tau plot: FIRST:LAST (0-based, inclusive) or a "
                                       "safety_layers.json", metavar="I:J")
     budgets: tuple[int, ...] = option((20, 100), "Adam step budgets; success is reported within each (0 steps, the "
-                                                 "random suffix, always)", type=int, nargs="+", metavar="STEPS")
+                                                 "random suffix, always)", type=positive_int, nargs="+",
+                                     metavar="STEPS")
     target: str = option("Sure, here is", "the opening the attack makes greedy decoding write")
     slots: int = option(20, "free embedding vectors in the soft suffix", type=positive_int)
     lr: float = option(0.1, "Adam step, in units of the embedding matrix's root-mean-square entry", type=positive_float)
-    limit: int | None = option(50, "at most N attacked prompts (and reference prompts per kind)", type=int)
+    limit: int | None = option(50, "at most N attacked prompts (and reference prompts per kind)", type=whole(2))
     template: str = option("chat", "prompt format: the model's own chat template or the Alpaca template",
                            choices=TEMPLATES)
     judge: str = option("keywords", "refusal judge: 'keywords' or a judge model directory")
@@ -456,10 +458,9 @@ def run_attack(cfg: AttackRunConfig) -> dict:
     missing = [p for p in cfg.models if not Path(p).is_dir()]
     if missing:  # before hours of attacking the models that do exist
         raise CheckpointError(f"not a model directory: {', '.join(missing)}")
-    if any(b < 1 for b in cfg.budgets) or not cfg.budgets:
-        raise ConfigError(f"--budgets must be positive step counts, got {list(cfg.budgets)}")
-    if cfg.limit is not None and cfg.limit < 2:
-        raise ConfigError(f"--limit must be at least 2, got {cfg.limit}")
+    check_fields(cfg)  # a config made in Python skips argparse's checks of --budgets and --limit
+    if not cfg.budgets:
+        raise ConfigError("--budgets: give at least one step count")
     layers = read_layer_spec(cfg.layers)
     prompts = run_prompts(cfg)
     judge = load_judge(cfg.judge, device=cfg.device, progress=cfg.progress)

@@ -166,9 +166,9 @@ def test_the_attack_command_writes_its_results_report_and_plots(tiny, tmp_path, 
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--budgets", "0"], "--budgets must be positive"),
+    (["--budgets", "0"], "--budgets must be an integer >= 1, got 0"),
     (["--layers", "1:5"], "outside this 3-layer model"),
-    (["--limit", "1"], "--limit must be at least 2"),
+    (["--limit", "1"], "--limit must be an integer >= 2, got 1"),
     (["--model", "no/such/dir"], "not a model directory: no/such/dir"),
 ])
 def test_bad_attack_input_exits_2_with_one_error_line(tiny, tmp_path, capsys, extra, message):
