@@ -8,38 +8,22 @@ synthetic task-concept lab, or attack models with optimised input embeddings.
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from minisafe.analysis import CompareConfig, compare, separation
 from minisafe.attacks import AttackRunConfig, run_attack
 from minisafe.cli import Parser, add_options, config_from_args, script
 from minisafe.synthetic import LabConfig, run_lab, summary_rows
 
-COMMANDS = {"compare": CompareConfig, "synthetic": LabConfig, "attack": AttackRunConfig}
-HELP = {
-    "compare": ("tau per layer and weight changes of a before/after pair",
-                "tau per layer (safe / unsafe / jailbreak prompts) before and after, and the weight change of every "
-                "projection matrix; writes mechanistic.json, report.md, tau.png, weights.png, run.json"),
-    "synthetic": ("the synthetic lab: pre-train, SSFT / DPO / unlearning, analyse, attack",
-                  "PCFG text x bijective operators; pre-train a small minisafe model, safety fine-tune it with "
-                  "train.py's sft, dpo and unlearn objectives, then measure behaviour, tau and weight changes, and "
-                  "attack it with optimised embeddings; writes results.json, report.md, tau.png, attack.png"),
-    "attack": ("the continuous-embedding attack on real models: success rate and tau per layer",
-               "optimise a soft suffix of free embedding vectors towards a compliant opening on held-out malicious "
-               "prompts; judge the greedy continuations like R_h and score the attacked inputs with tau per layer; "
-               "writes results.json, responses.jsonl, report.md, tau.png, attack.png, run.json"),
-}
 
+class Command(NamedTuple):
+    """A sub-command: its config (the fields give the flags), what runs it, and its help (short, then long)."""
 
-def parse_args(argv: list[str] | None = None) -> CompareConfig | LabConfig | AttackRunConfig:
-    """The config of a command line: the sub-command picks it, its fields give the flags."""
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, config in COMMANDS.items():
-        short, long = HELP[name]
-        add_options(sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=short,
-                                   description=long), config)
-    a = p.parse_args(argv)
-    return config_from_args(COMMANDS[a.command], a)
+    config: type
+    run: Callable[[Any], None]
+    short: str
+    long: str
 
 
 def run_compare(cfg: CompareConfig) -> None:
@@ -68,14 +52,41 @@ def run_attack_command(cfg: AttackRunConfig) -> None:
     print(f"Report: {cfg.out}/report.md")
 
 
-RUN = {CompareConfig: run_compare, LabConfig: run_synthetic, AttackRunConfig: run_attack_command}
+COMMANDS = {
+    "compare": Command(CompareConfig, run_compare, "tau per layer and weight changes of a before/after pair",
+                       "tau per layer (safe / unsafe / jailbreak prompts) before and after, and the weight change of "
+                       "every projection matrix; writes mechanistic.json, report.md, tau.png, weights.png, run.json"),
+    "synthetic": Command(LabConfig, run_synthetic,
+                         "the synthetic lab: pre-train, SSFT / DPO / unlearning, analyse, attack",
+                         "PCFG text x bijective operators; pre-train a small minisafe model, safety fine-tune it with "
+                         "train.py's sft, dpo and unlearn objectives, then measure behaviour, tau and weight changes, "
+                         "and attack it with optimised embeddings; writes results.json, report.md, tau.png, "
+                         "attack.png"),
+    "attack": Command(AttackRunConfig, run_attack_command,
+                      "the continuous-embedding attack on real models: success rate and tau per layer",
+                      "optimise a soft suffix of free embedding vectors towards a compliant opening on held-out "
+                      "malicious prompts; judge the greedy continuations like R_h and score the attacked inputs with "
+                      "tau per layer; writes results.json, responses.jsonl, report.md, tau.png, attack.png, run.json"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Command, Any]:
+    """The sub-command of a command line and its config (the sub-command's fields give the flags)."""
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        add_options(sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=command.short,
+                                   description=command.long), command.config)
+    a = p.parse_args(argv)
+    command = COMMANDS[a.command]
+    return command, config_from_args(command.config, a)
 
 
 @script("mechanistic.py")
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the sub-command, summarise; exit 2 with one line naming the culprit for a user error."""
-    cfg = parse_args(argv)
-    RUN[type(cfg)](cfg)
+    command, cfg = parse_args(argv)
+    command.run(cfg)
     return 0
 
 
