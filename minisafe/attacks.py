@@ -311,6 +311,19 @@ def attacked_activations(model: Transformer, tok: Tokenizer, results: Sequence[A
     return out
 
 
+def attack_and_activations(model: Transformer, tok: Tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                           cfg: AttackConfig, template: str = "chat", eos: bool = False
+                           ) -> tuple[list[AttackResult], dict, dict[str, Tensor]]:
+    """The attack, its summary (with the seconds the attack took), and the attacked inputs' MLP activations per
+    budget ({"attack@b": [N, L, F]}), the two things every caller scores."""
+    started = time.perf_counter()
+    results = embedding_attack(model, tok, prompts, targets, cfg, template, eos=eos)
+    summary = {**attack_summary(results, cfg.budgets), "seconds": time.perf_counter() - started}
+    activations = {f"attack@{b}": attacked_activations(model, tok, results, b, cfg.batch_size)
+                   for b in sorted(set(cfg.budgets))}
+    return results, summary, activations
+
+
 def attack_summary(results: Sequence[AttackResult], budgets: Sequence[int]) -> dict:
     """Success per budget (k, n, rate, 95% Wilson interval), steps of the successes, mean final target log-prob,
     and per step the share of prompts already successful and their mean target log-prob (last value carried on)."""
@@ -427,9 +440,8 @@ def attack_model(path: str, prompts: dict[str, list[str]], judge, cfg: AttackRun
                  for p, r, f in zip(attacked, plain, refused)]
     budgets = sorted({0, *cfg.budgets})
     attack_cfg = AttackConfig(cfg.slots, tuple(budgets), cfg.lr, "suffix", cfg.batch_size, cfg.seed, cfg.progress)
-    attack_started = time.perf_counter()
-    results = embedding_attack(model, tok, attacked, [cfg.target] * len(attacked), attack_cfg, cfg.template)
-    entry["attack"] = {**attack_summary(results, budgets), "seconds": time.perf_counter() - attack_started}
+    results, entry["attack"], activations = attack_and_activations(model, tok, attacked, [cfg.target] * len(attacked),
+                                                                   attack_cfg, cfg.template)
     for budget in budgets:
         texts = attacked_continuations(model, tok, results, budget, cfg.max_new_tokens, cfg.batch_size)
         entry["answered"][str(budget)], refused = answered_rates(judge, attacked, texts)
@@ -440,7 +452,7 @@ def attack_model(path: str, prompts: dict[str, list[str]], judge, cfg: AttackRun
     entry["tau"] = clustering_scores(
         model, tok, {"safe": prompts["safe"], "unsafe": attacked, "jailbreak": jailbreaks},
         prompts["reference_safe"], prompts["reference_unsafe"], cfg.template, cfg.batch_size, cfg.progress,
-        activations={f"attack@{b}": attacked_activations(model, tok, results, b, cfg.batch_size) for b in budgets})
+        activations=activations)
     entry["seconds"] = time.perf_counter() - started
     return entry, responses
 

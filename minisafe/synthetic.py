@@ -62,8 +62,7 @@ from tqdm import tqdm
 
 from minisafe import analysis, checkpoint
 from minisafe.analysis import clustering_scores, tau_table, weight_table
-from minisafe.attacks import (AttackConfig, attack_summary, attack_table, attacked_activations, embedding_attack,
-                              plot_attack_curves)
+from minisafe.attacks import AttackConfig, attack_and_activations, attack_table, plot_attack_curves
 from minisafe.checkpoint import DTYPES
 from minisafe.cli import (check_fields, group, non_negative_float, non_negative_int, option, output_dir, positive_float,
                           positive_int)
@@ -525,15 +524,11 @@ def lab_attack(model: Transformer, tok: Tokenizer, samples: list[Sample], cfg: L
     """The embedding attack on unsafe samples, target the true output then EOS, the soft prompt before the operators
     (see minisafe.attacks: a suffix would shift the copy distance the model learnt). Returns its summary (success
     per budget, 0 = the random start) and the attacked inputs' MLP activations per budget ({"attack@b": [N, L, F]})."""
-    started = time.perf_counter()
     budgets = sorted({0, *cfg.attack_budgets})
     attack_cfg = AttackConfig(slots=cfg.attack_slots, budgets=tuple(budgets), lr=cfg.attack_lr, place="prefix",
                               batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
-    results = embedding_attack(model, tok, [s.prompt for s in samples], [s.answer for s in samples], attack_cfg,
-                               template="chat", eos=True)
-    summary = attack_summary(results, budgets)
-    activations = {f"attack@{b}": attacked_activations(model, tok, results, b, cfg.batch_size) for b in budgets}
-    summary["seconds"] = time.perf_counter() - started
+    _, summary, activations = attack_and_activations(model, tok, [s.prompt for s in samples],
+                                                     [s.answer for s in samples], attack_cfg, template="chat", eos=True)
     return summary, activations
 
 
