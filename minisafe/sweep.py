@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,10 @@ def ratio(value: float, unaligned: float) -> float:
 
 
 def run_sweep(out: Path, weights: Path, data_dir: Path, grid: list[tuple[str, Recipe]], p: Profile = PROFILES["full"],
-              say=print) -> dict:
+              say=print, not_run: Sequence[str] = ()) -> dict:
     """Every recipe of the grid (trained with profile p's settings), its validation scores, and the choice; writes
-    sweep.json, report.md and front.png after every recipe."""
+    sweep.json, report.md and front.png after every recipe. not_run: recipes of the documented grid left out of this
+    one (the report names them: the choice is among the recipes that ran)."""
     sets = out / "data"
     data_step(p, data_dir, sets, say)
     unaligned = {model: scores(validation_scores(out / f"unaligned-{model}", sets, weights / model, p, say))
@@ -150,7 +152,7 @@ def run_sweep(out: Path, weights: Path, data_dir: Path, grid: list[tuple[str, Re
         train_seconds = sum(training_seconds(out / name / key) for key in steps if key != "align_data")
         rows.append({"name": name, "recipe": recipe.settings(), **result, "train_seconds": train_seconds,
                      "distance": distance(result, unaligned[recipe.model])})
-        summary = write_summary(out, unaligned, rows)  # after every recipe: an interrupted sweep keeps its table
+        summary = write_summary(out, unaligned, rows, not_run)  # after every recipe: an interrupted sweep keeps its table
     return summary
 
 
@@ -166,11 +168,11 @@ def training_seconds(run_dir: Path) -> float:
     return round(total + last, 1)
 
 
-def write_summary(out: Path, unaligned: dict, rows: list[dict]) -> dict:
+def write_summary(out: Path, unaligned: dict, rows: list[dict], not_run: Sequence[str] = ()) -> dict:
     """sweep.json, report.md and front.png of the recipes finished so far, with the choice among them."""
     chosen = min(rows, key=lambda r: (r["distance"], r["train_seconds"]))["name"] if rows else None
     summary = {"format": 1, "target": asdict(TARGET), "unaligned": unaligned, "recipes": rows, "chosen": chosen,
-               "command": ["python", "-m", "minisafe.sweep", *sys.argv[1:]]}
+               "not_run": list(not_run), "command": ["python", "-m", "minisafe.sweep", *sys.argv[1:]]}
     atomic_write_json(out / "sweep.json", summary)
     plot_front(summary, out / "front.png")
     atomic_write_text(out / "report.md", sweep_table(summary))
@@ -194,6 +196,8 @@ def sweep_table(summary: dict) -> str:
     lines += [f"| {r['name']} | {score_cells(r)} | {r['train_seconds']:.0f} | {r['distance']:.1f} |"
               for r in summary["recipes"]]
     lines += ["", f"Chosen: **{summary['chosen']}** (smallest distance, then fastest training).", ""]
+    if summary.get("not_run"):
+        lines += [f"Recipes of the grid not run, so not in the choice: {', '.join(summary['not_run'])}.", ""]
     chosen = next((r for r in summary["recipes"] if r["name"] == summary["chosen"]), None)
     if chosen:
         unaligned = summary["unaligned"][chosen["recipe"]["model"]]
@@ -256,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = chosen_grid(args.only)
-    summary = run_sweep(Path(args.out), Path(args.weights), Path(args.data), grid)
+    not_run = [name for name, _ in expand_grid() if name not in dict(grid)]
+    summary = run_sweep(Path(args.out), Path(args.weights), Path(args.data), grid, not_run=not_run)
     print(f"chosen: {summary['chosen']}; table: {Path(args.out) / 'report.md'}")
     return 0
 

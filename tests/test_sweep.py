@@ -9,7 +9,7 @@ import pytest
 from minisafe import splits
 from minisafe.alignment import Recipe
 from minisafe.errors import ConfigError
-from minisafe.sweep import distance, expand_grid, run_sweep, shortfalls, training_seconds
+from minisafe.sweep import distance, expand_grid, run_sweep, shortfalls, sweep_table, training_seconds
 from test_pipeline import TINY, TINY_RECIPE, write_sources
 from tiny import save_tiny
 
@@ -68,6 +68,13 @@ def test_the_sweep_writes_its_table_plot_and_a_choice(sweep):
     assert "| base |" in (out / "report.md").read_text() and (out / "front.png").stat().st_size > 0
     for row in summary["recipes"]:
         assert row["malicious"]["n"] > 0 and row["normal"]["n"] > 0 and row["over_rejection"]["n"] > 0
+
+
+def test_the_report_names_the_recipes_of_the_grid_that_did_not_run(sweep):
+    _, _, summary, _ = sweep
+    assert summary["not_run"] == [] and "not run" not in sweep_table(summary)
+    text = sweep_table({**summary, "not_run": ["epochs=4", "answer_tokens=128"]})
+    assert "Recipes of the grid not run, so not in the choice: epochs=4, answer_tokens=128." in text
 
 
 def test_validation_never_reads_a_test_prompt(sweep):
