@@ -59,7 +59,11 @@ VARIATIONS: dict[str, list[Any]] = {
 }
 # Then recipes that change several levers at once, each combining levers that helped alone (chosen from the one-lever
 # rows' validation scores, never from a test split).
-COMBINATIONS: list[dict[str, Any]] = []
+COMBINATIONS: list[dict[str, Any]] = [
+    # reference targets: the one lever that shortened the base recipe's distance (perplexity back within bounds);
+    # three epochs: the one lever that met the malicious bound, and it also cut over-rejection.
+    {"normal_targets": "reference", "epochs": 3},
+]
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
 
 

@@ -16,7 +16,7 @@ from tiny import save_tiny
 
 def test_the_grid_is_the_base_then_one_lever_changed_at_a_time():
     base = Recipe(epochs=2, lr=3e-5)
-    grid = expand_grid(base, {"lr": [2e-5, 3e-5, 5e-5], "epochs": [3]})
+    grid = expand_grid(base, {"lr": [2e-5, 3e-5, 5e-5], "epochs": [3]}, [])
     assert [name for name, _ in grid] == ["base", "lr=2e-05", "lr=5e-05", "epochs=3"]  # lr=3e-05 is the base
     assert grid[1][1] == replace(base, lr=2e-5) and grid[3][1] == replace(base, epochs=3)
     with pytest.raises(Exception, match="not a Recipe field"):
@@ -53,7 +53,7 @@ def sweep(tmp_path_factory):
     data_dir.mkdir()
     write_sources(data_dir)
     base = replace(TINY_RECIPE, model="tiny", deep=0.0, dpo_epochs=0)
-    grid = expand_grid(base, {"lr": [2e-3]})
+    grid = expand_grid(base, {"lr": [2e-3]}, [])
     messages: list[str] = []
     summary = run_sweep(root / "out", root / "weights", data_dir, grid, TINY, say=messages.append)
     return root, grid, summary, messages
