@@ -156,7 +156,8 @@ def run_sweep(out: Path, weights: Path, data_dir: Path, grid: list[tuple[str, Re
         train_seconds = sum(training_seconds(out / name / key) for key in steps if key != "align_data")
         rows.append({"name": name, "recipe": recipe.settings(), **result, "train_seconds": train_seconds,
                      "distance": distance(result, unaligned[recipe.model])})
-        summary = write_summary(out, unaligned, rows, not_run)  # after every recipe: an interrupted sweep keeps its table
+        # after every recipe, so that an interrupted sweep keeps its table
+        summary = write_summary(out, unaligned, rows, not_run)
     return summary
 
 
@@ -202,13 +203,28 @@ def sweep_table(summary: dict) -> str:
     lines += ["", f"Chosen: **{summary['chosen']}** (smallest distance, then fastest training).", ""]
     if summary.get("not_run"):
         lines += [f"Recipes of the grid not run, so not in the choice: {', '.join(summary['not_run'])}.", ""]
+    return "\n".join(lines + bound_lines(summary) + ["![front](front.png)", ""])
+
+
+def bound_lines(summary: dict) -> list[str]:
+    """The front in words: per bound, how many recipes meet it and how far the chosen one is from it; then the bound
+    that binds (of those the chosen recipe misses, the one the fewest recipes meet)."""
     chosen = next((r for r in summary["recipes"] if r["name"] == summary["chosen"]), None)
-    if chosen:
-        unaligned = summary["unaligned"][chosen["recipe"]["model"]]
-        missed = {b: gap for b, gap in shortfalls(chosen, unaligned, Target(**summary["target"])).items() if gap > 0}
-        lines += ["Bounds it misses on the validation splits (points short): " + (
-            "; ".join(f"{b}: {gap:.1f}" for b, gap in missed.items()) if missed else "none") + ".", ""]
-    return "\n".join(lines + ["![front](front.png)", ""])
+    if chosen is None:
+        return []
+    target = Target(**summary["target"])
+    # per recipe, its shortfalls in the bounds' fixed order (a bound's wording can hold its model's normal cap)
+    gaps = [list(shortfalls(r, summary["unaligned"][r["recipe"]["model"]], target).values())
+            for r in summary["recipes"]]
+    mine = shortfalls(chosen, summary["unaligned"][chosen["recipe"]["model"]], target)
+    meeting = [sum(g[i] == 0 for g in gaps) for i in range(len(mine))]
+    rows = [f"| {bound} | {k} of {len(gaps)} | {gap:.1f} |" for (bound, gap), k in zip(mine.items(), meeting)]
+    missed = {bound: k for (bound, gap), k in zip(mine.items(), meeting) if gap > 0}
+    binding = [bound for bound, k in missed.items() if k == min(missed.values())]
+    return ["| bound (for the chosen recipe's model) | recipes meeting it | chosen recipe short by (points) |",
+            "|---|---|---|", *rows, "",
+            "The bound that binds (of those the chosen recipe misses, the one the fewest recipes meet): "
+            f"{' and '.join(binding) or 'none, the chosen recipe meets every bound'}.", ""]
 
 
 def plot_front(summary: dict, path: Path) -> None:
