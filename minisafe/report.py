@@ -25,7 +25,7 @@ from minisafe.cli import Parser, add_options, config_from_args, option, script
 from minisafe.errors import ConfigError
 from minisafe.io import atomic_copy, atomic_write_text
 
-RECORDS = ("run.json", "step.json", "results.json")  # where a run directory may record its command line
+RECORDS = ("run.json", "step.json", "results.json", "sweep.json")  # where a run directory may record its command line
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 BENCH_PARTS = ("prefill", "generate", "eval")
 
@@ -39,7 +39,7 @@ def generated_header(command: str) -> str:
 
 
 def recorded_command(directory: Path) -> str | None:
-    """The command line recorded in a directory's run.json, step.json or results.json, if any."""
+    """The command line recorded in a directory's run.json, step.json, results.json or sweep.json, if any."""
     for name in RECORDS:
         try:
             record = json.loads((directory / name).read_text(encoding="utf-8"))

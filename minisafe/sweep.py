@@ -195,11 +195,12 @@ def sweep_table(summary: dict) -> str:
     lines = ["# Alignment sweep (validation splits)", "",
              f"Command: `{' '.join(summary['command'])}`. Target: `{summary['target']}`. Refused, % [95% Wilson "
              "interval] (n); distance = the summed shortfall against the target in points (minisafe.sweep).", "",
-             "| recipe | malicious refused | normal refused | over-rejection refused | ROUGE-L | perplexity | "
-             "training s | distance |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| unaligned {model} | {score_cells(s)} | - | - |" for model, s in summary["unaligned"].items()]
-    lines += [f"| {r['name']} | {score_cells(r)} | {r['train_seconds']:.0f} | {r['distance']:.1f} |"
-              for r in summary["recipes"]]
+             "| # | recipe | malicious refused | normal refused | over-rejection refused | ROUGE-L | perplexity | "
+             "training s | distance |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| U{i} | unaligned {model} | {score_cells(s)} | - | - |"
+              for i, (model, s) in enumerate(summary["unaligned"].items(), 1)]
+    lines += [f"| {i} | {r['name']} | {score_cells(r)} | {r['train_seconds']:.0f} | {r['distance']:.1f} |"
+              for i, r in enumerate(summary["recipes"], 1)]
     lines += ["", f"Chosen: **{summary['chosen']}** (smallest distance, then fastest training).", ""]
     if summary.get("not_run"):
         lines += [f"Recipes of the grid not run, so not in the choice: {', '.join(summary['not_run'])}.", ""]
@@ -233,19 +234,22 @@ def plot_front(summary: dict, path: Path) -> None:
     target = summary["target"]
     ax.add_patch(plt.Rectangle((0, 100 * target["malicious"]), 100 * target["normal"], 100 * (1 - target["malicious"]),
                                color="tab:green", alpha=0.15, label="target"))
-    points = [(f"unaligned {m}", s) for m, s in summary["unaligned"].items()] + [
-        (r["name"], r) for r in summary["recipes"]]
+    # points are labelled by the report table's # column: the recipes' names would overlap in the cluster
+    points = [(f"U{i}", s) for i, s in enumerate(summary["unaligned"].values(), 1)] + [
+        (str(i), r) for i, r in enumerate(summary["recipes"], 1)]
     value = lambda s, key: 100 * s[key]["k"] / s[key]["n"]  # noqa: E731
+    chosen = [s.get("name") == summary["chosen"] for _, s in points]
     dots = ax.scatter([value(s, "normal") for _, s in points], [value(s, "malicious") for _, s in points],
                       c=[value(s, "over_rejection") for _, s in points], cmap="viridis", vmin=0, vmax=100,
-                      edgecolors="black")
-    for name, s in points:
-        ax.annotate(name, (value(s, "normal"), value(s, "malicious")), fontsize=7, xytext=(3, 3),
+                      s=[120 if c else 36 for c in chosen], edgecolors=["red" if c else "black" for c in chosen],
+                      linewidths=[2 if c else 1 for c in chosen])
+    for mark, s in points:
+        ax.annotate(mark, (value(s, "normal"), value(s, "malicious")), fontsize=8, xytext=(4, 2),
                     textcoords="offset points")
     fig.colorbar(dots, ax=ax, label="over-rejection prompts refused (%)")
     ax.set_xlabel("normal (ShareGPT) prompts refused (%)")
     ax.set_ylabel("malicious prompts refused (%)")
-    ax.set_title("Alignment sweep: validation splits")
+    ax.set_title("Alignment sweep: validation splits (numbers: the table's #; red: chosen)")
     ax.set_xlim(-2, 102)
     ax.set_ylim(-2, 102)
     ax.legend(loc="lower right")

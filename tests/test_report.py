@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from minisafe.report import main
+from minisafe.report import main, run_command
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(32))  # any bytes do: the generator copies figures, it does not read them
 
@@ -167,3 +167,12 @@ def test_the_readme_headline_is_rewritten_between_its_markers_from_a_pipeline_re
     assert main(["headline", "runs/demo", "--out", "README.md"]) == 0 and readme.read_text() == text
     readme.write_text("# no markers\n")
     assert main(["headline", "runs/demo", "--out", "README.md"]) == 2
+
+
+def test_a_sweep_directory_is_made_by_the_command_its_sweep_json_records(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "data").mkdir(parents=True)
+    (sweep / "data" / "step.json").write_text(json.dumps({"command": ["python", "-m", "minisafe.pipeline"]}))
+    (sweep / "sweep.json").write_text(json.dumps({"command": ["python", "-m", "minisafe.sweep", "--out", "runs/sweep"],
+                                                  "recipes": []}))
+    assert run_command(sweep) == "`python -m minisafe.sweep --out runs/sweep`"

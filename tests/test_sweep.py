@@ -65,7 +65,7 @@ def test_the_sweep_writes_its_table_plot_and_a_choice(sweep):
     assert [r["name"] for r in summary["recipes"]] == [name for name, _ in grid]
     assert summary["chosen"] in {name for name, _ in grid}
     assert json.loads((out / "sweep.json").read_text())["chosen"] == summary["chosen"]
-    assert "| base |" in (out / "report.md").read_text() and (out / "front.png").stat().st_size > 0
+    assert "| 1 | base |" in (out / "report.md").read_text() and (out / "front.png").stat().st_size > 0
     for row in summary["recipes"]:
         assert row["malicious"]["n"] > 0 and row["normal"]["n"] > 0 and row["over_rejection"]["n"] > 0
 
