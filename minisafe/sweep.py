@@ -63,6 +63,10 @@ COMBINATIONS: list[dict[str, Any]] = [
     # reference targets: the one lever that shortened the base recipe's distance (perplexity back within bounds);
     # three epochs: the one lever that met the malicious bound, and it also cut over-rejection.
     {"normal_targets": "reference", "epochs": 3},
+    # then that combination (the best row) with each lever aimed at a bound it misses: Do-Not-Answer's other areas
+    # (the highest malicious rate alone) and deep alignment (refusal that outlives a harmful opening)
+    {"normal_targets": "reference", "epochs": 3, "dna_other": 150},
+    {"normal_targets": "reference", "epochs": 3, "deep": 0.5},
 ]
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
 
