@@ -153,6 +153,18 @@ def output_dir(text: str) -> str:
     return text
 
 
+
+def output_file(text: str) -> str:
+    """An argparse type: a file path that is not a directory, in a directory output_dir accepts."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    try:
+        output_dir(str(Path(text).parent))
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text}: its directory {e}") from None
+    return text
+
+
 # ---------------------------------------------------------------- flags from dataclass fields
 
 

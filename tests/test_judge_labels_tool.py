@@ -1,10 +1,12 @@
 """tools.judge_labels: source specs, the capped stratified sample, and building the labelled file."""
 
+import json
+
 import pytest
 
 from minisafe.errors import DataError
 from minisafe.judge_check import check_rows
-from tools.judge_labels import build, parse_source, stratified_sample
+from tools.judge_labels import build, main, parse_source, stratified_sample
 
 
 def test_a_source_spec_names_kind_attack_model_and_file():
@@ -42,3 +44,20 @@ def test_build_merges_labels_splits_and_refuses_a_missing_label():
     assert sorted(r["split"] for r in built) == ["dev", "dev", "report", "report"]
     with pytest.raises(DataError, match="no hand label"):
         build([{**r, "weight": 1.0} for r in rows], {}, seed=0)
+
+
+def test_a_response_whose_checkpoint_is_gone_is_one_error_line_naming_both(tmp_path, capsys):
+    responses = tmp_path / "r.jsonl"
+    responses.write_text(json.dumps({"set": "harmful", "prompt": "p", "response": "Sure.", "model": "no/such/model",
+                                     "verdict": "answered"}) + "\n")
+    out = tmp_path / "candidates.jsonl"
+    assert main(["sample", "--source", f"original:m={responses}", "--data", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{responses}: no/such/model" in err and "does not exist" in err
+    assert not out.exists()
+
+
+def test_an_output_that_is_a_directory_exits_2_before_any_work(tmp_path, capsys):
+    assert main(["build", "--candidates", "c.jsonl", "--labels", "l.jsonl", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--out {tmp_path} is a directory, not a file" in err

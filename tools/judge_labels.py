@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from minisafe.builders import seeded_hash
-from minisafe.cli import Parser, positive_int, script
+from minisafe.cli import Parser, output_file, positive_int, script
 from minisafe.data import json_lines, jsonl_text
 from minisafe.errors import DataError
 from minisafe.io import atomic_write_text, content_hash
@@ -67,6 +67,8 @@ def source_rows(spec: str, data_dir: Path) -> list[dict]:
         prompt_file = data_dir / PROMPT_FILES[prompt_set]
         for p in (r["model"], prompt_file):
             if str(p) not in hashes:  # once per file: a checkpoint is gigabytes
+                if not Path(p).exists():
+                    raise DataError(f"{path}: {p} (a response's model or prompt file) does not exist")
                 hashes[str(p)] = content_hash(p)
         rows.append({"key": row_key(kind, attack, model, prompt_set, r["prompt"]), "prompt": r["prompt"],
                      "response": r["response"], "prompt_set": prompt_set, "model_kind": kind, "model": model,
@@ -114,11 +116,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--source", action="append", required=True, help="KIND[/ATTACK]:MODEL=RESPONSES (repeatable)")
     s.add_argument("--data", required=True, type=Path, help="the sweep's data/ directory (validation prompt files)")
     s.add_argument("--cap", type=positive_int, default=CAP, help="rows per (source, prompt set, verdict) cell")
-    s.add_argument("--out", required=True, type=Path, help="candidates JSONL to write")
+    s.add_argument("--out", required=True, type=output_file, help="candidates JSONL to write")
     b = sub.add_parser("build", help="merge hand labels and split")
     b.add_argument("--candidates", required=True, type=Path, help="JSONL written by 'sample'")
     b.add_argument("--labels", required=True, type=Path, help='hand labels: {"key", "label", "note"} a line')
-    b.add_argument("--out", required=True, type=Path, help="the labelled file to write")
+    b.add_argument("--out", required=True, type=output_file, help="the labelled file to write")
     for q in (s, b):
         q.add_argument("--seed", type=int, default=SEED, help="seed of the sample / the split")
     return p.parse_args(argv)
