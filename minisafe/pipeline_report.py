@@ -176,8 +176,8 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun],
     return ["## Verdicts", "", *verdicts, "", "![forest](forest.png)", ""] + lines, results
 
 
-def utility_rows(out: Path, runs: list[AttackRun], margin: dict[str, float]) -> list[str]:
-    """Over-rejection, normal refusals (bootstrap over seeds and prompts, widened by the judge's `margin` per kind of
+def utility_rows(out: Path, runs: list[AttackRun], margins: dict[str, float]) -> list[str]:
+    """Over-rejection, normal refusals (bootstrap over seeds and prompts, widened by the judge's `margins` per kind of
     prompt), ROUGE-L and perplexity (mean and range over seeds) of each method after the attack."""
     over, _ = group_tables(out, runs, "over_rejection", refused=True)
     normal, _ = group_tables(out, runs, "utility", refused=True)
@@ -186,8 +186,9 @@ def utility_rows(out: Path, runs: list[AttackRun], margin: dict[str, float]) -> 
     for method in over:
         results = [_results(out, r.label) for r in runs if r.method == method]
         rouge, ppl = [m["rouge_l"] for m in results], [m["perplexity"] for m in results]
-        lines.append(f"| {method} | {bootstrap_mean(over[method]).widened(margin.get('over_rejection', 0)).points()} | "
-                     f"{bootstrap_mean(normal[method]).widened(margin.get('normal', 0)).points()} "
+        refusals = [bootstrap_mean(rates[method]).widened(margins.get(kind, 0)).points()
+                    for rates, kind in ((over, "over_rejection"), (normal, "normal"))]
+        lines.append(f"| {method} | {refusals[0]} | {refusals[1]} "
                      f"| {sum(rouge) / len(rouge):.3f} ({min(rouge):.3f}-{max(rouge):.3f}) | "
                      f"{sum(ppl) / len(ppl):.2f} ({min(ppl):.2f}-{max(ppl):.2f}) |")
     return lines

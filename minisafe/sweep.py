@@ -214,15 +214,14 @@ def sweep_table(summary: dict) -> str:
 def bound_lines(summary: dict) -> list[str]:
     """The front in words: per bound, how many recipes meet it and how far the chosen one is from it; then the bound
     that binds (of those the chosen recipe misses, the one the fewest recipes meet)."""
-    chosen = next((r for r in summary["recipes"] if r["name"] == summary["chosen"]), None)
-    if chosen is None:
+    names = [r["name"] for r in summary["recipes"]]
+    if summary["chosen"] not in names:
         return []
     target = Target(**summary["target"])
     # per recipe, its shortfalls in the bounds' fixed order (a bound's wording can hold its model's normal cap)
-    gaps = [list(shortfalls(r, summary["unaligned"][r["recipe"]["model"]], target).values())
-            for r in summary["recipes"]]
-    mine = shortfalls(chosen, summary["unaligned"][chosen["recipe"]["model"]], target)
-    meeting = [sum(g[i] == 0 for g in gaps) for i in range(len(mine))]
+    gaps = [shortfalls(r, summary["unaligned"][r["recipe"]["model"]], target) for r in summary["recipes"]]
+    mine = gaps[names.index(summary["chosen"])]
+    meeting = [sum(list(g.values())[i] == 0 for g in gaps) for i in range(len(mine))]
     rows = [f"| {bound} | {k} of {len(gaps)} | {gap:.1f} |" for (bound, gap), k in zip(mine.items(), meeting)]
     missed = {bound: k for (bound, gap), k in zip(mine.items(), meeting) if gap > 0}
     binding = [bound for bound, k in missed.items() if k == min(missed.values())]
