@@ -3,7 +3,7 @@ synthetic task-concept lab, or attack models with optimised input embeddings.
 
     python mechanistic.py compare --before DIR --after DIR --out DIR [--layers I:J] [--template chat|alpaca]
     python mechanistic.py synthetic --out DIR
-    python mechanistic.py attack --model DIR [--model DIR ...] --out DIR [--budgets 20 100] [--layers I:J]
+    python mechanistic.py attack --model DIR [--model DIR ...] --out DIR [--budgets 1 2 5 20 100] [--layers I:J]
 """
 
 import argparse

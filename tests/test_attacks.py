@@ -165,6 +165,19 @@ def test_the_attack_command_writes_its_results_report_and_plots(tiny, tmp_path, 
     assert "Report:" in capsys.readouterr().out
 
 
+def test_a_rerun_reuses_each_attacked_model_and_reattacks_when_a_setting_changes(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert cli.main(cli_args(tiny, out)) == 0
+    first = json.loads((out / "results.json").read_text())["models"]
+    attacked = []
+    real = minisafe.attacks.attack_model
+    monkeypatch.setattr(minisafe.attacks, "attack_model", lambda path, *a: attacked.append(path) or real(path, *a))
+    assert cli.main(cli_args(tiny, out)) == 0  # as after an interruption: every model is kept
+    assert attacked == [] and json.loads((out / "results.json").read_text())["models"] == first
+    assert cli.main(cli_args(tiny, out, "--slots", "4")) == 0  # another setting: both are attacked again
+    assert attacked == [str(tiny / "init1.0"), str(tiny / "init0.3")]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--budgets", "0"], "--budgets must be an integer >= 1, got 0"),
     (["--layers", "1:5"], "outside this 3-layer model"),
