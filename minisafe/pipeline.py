@@ -466,8 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         data.fetched(name, args.data)  # names `python -m tools.fetch_data` when a dataset is missing
     record = run_record(PROFILES[args.profile].seed, {"model": args.model, "data": args.data}, profile=args.profile)
     record["command"] = ["python", "-m", "minisafe.pipeline", *(sys.argv[1:] if argv is None else argv)]
-    atomic_write_json(Path(args.out) / "run.json", record)  # the command docs/results.md shows for this run
     report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data, alignment_only=args.alignment_only)
+    # Written with the report, not before the steps: it names the command that made report.md (docs/results.md
+    # shows it), and a long run still under way must not claim the report of the run before it.
+    atomic_write_json(Path(args.out) / "run.json", record)
     print(f"report: {report}")
     return 0
 

@@ -34,3 +34,25 @@ def test_pipeline_records_its_command_in_the_run_directory(tmp_path, monkeypatch
     assert record["command"] == ["python", "-m", "minisafe.pipeline", *argv]
     assert set(record["inputs"]) == {"model", "data"} and record["settings"] == {"profile": "quick"}
     assert pipeline.main([*argv, "--alignment-only"]) == 0 and called == {"alignment_only": True}
+
+
+def test_an_interrupted_run_leaves_the_record_of_the_report_that_exists(tmp_path, monkeypatch):
+    for name in ("model", "data", "run"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for name in ("harmbench", "donotanswer", "sharegpt"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text('{"prompt": "x"}\n')
+    earlier = {"command": ["python", "-m", "minisafe.pipeline", "--alignment-only"]}
+    (tmp_path / "run" / "run.json").write_text(json.dumps(earlier))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("stopped mid-step")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", interrupted)
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+            "--profile", "full"]
+    try:
+        pipeline.main(argv)
+    except KeyboardInterrupt:
+        pass
+    assert json.loads((tmp_path / "run" / "run.json").read_text()) == earlier
