@@ -130,14 +130,23 @@ def step_input_hash(path: str | Path) -> str:
     return content_hash(path, suffixes=None, recursive=True, exclude=("step.json", "checkpoint"))
 
 
+class NotFinished(Exception):
+    """A step looked at without running it (run_step with work=None) is missing or out of date."""
+
+
 def run_step(name: str, out: Path, inputs: dict[str, str | Path], settings: dict[str, Any],
-             work: Callable[[Path], None], say: Callable[[str], None] = print) -> dict:
-    """Run work(out) unless out/step.json records the same input hashes and settings; returns the step record."""
-    record = {"step": name, "inputs": {k: step_input_hash(v) for k, v in inputs.items()}, "settings": settings}
+             work: Callable[[Path], None] | None, say: Callable[[str], None] = print) -> dict:
+    """Run work(out) unless out/step.json records the same input hashes and settings; returns the step record.
+    work=None only looks: the record of an up-to-date step, else NotFinished, and nothing on disk changes."""
     done = read_json(out / "step.json")
+    if done is None and work is None:
+        raise NotFinished(f"{out}: not run")
+    record = {"step": name, "inputs": {k: step_input_hash(v) for k, v in inputs.items()}, "settings": settings}
     if done and {k: done.get(k) for k in record} == record:
         say(f"[{name}] up to date ({done['seconds']:.0f} s when it ran); skipped")
         return done
+    if work is None:
+        raise NotFinished(f"{out}: out of date")
     # An interrupted fine-tune of the same inputs and settings resumes from its checkpoint; anything else that is
     # there is stale or half-made, and goes.
     pending = out.with_name(f".{out.name}.pending.json")  # beside, not in: train.py wants an empty directory
@@ -199,23 +208,25 @@ def write_alignment_data(recipe: Recipe, model_dir: Path, sets: Path, seed: int,
 
 
 def align_steps(recipe: Recipe, model_dir: Path, sets: Path, out: Path, p: Profile, say: Callable[[str], None],
-                cache: Path | None = None) -> tuple[Path, dict[str, dict]]:
-    """Alignment data, SFT and the optional DPO stage as resumable steps under out/; returns the aligned model."""
+                cache: Path | None = None, look_only: bool = False) -> tuple[Path, dict[str, dict]]:
+    """Alignment data, SFT and the optional DPO stage as resumable steps under out/; returns the aligned model.
+    look_only: run nothing (NotFinished unless every step is up to date; see run_step)."""
     steps = {}
     settings = {**recipe.settings(), "seed": p.seed, "batch_size": p.batch_size, "max_len": p.max_len}
     made = out / "align_data"
     inputs = {"model": model_dir, "sets": sets, "refusals": data.PROMPTS_DIR / "refusals.txt"}
+    work = lambda run: None if look_only else run  # noqa: E731
     steps["align_data"] = run_step("align_data", made, inputs, settings,
-                                   lambda o: write_alignment_data(recipe, model_dir, sets, p.seed, o, cache), say)
+                                   work(lambda o: write_alignment_data(recipe, model_dir, sets, p.seed, o, cache)), say)
     steps["align"] = run_step("align", out / "align", {"model": model_dir, "data": made / "align_sft.jsonl"}, settings,
-                              lambda o: fine_tune(model_dir, made / "align_sft.jsonl", o, p, recipe.epochs, recipe.lr,
-                                                  None), say)
+                              work(lambda o: fine_tune(model_dir, made / "align_sft.jsonl", o, p, recipe.epochs,
+                                                       recipe.lr, None)), say)
     if not recipe.dpo_epochs:
         return out / "align", steps
     steps["align_dpo"] = run_step(
         "align_dpo", out / "align_dpo", {"model": out / "align", "data": made / "align_dpo.jsonl"}, settings,
-        lambda o: fine_tune(out / "align", made / "align_dpo.jsonl", o, p, recipe.dpo_epochs, recipe.dpo_lr, None,
-                            "dpo", beta=recipe.dpo_beta), say)
+        work(lambda o: fine_tune(out / "align", made / "align_dpo.jsonl", o, p, recipe.dpo_epochs, recipe.dpo_lr,
+                                 None, "dpo", beta=recipe.dpo_beta)), say)
     return out / "align_dpo", steps
 
 

@@ -1,7 +1,8 @@
 """The alignment sweep: which recipe aligns a bundled model into a subject worth attacking? (`make sweep-align`)
 
     python -m minisafe.sweep --out runs/sweep                 # the whole grid; a rerun skips finished recipes
-    python -m minisafe.sweep --out runs/sweep --only base lr=2e-05
+    python -m minisafe.sweep --out runs/sweep --only base lr=2e-05   # train these two; table: every finished recipe
+    python -m minisafe.sweep --out runs/sweep --only                 # train nothing: the table of finished recipes
 
 The grid is BASE, each value of VARIATIONS (one lever changed at a time), then COMBINATIONS (expand_grid). Every
 recipe is trained exactly as the pipeline trains its alignment (pipeline.align_steps, the full profile's settings)
@@ -36,7 +37,7 @@ from minisafe.alignment import Recipe
 from minisafe.cli import non_negative_int, option, parse_config, script
 from minisafe.errors import ConfigError
 from minisafe.io import atomic_write_json, atomic_write_text, read_json
-from minisafe.pipeline import PROFILES, Profile, align_steps, data_step, evaluate_step, run_step
+from minisafe.pipeline import PROFILES, NotFinished, Profile, align_steps, data_step, evaluate_step, run_step
 from minisafe.plots import plt, save_figure
 from minisafe.stats import Rate
 
@@ -102,11 +103,12 @@ def expand_grid(base: Recipe = BASE, variations: dict[str, list[Any]] = VARIATIO
     return grid
 
 
-def validation_scores(out: Path, sets: Path, model_dir: Path, p: Profile, say) -> dict:
-    """eval.py of one model on the validation splits, as a resumable step; returns its results."""
+def validation_scores(out: Path, sets: Path, model_dir: Path, p: Profile, say, look_only: bool = False) -> dict:
+    """eval.py of one model on the validation splits, as a resumable step; returns its results. look_only: run
+    nothing (pipeline.NotFinished unless the step is up to date)."""
+    work = lambda o: evaluate_step(model_dir, p, o, *(sets / f"{name}.jsonl" for name in VALIDATION.values()))  # noqa: E731
     record = run_step("val", out, {"model": model_dir, "sets": sets}, {"seed": p.seed, "eval_tokens": p.eval_tokens},
-                      lambda o: evaluate_step(model_dir, p, o, *(sets / f"{name}.jsonl"
-                                                                 for name in VALIDATION.values())), say)
+                      None if look_only else work, say)
     return {**read_json(out / "results.json")["models"][0], "seconds_eval": record["seconds"]}
 
 
@@ -143,26 +145,32 @@ def ratio(value: float, unaligned: float) -> float:
 
 
 def run_sweep(out: Path, weights: Path, data_dir: Path, grid: list[tuple[str, Recipe]], p: Profile = PROFILES["full"],
-              say=print, not_run: Sequence[str] = ()) -> dict:
+              say=print, only: Sequence[str] | None = None) -> dict:
     """Every recipe of the grid (trained with profile p's settings), its validation scores, and the choice; writes
-    sweep.json, report.md and front.png after every recipe. not_run: recipes of the documented grid left out of this
-    one (the report names them: the choice is among the recipes that ran)."""
+    sweep.json, report.md and front.png after every recipe. only: train just these recipes; the others are in the
+    table when every step of theirs is up to date, else named as not run (the choice is among the recipes shown)."""
     sets = out / "data"
     data_step(p, data_dir, sets, say)
-    unaligned = {model: scores(validation_scores(out / f"unaligned-{model}", sets, weights / model, p, say))
-                 for model in dict.fromkeys(recipe.model for _, recipe in grid)}
-    rows = []
+    unaligned: dict[str, dict] = {}
+    rows, not_run = [], []
     for name, recipe in grid:
-        say(f"== recipe {name}")
-        cache = out / f"answers-{recipe.model}.jsonl"
-        aligned, steps = align_steps(recipe, weights / recipe.model, sets, out / name, p, say, cache)
-        result = scores(validation_scores(out / name / "val", sets, aligned, p, say))
+        look_only = only is not None and name not in only
+        say(f"== recipe {name}" + (" (only if finished)" if look_only else ""))
+        try:
+            if recipe.model not in unaligned:
+                unaligned[recipe.model] = scores(validation_scores(
+                    out / f"unaligned-{recipe.model}", sets, weights / recipe.model, p, say, look_only))
+            aligned, steps = align_steps(recipe, weights / recipe.model, sets, out / name, p, say,
+                                         out / f"answers-{recipe.model}.jsonl", look_only)
+            result = scores(validation_scores(out / name / "val", sets, aligned, p, say, look_only))
+        except NotFinished:
+            not_run.append(name)
+            continue
         train_seconds = sum(training_seconds(out / name / key) for key in steps if key != "align_data")
         rows.append({"name": name, "recipe": recipe.settings(), **result, "train_seconds": train_seconds,
                      "distance": distance(result, unaligned[recipe.model])})
-        # after every recipe, so that an interrupted sweep keeps its table
-        summary = write_summary(out, unaligned, rows, not_run)
-    return summary
+        write_summary(out, unaligned, rows, not_run)  # after every recipe: an interrupted sweep keeps its table
+    return write_summary(out, unaligned, rows, not_run)
 
 
 def training_seconds(run_dir: Path) -> float:
@@ -265,19 +273,18 @@ class SweepCommand:
     out: str = option("runs/sweep", "sweep directory (resumed when it exists)")
     weights: str = option("weights", "directory holding the bundled models by name")
     data: str = option("data", "directory of the fetched datasets")
-    only: list[str] | None = option(None, "run only these recipes of the grid (by name)", nargs="+", metavar="NAME")
+    only: list[str] | None = option(None, "train only these recipes of the grid (by name; none: train nothing). The "
+                                          "table still shows every other recipe whose steps are all up to date",
+                                    nargs="*", metavar="NAME")
     threads: int = option(0, "torch threads (0 = torch's default)", type=non_negative_int)
 
 
-def chosen_grid(only: list[str] | None) -> list[tuple[str, Recipe]]:
-    """The recipes of the grid to run: all of them, or those named by --only (a ConfigError names an unknown one)."""
-    grid = expand_grid()
-    if not only:
-        return grid
-    unknown = sorted(set(only) - {name for name, _ in grid})
+def check_only_names(only: list[str] | None) -> None:
+    """A ConfigError names any recipe of --only that is not in the grid."""
+    names = [name for name, _ in expand_grid()]
+    unknown = sorted(set(only or ()) - set(names))
     if unknown:
-        raise ConfigError(f"--only: no recipe named {', '.join(unknown)} (the grid: {', '.join(n for n, _ in grid)})")
-    return [(name, recipe) for name, recipe in grid if name in only]
+        raise ConfigError(f"--only: no recipe named {', '.join(unknown)} (the grid: {', '.join(names)})")
 
 
 @script()
@@ -286,9 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_config(SweepCommand, argv, __doc__.split("\n")[0], prog="python -m minisafe.sweep")
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid = chosen_grid(args.only)
-    not_run = [name for name, _ in expand_grid() if name not in dict(grid)]
-    summary = run_sweep(Path(args.out), Path(args.weights), Path(args.data), grid, not_run=not_run)
+    check_only_names(args.only)
+    summary = run_sweep(Path(args.out), Path(args.weights), Path(args.data), expand_grid(), only=args.only)
     print(f"chosen: {summary['chosen']}; table: {Path(args.out) / 'report.md'}")
     return 0
 

@@ -9,7 +9,7 @@ import pytest
 from minisafe import splits
 from minisafe.alignment import Recipe
 from minisafe.errors import ConfigError
-from minisafe.sweep import distance, expand_grid, run_sweep, shortfalls, sweep_table, training_seconds
+from minisafe.sweep import distance, expand_grid, main, run_sweep, shortfalls, sweep_table, training_seconds
 from test_pipeline import TINY, TINY_RECIPE, write_sources
 from tiny import save_tiny
 
@@ -113,8 +113,29 @@ def test_a_rerun_skips_every_finished_recipe(sweep):
     assert not ran and any("up to date" in m for m in messages)
 
 
+def test_only_trains_the_named_recipes_and_the_table_keeps_every_finished_one(sweep):
+    root, grid, summary, _ = sweep
+    unfinished = ("epochs=9", replace(grid[0][1], epochs=9))
+    messages: list[str] = []
+    again = run_sweep(root / "out", root / "weights", root / "data", [*grid, unfinished], TINY,
+                      say=messages.append, only=[])
+    assert [r["name"] for r in again["recipes"]] == [name for name, _ in grid]
+    assert again["recipes"] == summary["recipes"] and again["not_run"] == ["epochs=9"]
+    assert not (root / "out" / "epochs=9").exists()  # looked at, not started
+    assert not [m for m in messages if m.startswith("[") and m.endswith(("running", "resuming"))]
+    table = (root / "out" / "report.md").read_text()
+    assert "| 2 | lr=0.002 |" in table and "not in the choice: epochs=9." in table
+
+
 def test_training_seconds_add_up_every_invocation_of_a_resumed_fine_tune(tmp_path):
     elapsed = [1.0, 2.0, 3.5, 0.5, 1.5]  # interrupted after 3.5 s, resumed for 1.5 s
     (tmp_path / "train_log.jsonl").write_text("".join(json.dumps({"step": i, "elapsed_s": e}) + "\n"
                                                       for i, e in enumerate(elapsed)))
     assert training_seconds(tmp_path) == 5.0
+
+
+def test_an_unknown_only_name_exits_2_with_one_line_naming_it(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "sweep"), "--only", "base", "epochs=99"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--only: no recipe named epochs=99" in err
+    assert not (tmp_path / "sweep").exists()
