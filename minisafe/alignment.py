@@ -12,7 +12,9 @@ A Recipe names the data mix and the schedule:
   only in the first tokens of an answer;
 - SFT for `epochs` at `lr`, then optionally DPO on the SFT model: for a malicious prompt a refusal is preferred
   over the unaligned model's own harmful answer; for a normal or over-rejection prompt the own answer is preferred
-  over a refusal.
+  over a refusal. With dpo_balance, the kind with more pairs is cut (a seeded sample) to as many pairs as the other:
+  every pair pushes one of the same few refusal texts up (malicious) or down (normal), so with twice as many normal
+  pairs DPO also lowers refusal as such, on malicious prompts too.
 
 The prompts come from pools written by the pipeline's data step (minisafe.pipeline.build_sets): a recipe takes the
 first `n` rows of each pool, so recipes of different sizes share their data and never touch a test split.
@@ -20,6 +22,7 @@ first `n` rows of each pool, so recipes of different sizes share their data and 
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,7 +44,7 @@ NORMAL_TARGETS = ("own", "reference")
 OWN_REFUSALS = ("keep", "drop")
 # Levers added after sweep runs were recorded: left out of Recipe.settings() at their default, so the records of
 # those runs (which trained exactly as the default says) still match and are not retrained.
-LATER_LEVERS = {"own_refusals": "keep"}
+LATER_LEVERS = {"own_refusals": "keep", "dpo_balance": False}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Recipe:
     dpo_epochs: int = 0  # 0 = SFT only
     dpo_lr: float = 5e-6
     dpo_beta: float = 0.1
+    dpo_balance: bool = False  # as many normal as malicious DPO pairs (see the module docstring)
     answer_tokens: int = 64  # new tokens of each own answer (greedy)
     normal_targets: str = "own"  # ShareGPT targets: "own" answers, or the "reference" answers ShareGPT recorded
     own_refusals: str = "keep"  # an own answer that is a refusal: "keep" it as the target, or "drop" the prompt
@@ -175,4 +179,12 @@ def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Pat
     if recipe.deep:
         sft = builders.seeded_order(sft + deep_rows(harmful, refusals, recipe.deep, seed), seed)
     dpo = builders.preference_pairs(harmful, normal + over, refusals, seed=seed) if recipe.dpo_epochs else []
-    return AlignmentData(sft, dpo)
+    return AlignmentData(sft, balanced_pairs(dpo, seed) if recipe.dpo_balance else dpo)
+
+
+def balanced_pairs(pairs: list[dict], seed: int) -> list[dict]:
+    """The pairs with the more numerous kind (malicious / normal) cut to a seeded sample as large as the other."""
+    kinds = {kind: [p for p in pairs if p["kind"] == kind] for kind in ("malicious", "normal")}
+    size = min(len(rows) for rows in kinds.values())
+    kept = [row for rows in kinds.values() for row in random.Random(seed).sample(rows, size)]
+    return builders.seeded_order(kept, seed)

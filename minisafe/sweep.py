@@ -68,6 +68,9 @@ COMBINATIONS: list[dict[str, Any]] = [
     # (the highest malicious rate alone) and deep alignment (refusal that outlives a harmful opening)
     {"normal_targets": "reference", "epochs": 3, "dna_other": 150},
     {"normal_targets": "reference", "epochs": 3, "deep": 0.5},
+    # then the binding bound, normal refusals (18-40% in every SFT row): DPO alone cut them to 2%, but cut malicious
+    # refusals from 84% to 39% with them; its pairs were twice as many normal as malicious, so balanced pairs
+    {"normal_targets": "reference", "epochs": 3, "dpo_epochs": 1, "dpo_balance": True},
 ]
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
 

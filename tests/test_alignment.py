@@ -74,3 +74,17 @@ def test_own_refusals_drop_leaves_out_the_prompts_the_model_refused_and_keep_tea
 def test_a_later_lever_at_its_default_leaves_the_recorded_settings_unchanged():
     assert "own_refusals" not in Recipe().settings()
     assert Recipe(own_refusals="drop").settings()["own_refusals"] == "drop"
+
+
+def test_balanced_dpo_keeps_as_many_normal_pairs_as_malicious_ones_and_is_seeded(inputs):
+    recipe = Recipe(harmbench=1, dna=1, dna_other=0, normal=4, instructions=2, over_rejection=2, answer_tokens=4,
+                    dpo_epochs=1)
+    made = lambda **kw: alignment_data(inputs / "sets", Recipe(**{**recipe.__dict__, **kw}), inputs / "model",  # noqa: E731
+                                       inputs / "answers.jsonl", seed=0).dpo
+    kinds = lambda pairs: [p["kind"] for p in pairs]  # noqa: E731
+    everything, balanced = made(), made(dpo_balance=True)
+    n = kinds(everything).count("malicious")
+    assert n and kinds(everything).count("normal") > n
+    assert kinds(balanced).count("normal") == kinds(balanced).count("malicious") == n
+    assert all(p in everything for p in balanced) and balanced == made(dpo_balance=True)
+    assert "dpo_balance" not in recipe.settings() and Recipe(dpo_balance=True).settings()["dpo_balance"] is True
