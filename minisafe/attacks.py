@@ -309,7 +309,8 @@ def attacked_activations(model: Transformer, tok: Tokenizer, results: Sequence[A
                          batch_size: int = 16) -> Tensor:
     """[N, L, F]: each attacked prompt's down_proj input at its last prompt token (as analysis.mlp_activations)."""
     out = None
-    with record_mlp_inputs(model) as records:
+    # the same path as analysis.mlp_activations, so attacked and reference activations share their rounding
+    with record_mlp_inputs(model) as records, fast_inference(model):
         for rows, ids, mask, where, vectors in attacked_batches(model, tok, results, budget, batch_size):
             with soft_prompt(model, where, vectors):
                 model(ids, mask, last_logits_only=True)
