@@ -48,12 +48,13 @@ bench: setup-test
 	$(PY) -m tools.bench
 
 # The generated documents: docs/results.md from the run directories that exist (the main job first, then the
-# locate, eval, mechanistic and synthetic runs by name, and the judge checks), docs/bench.md from runs/bench/*.json.
+# locate, eval, mechanistic and synthetic runs by name, and the judge checks), keeping the sections it has of runs made
+# on another machine (--keep: each marked as kept); docs/bench.md from runs/bench/*.json.
 RESULT_RUNS = $(wildcard runs/demo runs/full runs/sweep) \
 	$(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*)) \
 	$(wildcard runs/judge-check-report runs/judge-check-dev)
 docs: setup
-	$(PY) -m minisafe.report results $(RESULT_RUNS) --out docs/results.md
+	$(PY) -m minisafe.report results --keep $(RESULT_RUNS) --out docs/results.md
 	$(if $(wildcard runs/demo/report.md),$(PY) -m minisafe.report headline runs/demo --out README.md)
 	$(if $(wildcard runs/bench/*.json),$(PY) -m minisafe.report bench runs/bench --out docs/bench.md,@echo "no runs/bench/*.json: make bench writes one")
 

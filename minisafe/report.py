@@ -5,7 +5,9 @@
 
 results.md holds, for each run directory in the order given, the command that made it and its report.md, then the
 report.md of every directory one level below (locate, eval, ... steps), and a table of runs/X/sweep/sweep.json when
-there is one. Figures are copied into img/ beside the output, named after the run, and their links rewritten.
+there is one. Figures are copied into img/ beside the output, named after the run, and their links rewritten. With
+--keep, a run the earlier document has but the command does not name (made on a machine whose runs are gone) keeps
+its section and figures, marked as kept, where it was: a sweep of many hours outlives the machine that ran it.
 bench.md holds one section per JSON file written by `python -m tools.bench --out`: what ran where, and the ratios.
 Both are deterministic: the same inputs give the same bytes, so a committed file can be checked by regenerating it.
 """
@@ -156,18 +158,56 @@ def run_sections(run: Path, out: Path) -> list[str]:
     return lines
 
 
-def results_document(runs: list[Path], out: Path, command: str) -> str:
-    """results.md: a contents list, then every run's sections, in the order the runs were given."""
+RUN_HEADING = re.compile(r"^## `([^`]+)`$", re.MULTILINE)
+
+
+def previous_sections(document: Path) -> dict[str, str]:
+    """The run sections of an earlier results.md, by run directory, in its order ({} if there is none)."""
+    if not document.is_file():
+        return {}
+    text = document.read_text(encoding="utf-8")
+    starts = list(RUN_HEADING.finditer(text))
+    ends = [m.start() for m in starts[1:]] + [len(text)]
+    return {m.group(1): text[m.start():end].strip() + "\n" for m, end in zip(starts, ends)}
+
+
+def merged_order(given: list[str], previous: list[str]) -> list[str]:
+    """The given runs in their order, each earlier run that is not given put back right after the run it followed."""
+    order = list(given)
+    for i, name in enumerate(previous):
+        if name not in order:
+            before = next((previous[j] for j in range(i - 1, -1, -1) if previous[j] in order), None)
+            order.insert(order.index(before) + 1 if before else 0, name)
+    return order
+
+
+KEPT_NOTE = ("_Kept from the previous results document: `{}` is not on the machine that wrote this one, so its "
+             "section is as that run's reports made it._")
+
+
+def kept_section(text: str, name: str) -> list[str]:
+    """An earlier section of a run that is not on this machine, as it was, with a line saying so (once)."""
+    heading, _, rest = text.partition("\n")
+    body = rest.strip().removeprefix(KEPT_NOTE.format(name)).strip()
+    return [heading, "", KEPT_NOTE.format(name), "", body, ""]
+
+
+def results_document(runs: list[Path], out: Path, command: str, keep: bool = False) -> str:
+    """results.md: a contents list, then every run's sections, in the order the runs were given; with keep, the
+    sections of runs in the earlier out that are not given (absent here) are kept where they were."""
     names = [run.name for run in runs]
-    if not runs:
+    earlier = previous_sections(out) if keep else {}
+    if not runs and not earlier:
         raise ConfigError("no run directories given (make demo writes runs/demo)")
     if len(set(names)) != len(names):
         raise ConfigError(f"two runs share a directory name ({', '.join(names)}); their figures would collide")
+    given = {run.as_posix(): run for run in runs}
+    order = merged_order(list(given), list(earlier))
     lines = [generated_header(command), "# Results", "",
              "Every table and figure below is copied from the run directories' own report.md files.", ""]
-    lines += [f"- `{run.as_posix()}`" for run in runs] + [""]
-    for run in runs:
-        lines += run_sections(run, out)
+    lines += [f"- `{name}`" for name in order] + [""]
+    for name in order:
+        lines += run_sections(given[name], out) if name in given else kept_section(earlier[name], name)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -304,6 +344,8 @@ class ResultsCommand:
     runs: list[Path] = option(help="run directories, in the order they appear", type=Path, positional=True, nargs="*",
                               default_factory=list)
     out: Path = option(Path("docs/results.md"), "the document to write", type=Path)
+    keep: bool = option(False, "keep the sections --out already has of runs not given (run directories that are not "
+                        "on this machine), each marked as kept, in their place")
 
 
 @dataclass
@@ -377,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_command(argv)
     command = shlex.join(["python", "-m", "minisafe.report", *argv])
     if isinstance(args, ResultsCommand):
-        text = results_document(args.runs, args.out, command)
+        text = results_document(args.runs, args.out, command, keep=args.keep)
     elif isinstance(args, BenchCommand):
         text = bench_document(bench_files(args.sources), command)
     else:

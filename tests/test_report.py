@@ -176,3 +176,26 @@ def test_a_sweep_directory_is_made_by_the_command_its_sweep_json_records(tmp_pat
     (sweep / "sweep.json").write_text(json.dumps({"command": ["python", "-m", "minisafe.sweep", "--out", "runs/sweep"],
                                                   "recipes": []}))
     assert run_command(sweep) == "`python -m minisafe.sweep --out runs/sweep`"
+
+
+def test_keep_holds_the_sections_of_runs_not_on_this_machine_in_their_place(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path)
+    for name in ("sweep", "late"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "report.md").write_text(f"# {name}\n\n| recipe | rate |\n|---|---|\n| {name} | 1 |\n")
+    main(["results", "runs/demo", "runs/sweep", "--out", "docs/results.md"])
+    (tmp_path / "runs" / "sweep" / "report.md").unlink()
+    (tmp_path / "runs" / "sweep").rmdir()  # the machine that wrote the sweep is gone
+
+    assert main(["results", "--keep", "runs/demo", "runs/late", "--out", "docs/results.md"]) == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        "## `runs/demo`", "## `runs/sweep`", "## `runs/late`"]
+    assert "## `runs/sweep`\n\n_Kept from the previous results document: `runs/sweep` is not on the machine" in text
+    assert "| sweep | 1 |" in text and "| late | 1 |" in text and "| aligned | 50.0 |" in text
+    main(["results", "--keep", "runs/demo", "runs/late", "--out", "docs/results.md"])
+    assert (tmp_path / "docs" / "results.md").read_text() == text  # the note is not added twice
+
+    main(["results", "runs/demo", "runs/late", "--out", "docs/results.md"])  # without --keep, only what is given
+    assert "runs/sweep" not in (tmp_path / "docs" / "results.md").read_text()
