@@ -51,7 +51,7 @@ bench: setup-test
 # locate, eval, mechanistic and synthetic runs by name, and the judge checks), keeping the sections it has of runs made
 # on another machine (--keep: each marked as kept); docs/bench.md from runs/bench/*.json.
 RESULT_RUNS = $(wildcard runs/demo runs/full runs/sweep) \
-	$(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*)) \
+	$(sort $(wildcard runs/sweep-* runs/locate-* runs/eval-* runs/mech-* runs/synthetic*)) \
 	$(wildcard runs/judge-check-report runs/judge-check-dev)
 docs: setup
 	$(PY) -m minisafe.report results --keep $(RESULT_RUNS) --out docs/results.md

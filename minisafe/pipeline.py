@@ -56,7 +56,7 @@ METHODS = ("full", "sppft", "nfft", "random", "before", "after")
 SCALED_METHODS = ("full", "sppft", "nfft", "random")
 # The alignment recipe both profiles use: the one the alignment sweep (minisafe.sweep, `make sweep-align`) chose by its
 # fixed rule on validation splits only; its table and the bounds it misses are in runs/sweep/report.md.
-RECIPE = Recipe(normal_targets="reference", epochs=3)
+RECIPE = Recipe(normal_targets="reference", epochs=3, dpo_epochs=1, dpo_balance=True)
 
 
 @dataclass(frozen=True)
