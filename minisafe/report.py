@@ -181,22 +181,28 @@ def merged_order(given: list[str], previous: list[str]) -> list[str]:
     return order
 
 
-KEPT_NOTE = ("_Kept from the previous results document: `{}` is not on the machine that wrote this one, so its "
-             "section is as that run's reports made it._")
+KEPT_NOTE = "_Kept from the previous results document: "
 
 
 def kept_section(text: str, name: str) -> list[str]:
-    """An earlier section of a run that is not on this machine, as it was, with a line saying so (once)."""
+    """An earlier section of a run with no finished report here, as it was, with a line saying so (once)."""
     heading, _, rest = text.partition("\n")
-    body = rest.strip().removeprefix(KEPT_NOTE.format(name)).strip()
-    return [heading, "", KEPT_NOTE.format(name), "", body, ""]
+    body = rest.strip()
+    if body.startswith(KEPT_NOTE):  # kept before: its old note gives way to this one
+        body = body.partition("\n")[2].strip()
+    note = (f"{KEPT_NOTE}`{name}` has no finished report on the machine that wrote this one (gone with an earlier "
+            "machine, or still running), so its section is as that run's reports made it._")
+    return [heading, "", note, "", body, ""]
 
 
 def results_document(runs: list[Path], out: Path, command: str, keep: bool = False) -> str:
     """results.md: a contents list, then every run's sections, in the order the runs were given; with keep, the
-    sections of runs in the earlier out that are not given (absent here) are kept where they were."""
-    names = [run.name for run in runs]
+    sections of runs in the earlier out that are not given (absent here) or have no report.md yet (running) are kept
+    where they were."""
     earlier = previous_sections(out) if keep else {}
+    # a run still under way (no report.md yet) keeps its earlier section, as an absent one does
+    runs = [run for run in runs if (run / "report.md").is_file() or run.as_posix() not in earlier]
+    names = [run.name for run in runs]
     if not runs and not earlier:
         raise ConfigError("no run directories given (make demo writes runs/demo)")
     if len(set(names)) != len(names):

@@ -192,10 +192,16 @@ def test_keep_holds_the_sections_of_runs_not_on_this_machine_in_their_place(tmp_
     text = (tmp_path / "docs" / "results.md").read_text()
     assert [line for line in text.splitlines() if line.startswith("## ")] == [
         "## `runs/demo`", "## `runs/sweep`", "## `runs/late`"]
-    assert "## `runs/sweep`\n\n_Kept from the previous results document: `runs/sweep` is not on the machine" in text
+    assert "## `runs/sweep`\n\n_Kept from the previous results document: `runs/sweep` has no finished report" in text
     assert "| sweep | 1 |" in text and "| late | 1 |" in text and "| aligned | 50.0 |" in text
     main(["results", "--keep", "runs/demo", "runs/late", "--out", "docs/results.md"])
     assert (tmp_path / "docs" / "results.md").read_text() == text  # the note is not added twice
 
-    main(["results", "runs/demo", "runs/late", "--out", "docs/results.md"])  # without --keep, only what is given
+    (tmp_path / "runs" / "late" / "report.md").unlink()  # run again, still under way: its earlier section stays
+    main(["results", "--keep", "runs/demo", "runs/late", "--out", "docs/results.md"])
+    assert "## `runs/late`\n\n_Kept from the previous results document: `runs/late`" in (
+        tmp_path / "docs" / "results.md").read_text()
+    assert "| late | 1 |" in (tmp_path / "docs" / "results.md").read_text()
+
+    main(["results", "runs/demo", "--out", "docs/results.md"])  # without --keep, only what is given
     assert "runs/sweep" not in (tmp_path / "docs" / "results.md").read_text()
