@@ -49,7 +49,7 @@ bench: setup-test
 
 # The generated documents: docs/results.md from the run directories that exist (the main job first, then the
 # locate, eval, mechanistic and synthetic runs by name, and the judge checks), keeping the sections it has of runs made
-# on another machine (--keep: each marked as kept); docs/bench.md from runs/bench/*.json.
+# on another machine or still running (--keep: each marked as kept); docs/bench.md from runs/bench/*.json.
 RESULT_RUNS = $(wildcard runs/demo runs/full runs/sweep) $(sort $(wildcard runs/sweep-*)) \
 	$(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*)) \
 	$(wildcard runs/judge-check-report runs/judge-check-dev)

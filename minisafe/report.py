@@ -6,8 +6,9 @@
 results.md holds, for each run directory in the order given, the command that made it and its report.md, then the
 report.md of every directory one level below (locate, eval, ... steps), and a table of runs/X/sweep/sweep.json when
 there is one. Figures are copied into img/ beside the output, named after the run, and their links rewritten. With
---keep, a run the earlier document has but the command does not name (made on a machine whose runs are gone) keeps
-its section and figures, marked as kept, where it was: a sweep of many hours outlives the machine that ran it.
+--keep, a run the earlier document has but the command does not name (made on a machine whose runs are gone), or
+names without a report.md yet (still running), keeps its section and figures, marked as kept, where it was: a sweep
+of many hours outlives the machine that ran it.
 bench.md holds one section per JSON file written by `python -m tools.bench --out`: what ran where, and the ratios.
 Both are deterministic: the same inputs give the same bytes, so a committed file can be checked by regenerating it.
 """
@@ -350,8 +351,8 @@ class ResultsCommand:
     runs: list[Path] = option(help="run directories, in the order they appear", type=Path, positional=True, nargs="*",
                               default_factory=list)
     out: Path = option(Path("docs/results.md"), "the document to write", type=Path)
-    keep: bool = option(False, "keep the sections --out already has of runs not given (run directories that are not "
-                        "on this machine), each marked as kept, in their place")
+    keep: bool = option(False, "keep the sections --out already has of runs not given (not on this machine) or given "
+                        "without a report.md yet (still running), each marked as kept, in their place")
 
 
 @dataclass

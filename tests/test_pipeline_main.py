@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from minisafe import pipeline
 
 
@@ -51,8 +53,6 @@ def test_an_interrupted_run_leaves_the_record_of_the_report_that_exists(tmp_path
     monkeypatch.setattr(pipeline, "run_pipeline", interrupted)
     argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
             "--profile", "full"]
-    try:
+    with pytest.raises(KeyboardInterrupt):
         pipeline.main(argv)
-    except KeyboardInterrupt:
-        pass
     assert json.loads((tmp_path / "run" / "run.json").read_text()) == earlier
