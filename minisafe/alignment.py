@@ -10,6 +10,11 @@ A Recipe names the data mix and the schedule:
   a share of the malicious prompts appears again with the first words of the unaligned model's own harmful answer
   already written (`response_prefix`, never trained on), followed by a refusal, so that refusing does not live
   only in the first tokens of an answer;
+- styled prompts, optional: a share of the malicious prompts appears again wrapped in one of
+  builders.TRAINING_STYLES (past tense, hypothetical, fiction, persona, pretext), refused; as many instruction and
+  over-rejection prompts appear in the same wrappers with the unaligned model's own answers to them, so that what is
+  learned is to refuse the request, not the wrapper. The test's REFORMULATIONS and the sweep's VALIDATION_STYLES are
+  other words, never trained on;
 - SFT for `epochs` at `lr`, then optionally DPO on the SFT model: for a malicious prompt a refusal is preferred
   over the unaligned model's own harmful answer; for a normal or over-rejection prompt the own answer is preferred
   over a refusal. With dpo_balance, the kind with more pairs is cut (a seeded sample) to as many pairs as the other:
@@ -44,7 +49,7 @@ NORMAL_TARGETS = ("own", "reference")
 OWN_REFUSALS = ("keep", "drop")
 # Levers added after sweep runs were recorded: left out of Recipe.settings() at their default, so the records of
 # those runs (which trained exactly as the default says) still match and are not retrained.
-LATER_LEVERS = {"own_refusals": "keep", "dpo_balance": False}
+LATER_LEVERS = {"own_refusals": "keep", "dpo_balance": False, "styled": 0.0}
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Recipe:
     epochs: int = 2
     lr: float = 3e-5
     deep: float = 0.0  # share of the malicious prompts repeated as harmful-prefix -> refusal examples
+    styled: float = 0.0  # share of the malicious prompts repeated in a TRAINING_STYLES wrapper, with as many normal ones
     dpo_epochs: int = 0  # 0 = SFT only
     dpo_lr: float = 5e-6
     dpo_beta: float = 0.1
@@ -171,6 +177,12 @@ def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Pat
     normal = (answered["normal"] if recipe.normal_targets == "reference" else
               with_answers(answered["normal"], [own[r["prompt"]] for r in answered["normal"]], drop)) + normal
     over = with_answers(answered["over_rejection"], [own[r["prompt"]] for r in answered["over_rejection"]], drop)
+    if recipe.styled:
+        styled_malicious, styled_benign = styled_rows(malicious, answered["instructions"] + answered["over_rejection"],
+                                                      recipe.styled, seed)
+        malicious += styled_malicious
+        # a refusal of a wrapped benign prompt would teach refusing the wrapper: always left out
+        over += with_answers(styled_benign, ask([r["prompt"] for r in styled_benign]), drop_refusals=True)
     sft = builders.alignment_sft(malicious, normal, refusals, seed=seed, over_rejection=over)
     harmful: list[dict] = []
     if recipe.deep or recipe.dpo_epochs:
@@ -180,6 +192,15 @@ def alignment_data(sets: Path, recipe: Recipe, model_dir: str | Path, cache: Pat
         sft = builders.seeded_order(sft + deep_rows(harmful, refusals, recipe.deep, seed), seed)
     dpo = builders.preference_pairs(harmful, normal + over, refusals, seed=seed) if recipe.dpo_epochs else []
     return AlignmentData(sft, balanced_pairs(dpo, seed) if recipe.dpo_balance else dpo)
+
+
+def styled_rows(malicious: list[dict], benign: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded `share` of the malicious prompts and as many benign ones (fewer if there are not enough), each
+    wrapped in one of builders.TRAINING_STYLES."""
+    count = round(share * len(malicious))
+    wrap = lambda rows, kind: [{"prompt": row["prompt"], "kind": kind} for row in builders.reformulated(  # noqa: E731
+        builders.seeded_order(rows, seed)[:count], seed, builders.TRAINING_STYLES)]
+    return wrap(malicious, "malicious"), wrap(benign, "over_rejection")
 
 
 def balanced_pairs(pairs: list[dict], seed: int) -> list[dict]:

@@ -88,3 +88,31 @@ def test_balanced_dpo_keeps_as_many_normal_pairs_as_malicious_ones_and_is_seeded
     assert kinds(balanced).count("normal") == kinds(balanced).count("malicious") == n
     assert all(p in everything for p in balanced) and balanced == made(dpo_balance=True)
     assert "dpo_balance" not in recipe.settings() and Recipe(dpo_balance=True).settings()["dpo_balance"] is True
+
+
+def test_styled_prompts_are_refused_when_malicious_answered_when_benign_and_never_in_test_wording(inputs, tmp_path):
+    from minisafe import builders, data
+    from minisafe.alignment import pool_rows, styled_rows
+    from minisafe.io import content_hash
+    recipe = Recipe(harmbench=2, dna=2, dna_other=0, normal=1, instructions=2, over_rejection=2, answer_tokens=4,
+                    styled=0.5)
+    sets = inputs / "sets"
+    malicious = pool_rows(sets, recipe, "harmbench") + pool_rows(sets, recipe, "dna")
+    _, benign = styled_rows(malicious, pool_rows(sets, recipe, "instructions") + pool_rows(sets, recipe,
+                                                                                            "over_rejection"), 0.5, 0)
+    refused, answered = benign[0]["prompt"], benign[1]["prompt"]
+    cache = tmp_path / "answers.jsonl"  # the model's own answers to the two wrapped benign prompts: one a refusal
+    key = f"{content_hash(inputs / 'model')}:greedy:4"
+    cache.write_text("".join(json.dumps({"model": key, "prompt": p, "response": r}) + "\n" for p, r in [
+        (refused, "I'm sorry, but I can't help with that."), (answered, "Here is the colour, in verse.")]))
+    made = alignment_data(sets, recipe, inputs / "model", cache, seed=0)
+    opens = [t.split("{prompt}")[0] for t in builders.TRAINING_STYLES.values()]
+    wrapped = {r["prompt"]: r for r in made.sft if any(r["prompt"].startswith(o) for o in opens)}
+    styled_malicious = [r for r in wrapped.values() if r["kind"] == "malicious"]
+    assert len(styled_malicious) == 2 and all(r["response"] in data.bundled_prompts("refusals")
+                                              for r in styled_malicious)
+    assert {p: r["response"] for p, r in wrapped.items() if r["kind"] != "malicious"} == {
+        answered: "Here is the colour, in verse."}  # the refused one is left out
+    others = [*builders.REFORMULATIONS.values(), *builders.VALIDATION_STYLES.values()]
+    assert not any(t.split("{prompt}")[0] in r["prompt"] for t in others for r in made.sft)
+    assert "styled" not in Recipe().settings() and recipe.settings()["styled"] == 0.5
