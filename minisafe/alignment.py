@@ -66,7 +66,7 @@ class Recipe:
     epochs: int = 2
     lr: float = 3e-5
     deep: float = 0.0  # share of the malicious prompts repeated as harmful-prefix -> refusal examples
-    styled: float = 0.0  # share of the malicious prompts repeated in a TRAINING_STYLES wrapper, with as many normal ones
+    styled: float = 0.0  # share of the malicious prompts repeated in TRAINING_STYLES wrappers, and as many benign ones
     dpo_epochs: int = 0  # 0 = SFT only
     dpo_lr: float = 5e-6
     dpo_beta: float = 0.1

@@ -271,11 +271,14 @@ def _check_config(cfg: EvalConfig) -> None:
 
 
 def _rate_cell(m: dict, name: str, key: str, answered: bool = False) -> str:
-    """A rate as a percentage with its count, e.g. "45.0% (45/100)"; "-" when the set was skipped."""
+    """A rate as a percentage with its 95% Wilson interval and its count, e.g. "45.0% [35.6, 54.8] (45/100)"; "-"
+    when the set was skipped."""
     if m[key] is None:
         return "-"
-    count = m["n"][name] - m["refused"][name] if answered else m["refused"][name]
-    return f"{percent(m[key])} ({count}/{m['n'][name]})"
+    n = m["n"][name]
+    count = n - m["refused"][name] if answered else m["refused"][name]
+    low, high = wilson_interval(count, n)
+    return f"{percent(m[key])} [{100 * low:.1f}, {100 * high:.1f}] ({count}/{n})"
 
 
 def percent(rate: float | None) -> str:
@@ -291,7 +294,7 @@ def report(results: dict, responses: list[dict], examples: int = 1) -> str:
     settings = results["run"]["settings"]
     lines = ["# Evaluation", "",
              f"Judge: {results['judge']}. Greedy decoding, {settings['max_new_tokens']} new tokens, "
-             f"{settings['template']} template, {settings['dtype']}.", "",
+             f"{settings['template']} template, {settings['dtype']}. Rates: %, [95% Wilson interval], (count/n).", "",
              "Command: `" + " ".join(results["run"]["command"]) + "`", "",
              "| model | R_h (harmful answered) | R_o (over-rejection refused) | normal refused | ROUGE-L "
              "| perplexity |",

@@ -190,7 +190,7 @@ def test_model_judge_is_named_in_results_and_report(tiny_dir, two_models, sets, 
     assert results["judge"] in (tmp_path / "report.md").read_text()
 
 
-def test_report_gives_rates_as_percentages_with_counts_and_shows_both_verdicts():
+def test_report_gives_rates_as_percentages_with_wilson_intervals_and_counts_and_shows_both_verdicts():
     model = {"model": "runs/a", "name": "a", "harmful_rate": 0.25, "over_rejection_rate": 0.5,
              "normal_refusal_rate": None, "rouge_l": None, "perplexity": None,
              "n": {"harmful": 4, "over_rejection": 2}, "refused": {"harmful": 3, "over_rejection": 1}}
@@ -202,7 +202,7 @@ def test_report_gives_rates_as_percentages_with_counts_and_shows_both_verdicts()
     responses = [{"model": "runs/a", "set": "harmful", "prompt": f"p{i}", "response": f"r{i}",
                   "verdict": "answered" if i == 2 else "refused"} for i in range(4)]
     text = report(results, responses)
-    assert "| a | 25.0% (1/4) | 50.0% (1/2) | - | - | - |" in text
+    assert "| a | 25.0% [4.6, 69.9] (1/4) | 50.0% [9.5, 90.5] (1/2) | - | - | - |" in text
     assert "- **harmful, answered**: p2" in text and "- **harmful, refused**: p0" in text
 
 
