@@ -79,6 +79,9 @@ COMBINATIONS: list[dict[str, Any]] = [
     # on the test splits that row missed reformulated requests most (its refusal is bound to the imperative style):
     # the same recipe with half its malicious prompts, and as many benign ones, also asked in TRAINING_STYLES
     {"normal_targets": "reference", "epochs": 3, "dpo_epochs": 1, "dpo_balance": True, "styled": 0.5},
+    # which traded 13 points of plain malicious refusals for 6 of normal, 13 of over-rejection and 15 of reformulated
+    # ones on validation (a tie in distance): half the share
+    {"normal_targets": "reference", "epochs": 3, "dpo_epochs": 1, "dpo_balance": True, "styled": 0.25},
 ]
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
 
