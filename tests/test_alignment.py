@@ -116,3 +116,10 @@ def test_styled_prompts_are_refused_when_malicious_answered_when_benign_and_neve
     others = [*builders.REFORMULATIONS.values(), *builders.VALIDATION_STYLES.values()]
     assert not any(t.split("{prompt}")[0] in r["prompt"] for t in others for r in made.sft)
     assert "styled" not in Recipe().settings() and recipe.settings()["styled"] == 0.5
+    # with a DPO stage, the wrapped prompts make pairs too: refusal preferred for the malicious ones (over the model's
+    # own answer), the benign one's own answer preferred over a refusal
+    pairs = alignment_data(sets, Recipe(**{**recipe.__dict__, "dpo_epochs": 1}), inputs / "model", cache, seed=0).dpo
+    kinds = {p["prompt"]: p["kind"] for p in pairs if any(p["prompt"].startswith(o) for o in opens)}
+    assert kinds[answered] == "normal" and refused not in kinds
+    styled_pairs = {p for p, kind in kinds.items() if kind == "malicious"}
+    assert styled_pairs and styled_pairs <= {r["prompt"] for r in styled_malicious}

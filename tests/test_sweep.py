@@ -103,16 +103,16 @@ def test_the_report_counts_the_recipes_meeting_each_bound_and_names_the_binding_
 def test_validation_never_reads_a_test_prompt(sweep):
     root, grid, _, _ = sweep
     sets = root / "out" / "data"
-    read = lambda name: {json.loads(line)["prompt"] for line in (sets / f"{name}.jsonl").read_text().splitlines()}  # noqa: E731
+    prompts = lambda path, key="prompt": {json.loads(line)[key] for line in path.read_text().splitlines()}  # noqa: E731
+    read = lambda name: prompts(sets / f"{name}.jsonl")  # noqa: E731
     tested = set().union(*(read(name) for name in splits.TEST_SETS))
-    prompts = lambda path: {json.loads(line)["prompt"] for line in path.read_text().splitlines()}  # noqa: E731
     for name, _ in grid:
         scored = prompts(root / "out" / name / "val" / "responses.jsonl")
         styled = prompts(root / "out" / name / "val-reformulated" / "responses.jsonl")
         trained = prompts(root / "out" / name / "align_data" / "align_sft.jsonl")
         assert scored and styled and not (scored | styled) & (tested | trained) and not trained & tested
-    originals = {json.loads(line)["original"] for line in (root / "out" / "val_reformulated.jsonl").read_text().splitlines()}
-    assert originals == read("val_malicious")  # the validation malicious prompts, in other words
+    # the reformulated validation prompts are the validation malicious ones, in other words
+    assert prompts(root / "out" / "val_reformulated.jsonl", "original") == read("val_malicious")
 
 
 def test_a_rerun_skips_every_finished_recipe(sweep):
