@@ -198,8 +198,11 @@ def styled_rows(malicious: list[dict], benign: list[dict], share: float, seed: i
     """A seeded `share` of the malicious prompts and as many benign ones (fewer if there are not enough), each
     wrapped in one of builders.TRAINING_STYLES."""
     count = round(share * len(malicious))
-    wrap = lambda rows, kind: [{"prompt": row["prompt"], "kind": kind} for row in builders.reformulated(  # noqa: E731
-        builders.seeded_order(rows, seed)[:count], seed, builders.TRAINING_STYLES)]
+
+    def wrap(rows: list[dict], kind: str) -> list[dict]:
+        chosen = builders.seeded_order(rows, seed)[:count]
+        return [{"prompt": row["prompt"], "kind": kind}
+                for row in builders.reformulated(chosen, seed, builders.TRAINING_STYLES)]
     return wrap(malicious, "malicious"), wrap(benign, "over_rejection")
 
 
