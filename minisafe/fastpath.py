@@ -1,5 +1,5 @@
 """Faster paths on the CPU: `with fast_inference(model):` for inference, `with fast_training(model):` for training
-(attention written out as two matmuls, see short_enough_to_train).
+(attention written out as two matmuls, see short_enough_to_train); keep_freed_memory() for a whole process.
 
 Inside the block some methods of the model's modules are swapped for faster ones that compute the same thing, and
 on exit the originals come back (also when an exception escapes):
@@ -24,6 +24,8 @@ reuse the outer one's swaps. Off the CPU it does nothing; where oneDNN cannot pa
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -280,3 +282,22 @@ def fast_training(model: Transformer) -> Iterator[None]:
     with swapped([(block.self_attn, "attend", matmul_attend(block.self_attn, short_enough_to_train))
                   for block in model.layers]):
         yield
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory in the process for reuse; True where it took effect (glibc), False elsewhere.
+
+    By default glibc serves every block above a few MiB (logits, activations, gradients) from a fresh mmap and unmaps
+    it on free, so every training step and forward pass pays the kernel to zero and fault in the same pages again;
+    on a virtual machine that costs as much as the elementwise work on those tensors. With no mmap and no trimming, a
+    freed block is reused as it is. The cost: the process keeps its peak memory until it exits."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator stays as it is
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -424,20 +424,28 @@ def validation_loss(model: nn.Module, examples: list[Example], cfg: TrainConfig,
     return sum_across(total, ranks).item() / loss_count(examples, list(range(len(examples))), cfg.objective)
 
 
-# A micro-batch runs as a shorter and a longer half when that saves at least this share of its padded positions: the
-# loss is a sum, so the gradient is the same, and the shorter half no longer pads to the longest sequence.
-SPLIT_SAVING = 0.2
+# What one more forward pass costs, in padded positions: below a few hundred rows a matmul runs further from the
+# CPU's peak, and every pass has its fixed per-layer work. A micro-batch is split only where padding saves more.
+PASS_COST = 96
 
 
 def length_groups(examples: list[Example], rows: list[int]) -> list[list[int]]:
-    """rows as one forward pass, or as two halves by sequence length when that saves SPLIT_SAVING of the padding."""
-    length = lambda i: max(len(ids) for ids, _ in examples[i])  # noqa: E731
-    padded = lambda group: max(length(i) for i in group) * len(group)  # noqa: E731
-    if len(rows) < 4:
-        return [rows]
-    ordered = sorted(rows, key=length)
-    halves = [ordered[:len(ordered) // 2], ordered[len(ordered) // 2:]]
-    return halves if sum(map(padded, halves)) <= (1 - SPLIT_SAVING) * padded(rows) else [rows]
+    """rows cut into forward passes of similar lengths: the cut of the length-sorted rows into consecutive groups
+    with the fewest padded positions, counting PASS_COST per pass (the loss is a sum: the gradient is the same)."""
+    ordered = sorted(rows, key=lambda i: max(len(ids) for ids, _ in examples[i]))
+    lengths = [max(len(ids) for ids, _ in examples[i]) for i in ordered]
+    # cost[j]: the cheapest cut of the j shortest rows; start[j]: where its last group starts.
+    cost, start = [0] + [math.inf] * len(ordered), [0] * (len(ordered) + 1)
+    for j in range(1, len(ordered) + 1):
+        for i in range(j):
+            padded = cost[i] + lengths[j - 1] * (j - i) + PASS_COST
+            if padded < cost[j]:
+                cost[j], start[j] = padded, i
+    groups, j = [], len(ordered)
+    while j:
+        groups.insert(0, ordered[start[j]:j])
+        j = start[j]
+    return groups
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],

@@ -1,8 +1,11 @@
 """fast_inference, the CPU speed path: the plain model's logits and generations, hooks that still fire, weight
 changes that take effect inside it, and the model's own methods back on exit."""
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +287,26 @@ def test_fast_training_gives_the_loss_and_gradients_of_the_plain_model(tmp_path,
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-6)
     for name, grad in plain[1].items():
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+FAULTS_OF_A_SECOND_BLOCK = """
+import resource, sys, torch
+from minisafe.fastpath import keep_freed_memory
+kept = sys.argv[1] == "keep" and keep_freed_memory()
+torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched, then freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(64 << 20, dtype=torch.uint8)
+print(int(kept), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; elsewhere it returns False")
+def test_keep_freed_memory_reuses_a_freed_block_without_faulting_its_pages_in_again():
+    def second_block_faults(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_SECOND_BLOCK, mode], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+        return int(out[0]), int(out[1])
+
+    _, unmapped = second_block_faults("default")  # glibc maps a block this large afresh: every page faults again
+    kept, faults = second_block_faults("keep")
+    assert kept == 1 and faults < (64 << 20) // 4096 // 100 and faults < unmapped

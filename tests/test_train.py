@@ -19,18 +19,10 @@ from minisafe.errors import ConfigError, DataError
 from minisafe.freeze import FreezeSpec, apply_freeze, freeze_rows, freeze_table, read_layer_spec, trainable_names
 from minisafe.objectives import IGNORE, dpo_losses, mean_nll, sft_loss_sum, unlearn_losses
 from minisafe.training import TrainConfig, learning_rate, response_tokens, train
-from tiny import save_tiny
+from tiny import one_thread, save_tiny  # noqa: F401 (one_thread: an autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta kite moon river stone cloud sand".split()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead, and runs must repeat bit for bit
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -235,7 +227,10 @@ def test_gradient_accumulation_gives_the_update_of_one_big_batch(files):
     small = config(files, "accum_small", batch_size=2, grad_accum=4, epochs=1)
     train(big), train(small)
     a, b = weights(big.out), weights(small.out)
-    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
+    # The same sums in another order: float32 rounding apart, which AdamW's division by sqrt(v) can lift to a
+    # thousandth of one step's update (lr 2e-3) where a gradient is near zero.
+    for name, weight in a.items():
+        torch.testing.assert_close(b[name], weight, rtol=1e-5, atol=2e-6, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +349,7 @@ def test_logits_at_labelled_positions_only_give_the_loss_and_gradients_of_full_l
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_a_micro_batch_splits_by_length_only_where_it_saves_padding_and_keeps_the_gradient(files, monkeypatch):
+def test_a_micro_batch_splits_by_length_where_padding_costs_more_than_a_pass_and_keeps_the_gradient(files, monkeypatch):
     from minisafe import training
     from minisafe.checkpoint import load
 
@@ -364,7 +359,10 @@ def test_a_micro_batch_splits_by_length_only_where_it_saves_padding_and_keeps_th
     assert len(groups) == 2 and sorted(groups[0] + groups[1]) == list(range(8))
     assert max(len(examples[i][0][0]) for i in groups[0]) < min(len(examples[i][0][0]) for i in groups[1])
     even = [(seq(n),) for n in (20, 21, 22, 20)]
-    assert training.length_groups(even, [0, 1, 2, 3]) == [[0, 1, 2, 3]]
+    assert [sorted(g) for g in training.length_groups(even, [0, 1, 2, 3])] == [[0, 1, 2, 3]]
+    # Three clusters: one pass pads to 160 everywhere; three passes cost less even with PASS_COST each.
+    clusters = [(seq(n),) for n in (160, 5, 80, 160, 5, 80, 160, 160)]
+    assert [sorted(g) for g in training.length_groups(clusters, list(range(8)))] == [[1, 4], [2, 5], [0, 3, 6, 7]]
 
     def one_step() -> dict[str, torch.Tensor]:
         model, _ = load(files["model"])

@@ -89,9 +89,10 @@ def save_tiny(path: Path, family: str, seed: int = 0, dtype: torch.dtype = torch
     return model.float()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models on one thread: more only adds overhead, and runs must repeat bit for bit. Autouse where imported."""
+    """Tiny models on one thread: more only adds overhead, and runs must repeat bit for bit. Autouse where imported,
+    module-wide so that module fixtures (a reference run another is compared with) run under it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
