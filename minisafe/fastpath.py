@@ -291,10 +291,11 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 def keep_freed_memory() -> bool:
     """Have glibc keep freed memory in the process for reuse; True where it took effect (glibc), False elsewhere.
 
-    By default glibc serves every block above a few MiB (logits, activations, gradients) from a fresh mmap and unmaps
-    it on free, so every training step and forward pass pays the kernel to zero and fault in the same pages again;
-    on a virtual machine that costs as much as the elementwise work on those tensors. With no mmap and no trimming, a
-    freed block is reused as it is. The cost: the process keeps its peak memory until it exits."""
+    By default glibc serves every large block (from 128 KiB, a threshold that rises to at most 32 MiB as blocks are
+    freed) from a fresh mmap and unmaps it on free, so every training step and forward pass pays the kernel to zero
+    and fault in the pages of its logits, activations and gradients again; on a virtual machine that can cost as
+    much as the elementwise work on those tensors. With no mmap and no trimming, a freed block is reused as it is.
+    The cost: the process keeps its peak memory until it exits."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
