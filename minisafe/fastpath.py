@@ -294,7 +294,8 @@ def keep_freed_memory() -> bool:
     By default glibc serves every large block (from 128 KiB, a threshold that rises to at most 32 MiB as blocks are
     freed) from a fresh mmap and unmaps it on free, so every training step and forward pass pays the kernel to zero
     and fault in the pages of its logits, activations and gradients again; on a virtual machine that can cost as
-    much as the elementwise work on those tensors. With no mmap and no trimming, a freed block is reused as it is.
+    much as the elementwise work on those tensors. With no mmap and no trimming, freed blocks stay in the process
+    and later ones are carved from them, their pages already faulted in.
     The cost: the process keeps its peak memory until it exits."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
