@@ -340,8 +340,9 @@ def bench_section(path: Path) -> list[str]:
 def bench_document(files: list[Path], command: str) -> str:
     """bench.md: one section per benchmark JSON file, in file-name order within each source."""
     lines = [generated_header(command), "# Speed against transformers", "",
-             "minisafe / transformers on the same checkpoint in the same process (`python -m tools.bench`); a ratio "
-             "above 1 means minisafe is faster. Tokens/s count the tokens each side made.", ""]
+             "minisafe / transformers on the same checkpoint in the same run (`python -m tools.bench`; the training "
+             "part's contenders each in a process of their own, the others in one process); a ratio above 1 means "
+             "minisafe is faster. Tokens/s count the tokens each side made.", ""]
     for path in files:
         lines += bench_section(path)
     return "\n".join(lines).rstrip() + "\n"
