@@ -326,8 +326,8 @@ def bench_section(path: Path) -> list[str]:
         lines.append("")
     if rows := training_rows(bench):
         lines += ["Training at the pipeline's settings (bfloat16 autocast, batches of 8; tools/bench_train.py), each "
-                  "contender in a process of its own, as it runs in use: minisafe keeping freed memory, the others with "
-                  "glibc's default allocator. In brackets, where measured: minisafe with the default allocator against "
+                  "contender in a process of its own, as it runs in use: minisafe keeping freed memory, the others "
+                  "with glibc's default allocator. In brackets, where measured: minisafe with the default allocator against "
                   "its earlier path (the code's gain alone), and transformers keeping freed memory too.", ""]
         lines += table(["workload", "steps", "minisafe tok/s", "minisafe before tok/s", "transformers tok/s",
                         "vs before", "vs transformers", "share of bf16 peak"], rows)
