@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from minisafe.errors import ConfigError, MinisafeError
-from minisafe.fastpath import keep_freed_memory
 from minisafe.freeze import parse_layer_range
 
 OPTION = "minisafe.cli"  # the field-metadata key of an option
@@ -40,13 +39,11 @@ Main = Callable[[list[str] | None], int]
 
 def script(prog: str = "") -> Callable[[Main], Main]:
     """Decorate a command's main(argv) (parse, one library call, a short summary, the exit code): a MinisafeError it
-    raises becomes one line "prog: error: ..." on stderr and exit code 2. Every command keeps freed memory for reuse
-    (fastpath.keep_freed_memory): the commands are processes of their own, which a library import must not change."""
+    raises becomes one line "prog: error: ..." on stderr and exit code 2."""
 
     def decorate(body: Main) -> Main:
         @functools.wraps(body)
         def main(argv: list[str] | None = None) -> int:
-            keep_freed_memory()
             try:
                 return body(argv)
             except MinisafeError as e:

@@ -1,5 +1,5 @@
 """Faster paths on the CPU: `with fast_inference(model):` for inference, `with fast_training(model):` for training
-(attention written out as two matmuls, see short_enough_to_train); keep_freed_memory() for a whole process.
+(attention written out as two matmuls, see short_enough_to_train).
 
 Inside the block some methods of the model's modules are swapped for faster ones that compute the same thing, and
 on exit the originals come back (also when an exception escapes):
@@ -24,8 +24,6 @@ reuse the outer one's swaps. Off the CPU it does nothing; where oneDNN cannot pa
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -282,24 +280,3 @@ def fast_training(model: Transformer) -> Iterator[None]:
     with swapped([(block.self_attn, "attend", matmul_attend(block.self_attn, short_enough_to_train))
                   for block in model.layers]):
         yield
-
-
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed memory in the process for reuse; True where it took effect (glibc), False elsewhere.
-
-    By default glibc serves every large block (from 128 KiB, a threshold that rises to at most 32 MiB as blocks are
-    freed) from a fresh mmap and unmaps it on free, so every training step and forward pass pays the kernel to zero
-    and fault in the pages of its logits, activations and gradients again; on a virtual machine that can cost as
-    much as the elementwise work on those tensors. With no mmap and no trimming, freed blocks stay in the process
-    and later ones are carved from them, their pages already faulted in.
-    The cost: the process keeps its peak memory until it exits."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator stays as it is
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -250,13 +250,11 @@ def ratio_rows(bench: dict) -> list[list[str]]:
 
 
 def training_rows(bench: dict) -> list[list[str]]:
-    """Training at the pipeline's settings, per workload: the contenders' tokens/s and the ratios (with the same
-    allocator on both sides in brackets, where the run measured it)."""
+    """Training at the pipeline's settings, per workload: the three contenders' tokens/s and the ratios."""
     runs = {k: v for k, v in (bench.get("train") or {}).items() if isinstance(v, dict)}
-    same = lambda run, key: f" ({run[key]:.2f}x)" if key in run else ""  # noqa: E731
     return [[name, str(run["steps"]), f"{run['minisafe_tok_s']:.0f}", f"{run['minisafe-before_tok_s']:.0f}",
-             f"{run['transformers_tok_s']:.0f}", f"{run['ratio_vs_before']:.2f}x{same(run, 'code_ratio_vs_before')}",
-             f"{run['ratio_vs_transformers']:.2f}x{same(run, 'same_malloc_ratio_vs_transformers')}",
+             f"{run['transformers_tok_s']:.0f}", f"{run['ratio_vs_before']:.2f}x",
+             f"{run['ratio_vs_transformers']:.2f}x",
              f"{run['share_of_bf16_peak']:.0%}"] for name, run in runs.items()]
 
 
@@ -325,10 +323,7 @@ def bench_section(path: Path) -> list[str]:
                         "outside operators"], rows)
         lines.append("")
     if rows := training_rows(bench):
-        lines += ["Training at the pipeline's settings (bfloat16 autocast, batches of 8; tools/bench_train.py), each "
-                  "contender in a process of its own, as it runs in use: minisafe keeping freed memory, the others "
-                  "with glibc's default allocator. In brackets, where measured: minisafe with the default allocator against "
-                  "its earlier path (the code's gain alone), and transformers keeping freed memory too.", ""]
+        lines += ["Training at the pipeline's settings (bfloat16 autocast, batches of 8; tools/bench_train.py):", ""]
         lines += table(["workload", "steps", "minisafe tok/s", "minisafe before tok/s", "transformers tok/s",
                         "vs before", "vs transformers", "share of bf16 peak"], rows)
         lines.append("")
@@ -340,9 +335,8 @@ def bench_section(path: Path) -> list[str]:
 def bench_document(files: list[Path], command: str) -> str:
     """bench.md: one section per benchmark JSON file, in file-name order within each source."""
     lines = [generated_header(command), "# Speed against transformers", "",
-             "minisafe / transformers on the same checkpoint in the same run (`python -m tools.bench`; the training "
-             "part's contenders each in a process of their own, the others in one process); a ratio above 1 means "
-             "minisafe is faster. Tokens/s count the tokens each side made.", ""]
+             "minisafe / transformers on the same checkpoint in the same process (`python -m tools.bench`); a ratio "
+             "above 1 means minisafe is faster. Tokens/s count the tokens each side made.", ""]
     for path in files:
         lines += bench_section(path)
     return "\n".join(lines).rstrip() + "\n"

@@ -60,19 +60,18 @@ def test_decoding_profile_splits_a_step_into_projections_attention_and_the_rest(
     assert len(prof["rest_top"]) <= 5 and all(ms <= prof["rest_ms"] for ms in prof["rest_top"].values())
 
 
-def test_training_part_times_every_contender_on_the_same_batches_and_sppft_against_full(tmp_path):
+def test_training_part_times_three_contenders_on_the_same_batches_and_sppft_against_full(tmp_path):
     from tools import bench_train
 
     save_tiny(tmp_path, "llama")
     rows = [{"prompt": f"question number {i} about kites", "response": f"answer {i}: kites fly in wind"}
             for i in range(24)]
-    run = bench_train.bench_train_workload(str(tmp_path), rows, steps=2, bf16_peak=100.0, threads=1)
+    run = bench_train.bench_train_workload(str(tmp_path), load_transformers(str(tmp_path)), rows, steps=2,
+                                           bf16_peak=100.0)
     assert run["tokens"] > 0 and run["steps"] == 2
-    for name in bench_train.CONTENDERS:
+    for name in ("minisafe", "minisafe-before", "transformers"):
         assert run[f"{name}_tok_s"] > 0 and run["median_step_s"][name] > 0
     assert run["ratio_vs_before"] == pytest.approx(run["minisafe_tok_s"] / run["minisafe-before_tok_s"])
-    assert run["code_ratio_vs_before"] == pytest.approx(run["minisafe-default-malloc_tok_s"]
-                                                         / run["minisafe-before_tok_s"])
     sppft = bench_train.bench_sppft_steps(str(tmp_path), rows, "1:1", steps=2)
     assert 0 < sppft["frozen_parameter_share"] < 1 and len(sppft["ratios"]) == 2 and sppft["step_time_ratio"] > 0
     memory = bench_train.memory_of(str(tmp_path), rows, "1:1", threads=1)

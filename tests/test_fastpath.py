@@ -1,11 +1,8 @@
 """fast_inference, the CPU speed path: the plain model's logits and generations, hooks that still fire, weight
 changes that take effect inside it, and the model's own methods back on exit."""
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -287,25 +284,3 @@ def test_fast_training_gives_the_loss_and_gradients_of_the_plain_model(tmp_path,
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-6)
     for name, grad in plain[1].items():
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-RESIDENT_AFTER_A_FREE = """
-import os, sys, torch
-from minisafe.fastpath import keep_freed_memory
-resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20  # MiB
-kept = sys.argv[1] == "keep" and keep_freed_memory()
-before = resident()
-torch.ones(256 << 20, dtype=torch.uint8)  # 256 MiB, touched, then freed
-print(int(kept), resident() - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; elsewhere it returns False")
-def test_keep_freed_memory_keeps_a_freed_block_in_the_process_for_reuse():
-    def resident_growth(mode: str) -> tuple[int, int]:
-        out = subprocess.run([sys.executable, "-c", RESIDENT_AFTER_A_FREE, mode], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
-        return int(out[0]), int(out[1])
-
-    assert resident_growth("default") == (0, pytest.approx(0, abs=32))  # glibc unmaps a block this large on free
-    assert resident_growth("keep") == (1, pytest.approx(256, abs=32))  # kept, its pages already faulted in

@@ -9,8 +9,6 @@ Reports tokens/s for each side, the ratio, and the share of this machine's matmu
 by the prefill. The JSON written with --out also records the command, the machine and the versions;
 `python -m minisafe.report bench runs/bench --out docs/bench.md` turns such files into docs/bench.md.
 transformers is imported here only as the yardstick; nothing in the library depends on it.
-The bench keeps freed memory in its process, as minisafe's commands do (fastpath.keep_freed_memory), so both sides of
-the in-process parts run with it; the training part's contenders each run in a process of their own (bench_train).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ import torch
 
 import minisafe
 from minisafe import data
-from minisafe.fastpath import fast_inference, keep_freed_memory
+from minisafe.fastpath import fast_inference
 from minisafe.generate import generate, generate_ids, greedy, similar_length_batches
 from minisafe.io import atomic_write_json
 from tools import bench_train, fetch_data, weights
@@ -293,16 +291,15 @@ def run_train_parts(a: argparse.Namespace, results: dict) -> None:
                  bench_train.default_workloads())
     peak = results["peak_gflop_s"]["bfloat16"]["peak"]
     if "train" in a.parts:
+        theirs = load_transformers(a.model)
         results["train"] = {}
         for name, rows in workloads.items():
-            run = results["train"][name] = bench_train.bench_train_workload(a.model, rows, a.train_steps, peak,
-                                                                            a.threads)
+            run = results["train"][name] = bench_train.bench_train_workload(a.model, theirs, rows, a.train_steps, peak)
             print(f"training ({name}): minisafe {run['minisafe_tok_s']:.0f} tok/s, "
-                  f"before {run['minisafe-before_tok_s']:.0f}, transformers {run['transformers_tok_s']:.0f}; "
-                  f"{run['ratio_vs_before']:.2f}x before ({run['code_ratio_vs_before']:.2f}x with the same "
-                  f"allocator), {run['ratio_vs_transformers']:.2f}x transformers "
-                  f"({run['same_malloc_ratio_vs_transformers']:.2f}x), {run['share_of_bf16_peak']:.0%} of the bf16 "
-                  "peak", flush=True)
+                  f"before {run['minisafe-before_tok_s']:.0f}"
+                  f", transformers {run['transformers_tok_s']:.0f}; {run['ratio_vs_before']:.2f}x before, "
+                  f"{run['ratio_vs_transformers']:.2f}x transformers, {run['share_of_bf16_peak']:.0%} of the bf16 peak",
+                  flush=True)
     if "sppft" in a.parts:
         rows = next(iter(workloads.values()))
         run = results["sppft"] = {**bench_train.bench_sppft_steps(a.model, rows, a.freeze, a.train_steps),
@@ -315,7 +312,6 @@ def run_train_parts(a: argparse.Namespace, results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen parts, print each part's line as it ends, then every number (as JSON, or into --out)."""
     a = parse_args(argv)
-    keep_freed_memory()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     import transformers  # the yardstick, a test-only dependency: deferred so that --help works without it

@@ -8,20 +8,15 @@ Each is tokenized by train.py's encode (chat template, max_len 160) and cut into
 Every contender trains in bfloat16 autocast with float32 weights, clips the gradient norm at 1 and steps AdamW:
   minisafe         training.optimizer_step, as train.py runs it: micro-batches cut into passes by length, the head
                    only at labelled positions, attention as two matmuls (fastpath.fast_training), the fused AdamW;
-                   in a process that keeps freed memory, as minisafe's commands do;
-  minisafe-before  logits at every position, copied to float32 for the loss, and the unfused AdamW, in a process
-                   with glibc's default allocator: train.py before the training-speed change;
-  transformers     AutoModelForCausalLM with labels (its own loss over all positions) and the fused AdamW, with the
-                   default allocator, as a transformers script runs;
-and, to tell the code's gain from the allocator's, minisafe with the default allocator and transformers keeping freed
-memory. Each contender runs in a process of its own, the processes stepping in turn, one at a time.
+  minisafe-before  logits at every position, copied to float32 for the loss, and the unfused AdamW: train.py's
+                   path before the training-speed change;
+  transformers     AutoModelForCausalLM with labels (its own loss over all positions) and the fused AdamW.
 SPPFT against full fine-tuning: two minisafe models, one with layers frozen, stepped in turn on the same batches
 (the median of the step-time ratios), and each configuration's peak memory and AdamW state in a process of its own.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
@@ -32,10 +27,9 @@ import torch.nn.functional as F
 
 import minisafe
 from minisafe import builders, data
-from minisafe.fastpath import fast_training, keep_freed_memory
+from minisafe.fastpath import fast_training
 from minisafe.freeze import FreezeSpec, apply_freeze, parse_layer_range
 from minisafe.objectives import IGNORE
-from minisafe.tokenizer import Tokenizer
 from minisafe.training import Dist, Example, TrainConfig, collate, n_targets, optimizer_step, tokenize
 
 BATCH, MAX_LEN = 8, 160
@@ -138,73 +132,16 @@ def train_flops(model, batch: list[tuple[list[int], list[int]]]) -> float:
     return 3 * 2 * (body * tokens + head * labelled)
 
 
-# Each contender runs in a process of its own, as it runs in use: minisafe's commands keep freed memory in the process
-# (fastpath.keep_freed_memory), a transformers script does not. Two more contenders, minisafe without the setting and
-# transformers with it, split the gain of the code from that of the allocator. name: (steps, keeps freed memory).
-CONTENDERS = {"minisafe": ("minisafe", True), "minisafe-default-malloc": ("minisafe", False),
-              "minisafe-before": ("minisafe-before", False), "transformers": ("transformers", False),
-              "transformers-kept-memory": ("transformers", True)}
-
-
-def contender_step(path: str, kind: str) -> Step:
-    """A fresh model of `path` in training mode and the step function of contender `kind`."""
-    if kind == "transformers":
-        from tools.bench import load_transformers
-
-        model, pad = load_transformers(path), Tokenizer.from_dir(path).pad_token_id
-    else:
-        model, tok = minisafe.load(path)
-        pad = tok.pad_token_id
-    model.train()
-    return {"minisafe": minisafe_step, "minisafe-before": minisafe_before_step,
-            "transformers": transformers_step}[kind](model, pad)
-
-
-def contender_process(conn, path: str, kind: str, keep_memory: bool, threads: int) -> None:
-    """Serve one contender: step every batch sent down `conn` and send back its seconds, until None arrives."""
-    if keep_memory:
-        keep_freed_memory()
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    step = contender_step(path, kind)
-    conn.send("ready")
-    while (batch := conn.recv()) is not None:
-        start = time.perf_counter()
-        step(batch)
-        conn.send(time.perf_counter() - start)
-
-
-def alternate_processes(path: str, workload: list, threads: int, warm_up: int = 1) -> dict[str, list[float]]:
-    """Seconds of every step of each CONTENDER, each in its own process, the contenders stepping in turn on each
-    batch (one process works at a time, so they never share the cores)."""
-    context = multiprocessing.get_context("spawn")
-    conns = {}
-    for name, (kind, keep) in CONTENDERS.items():
-        conns[name], theirs = context.Pipe()
-        context.Process(target=contender_process, args=(theirs, path, kind, keep, threads), daemon=True).start()
-        if conns[name].recv() != "ready":  # loaded one at a time: loading is not timed, but it is not free either
-            raise RuntimeError(f"contender {name} did not start")
-    seconds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    try:
-        for k, batch in enumerate(workload):
-            for name, conn in conns.items():
-                conn.send(batch)
-                if k >= warm_up:
-                    seconds[name].append(conn.recv())
-                else:
-                    conn.recv()
-    finally:
-        for conn in conns.values():
-            conn.send(None)
-    return seconds
-
-
-def bench_train_workload(path: str, rows: list[dict], steps: int, bf16_peak: float, threads: int) -> dict:
-    """Every contender on one workload: tokens/s; minisafe against its earlier path and against transformers as
-    each runs in use, and with the same allocator setting on both sides; minisafe's share of the bf16 matmul peak."""
+def bench_train_workload(path: str, theirs, rows: list[dict], steps: int, bf16_peak: float) -> dict:
+    """The three contenders on one workload: tokens/s, the ratios, minisafe's share of the bfloat16 matmul peak."""
     ours, tok = minisafe.load(path)
+    before, _ = minisafe.load(path)
     workload = batches(rows, tok, steps + 1)
-    seconds = alternate_processes(path, workload, threads)
+    pad = tok.pad_token_id
+    for model in (ours, before, theirs):
+        model.train()
+    seconds = alternate({"minisafe": minisafe_step(ours, pad), "minisafe-before": minisafe_before_step(before, pad),
+                         "transformers": transformers_step(theirs, pad)}, workload)
     tokens = sum(len(ids) for batch in workload[1:] for ids, _ in batch)
     total = {name: sum(s) for name, s in seconds.items()}
     flops = sum(train_flops(ours, batch) for batch in workload[1:])
@@ -213,8 +150,6 @@ def bench_train_workload(path: str, rows: list[dict], steps: int, bf16_peak: flo
             "median_step_s": {name: statistics.median(s) for name, s in seconds.items()},
             "ratio_vs_before": total["minisafe-before"] / total["minisafe"],
             "ratio_vs_transformers": total["transformers"] / total["minisafe"],
-            "code_ratio_vs_before": total["minisafe-before"] / total["minisafe-default-malloc"],
-            "same_malloc_ratio_vs_transformers": total["transformers-kept-memory"] / total["minisafe"],
             "share_of_bf16_peak": flops / total["minisafe"] / 1e9 / bf16_peak}
 
 
@@ -252,6 +187,8 @@ def memory_of(path: str, rows: list[dict], freeze: str | None, threads: int) -> 
 
 def bench_sppft_memory(path: str, rows: list[dict], freeze: str, threads: int) -> dict:
     """memory_of for full fine-tuning and for SPPFT, each in a fresh process so that its peak is its own."""
+    import multiprocessing
+
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         full, sppft = (pool.apply(memory_of, (path, rows, spec, threads)) for spec in (None, freeze))
     return {"full": full, "sppft": sppft,
