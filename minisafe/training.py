@@ -432,8 +432,9 @@ PASS_COST = 96
 def length_groups(examples: list[Example], rows: list[int]) -> list[list[int]]:
     """rows cut into forward passes of similar lengths: the cut of the length-sorted rows into consecutive groups
     with the fewest padded positions, counting PASS_COST per pass (the loss is a sum: the gradient is the same)."""
-    ordered = sorted(rows, key=lambda i: max(len(ids) for ids, _ in examples[i]))
-    lengths = [max(len(ids) for ids, _ in examples[i]) for i in ordered]
+    length = {i: max(len(ids) for ids, _ in examples[i]) for i in rows}
+    ordered = sorted(rows, key=length.__getitem__)
+    lengths = [length[i] for i in ordered]
     # cost[j]: the cheapest cut of the j shortest rows; start[j]: where its last group starts.
     cost, start = [0] + [math.inf] * len(ordered), [0] * (len(ordered) + 1)
     for j in range(1, len(ordered) + 1):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from minisafe.audit import main as audit_main
 from minisafe.training import TrainConfig, train
+from tiny import one_thread  # noqa: F401 (an autouse fixture, module-wide)
 from train_inputs import write_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,14 +23,11 @@ TRAINABLE = "model.layers.0.mlp.down_proj.weight"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(base model, a model trained from it with layer 1 frozen); torch on one thread meanwhile."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """(base model, a model trained from it with layer 1 frozen)."""
     root = write_inputs(tmp_path_factory.mktemp("audit"), n_rows=4)
     train(TrainConfig(model=str(root / "model"), data=str(root / "data.jsonl"), out=str(root / "trained"),
                       freeze="1:1", epochs=1, batch_size=2, warmup_steps=1, lr=2e-3, save_every=0, progress=False))
-    yield root / "model", root / "trained"
-    torch.set_num_threads(threads)
+    return root / "model", root / "trained"
 
 
 def edited_copy(model: Path, out: Path, name: str) -> Path:

@@ -19,17 +19,14 @@ import minisafe.checkpoint
 import minisafe.run_folder
 from minisafe.training import TrainConfig, train
 from train import main as train_main
+from tiny import one_thread  # noqa: F401 (an autouse fixture, module-wide)
 from train_inputs import write_inputs
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A folder with a tiny model and 8 sft rows; every test uses it, so it also holds torch to one thread (tiny
-    models: threads only add overhead)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield write_inputs(tmp_path_factory.mktemp("train_errors"))
-    torch.set_num_threads(threads)
+    """A folder with a tiny model and 8 sft rows."""
+    return write_inputs(tmp_path_factory.mktemp("train_errors"))
 
 
 def cli_args(inputs: Path, out: Path, *extra: str) -> list[str]:
