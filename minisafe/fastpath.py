@@ -1,5 +1,6 @@
 """Faster paths on the CPU: `with fast_inference(model):` for inference, `with fast_training(model):` for training
-(attention written out as two matmuls, see short_enough_to_train).
+(attention written out as two matmuls, see short_enough_to_train; the embedding's gradient added row by row, see
+EmbeddingRows).
 
 Inside the block some methods of the model's modules are swapped for faster ones that compute the same thing, and
 on exit the originals come back (also when an exception escapes):
@@ -28,7 +29,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from minisafe.config import ModelConfig
 from minisafe.model import Attention, KVCache, Transformer, matmul_attention
@@ -271,12 +274,53 @@ def short_enough_to_train(q: Tensor, k: Tensor) -> bool:
     return k.shape[2] <= MATMUL_TRAINING_LENGTH
 
 
+class EmbeddingRows(torch.autograd.Function):
+    """An embedding lookup whose backward adds each looked-up row's gradient straight into weight.grad.
+
+    The stock backward first builds a dense zero gradient of the whole vocabulary (a tied head's gradient is added
+    to it afterwards): for a model of this size that is a large fresh buffer in every pass, which costs more to
+    allocate and fill than the rows cost to add. The weight's own gradient edge gets None; the head's gradient, if
+    the weight is tied, reaches the same .grad through autograd as usual, after this."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None]:
+        (ids,) = ctx.saved_tensors
+        weight = ctx.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, ids.flatten(), grad.flatten(0, -2).to(weight.dtype))
+        return None, None
+
+
+def row_gradient_embedding(embedding: nn.Embedding) -> Callable[[Tensor], Tensor]:
+    """A forward for `embedding` that takes EmbeddingRows where a plain weight needs a gradient; the original where
+    not: a frozen weight, one with gradient hooks (which must see the whole gradient), or a sharded one."""
+    plain = embedding.forward
+
+    def forward(ids: Tensor) -> Tensor:
+        weight = embedding.weight
+        if (not (torch.is_grad_enabled() and weight.requires_grad) or weight._backward_hooks
+                or isinstance(weight, DTensor) or embedding.padding_idx is not None):
+            return plain(ids)
+        return EmbeddingRows.apply(weight, ids)
+    return forward
+
+
 @contextmanager
 def fast_training(model: Transformer) -> Iterator[None]:
-    """Inside this block training steps take matmul attention where short_enough_to_train; on exit, the model's own."""
+    """Inside this block training steps take matmul attention where short_enough_to_train, and the embedding's
+    gradient goes straight into its rows of weight.grad (EmbeddingRows); on exit, the model's own methods."""
     if model.model.embed_tokens.weight.device.type != "cpu":
         yield
         return
-    with swapped([(block.self_attn, "attend", matmul_attend(block.self_attn, short_enough_to_train))
-                  for block in model.layers]):
+    swaps: list[tuple[nn.Module, str, Callable]] = [
+        (block.self_attn, "attend", matmul_attend(block.self_attn, short_enough_to_train)) for block in model.layers]
+    swaps.append((model.model.embed_tokens, "forward", row_gradient_embedding(model.model.embed_tokens)))
+    with swapped(swaps):
         yield

@@ -455,13 +455,16 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: l
     """One AdamW step on the examples `indices` (all processes together); returns the step's loss and gradient norm."""
     count = loss_count(examples, indices, cfg.objective)
     step_loss = torch.zeros((), device=ranks.device)
-    for start in range(0, len(indices), cfg.batch_size):
-        rows, weight = own_rows(indices[start:start + cfg.batch_size], ranks)
-        # One process only: under several, every process must run the same number of forward passes.
-        for group in length_groups(examples, rows) if ranks.world == 1 else [rows]:
-            loss = micro_loss_sum(model, examples, group, cfg, reference, pad_id, ranks.device) * (weight / count)
-            loss.backward()
-            step_loss += loss.detach()
+    # Autocast keeps its bfloat16 copies of the weights until the outermost block ends: one block around all of the
+    # step's passes casts each weight once per step instead of once per pass.
+    with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        for start in range(0, len(indices), cfg.batch_size):
+            rows, weight = own_rows(indices[start:start + cfg.batch_size], ranks)
+            # One process only: under several, every process must run the same number of forward passes.
+            for group in length_groups(examples, rows) if ranks.world == 1 else [rows]:
+                loss = micro_loss_sum(model, examples, group, cfg, reference, pad_id, ranks.device) * (weight / count)
+                loss.backward()
+                step_loss += loss.detach()
     if ranks.world > 1 and not cfg.fsdp:
         sum_gradients(params, ranks)  # FSDP has summed them already, during backward
     # With no clipping asked for, max_norm = inf still reports the norm and scales the gradients by exactly 1.
@@ -469,7 +472,9 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: l
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # Zeroed, not freed: the gradient buffers stay allocated from step to step (a fresh buffer of this size costs
+    # more in page faults than zeroing a resident one), and the next step's gradients are added into them.
+    optimizer.zero_grad(set_to_none=False)
     return sum_across(step_loss, ranks).item(), grad_norm.item()
 
 

@@ -280,7 +280,47 @@ def test_fast_training_gives_the_loss_and_gradients_of_the_plain_model(tmp_path,
     plain = loss_and_grads()
     with fast_training(model):
         fast = loss_and_grads()
-    assert "attend" not in model.layers[0].self_attn.__dict__  # the plain method is back
+        assert type(model.model.embed_tokens(ids).grad_fn).__name__ == "EmbeddingRowsBackward"
+    assert "attend" not in model.layers[0].self_attn.__dict__  # the plain methods are back
+    assert "forward" not in model.model.embed_tokens.__dict__
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-6)
     for name, grad in plain[1].items():
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # a tied head and a separate one
+def test_fast_training_adds_the_embedding_gradient_to_one_already_there(tmp_path, family):
+    """Two passes without zeroing in between (gradient accumulation, and the training loop's zeroed buffers): the
+    embedding's rows are added to what .grad holds, the tied head's gradient too."""
+    from minisafe.fastpath import fast_training
+
+    save_tiny(tmp_path, family)
+    model, _ = minisafe.load(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    ids[1, :3] = ids[0, 0]  # a token seen several times: its rows add up
+
+    def two_passes() -> torch.Tensor:
+        model.zero_grad()
+        for scale in (1.0, 3.0):
+            (model(ids).float().square().mean() * scale).backward()
+        return model.model.embed_tokens.weight.grad.clone()
+
+    plain = two_passes()
+    with fast_training(model):
+        fast = two_passes()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_fast_training_leaves_an_embedding_with_a_gradient_hook_to_the_plain_lookup(tmp_path):
+    """A hook on the weight (as NFFT puts on projections) must see the whole gradient: the plain lookup keeps it."""
+    from minisafe.fastpath import fast_training
+
+    save_tiny(tmp_path, "llama")
+    model, _ = minisafe.load(tmp_path)
+    seen = []
+    model.model.embed_tokens.weight.register_hook(lambda grad: seen.append(grad.shape))
+    with fast_training(model):
+        out = model.model.embed_tokens(torch.tensor([[1, 2, 3]]))
+        assert type(out.grad_fn).__name__ == "EmbeddingBackward0"
+        out.sum().backward()
+    assert seen == [model.model.embed_tokens.weight.shape]

@@ -6,8 +6,9 @@ Workloads (--train-data FILE ... or, by default, built from the fetched data the
   align:  alignment-style rows: HarmBench prompts -> a refusal phrasing, ShareGPT prompts -> their answers.
 Each is tokenized by train.py's encode (chat template, max_len 160) and cut into batches of 8 in a seeded order.
 Every contender trains in bfloat16 autocast with float32 weights, clips the gradient norm at 1 and steps AdamW:
-  minisafe         training.optimizer_step, as train.py runs it: micro-batches cut into passes by length, the head
-                   only at labelled positions, attention as two matmuls (fastpath.fast_training), the fused AdamW;
+  minisafe         training.optimizer_step, as train.py runs it: micro-batches cut into passes by length under one
+                   autocast block, the head only at labelled positions, attention as two matmuls and the embedding's
+                   gradient added by rows (fastpath.fast_training), the fused AdamW, gradients zeroed, not freed;
   minisafe-before  logits at every position, copied to float32 for the loss, and the unfused AdamW: train.py's
                    path before the training-speed change;
   transformers     AutoModelForCausalLM with labels (its own loss over all positions) and the fused AdamW.
