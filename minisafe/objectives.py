@@ -77,17 +77,25 @@ def unlearn_losses(nll_chosen: Tensor, nll_rejected: Tensor, weight: float) -> T
     return nll_chosen - weight * nll_rejected
 
 
-def pair_loss_sum(objective: str, hidden: Tensor, labels: Tensor, reference: Tensor | None, beta: float,
-                  unlearn_weight: float, head: Head = _identity) -> Tensor:
-    """Summed dpo / unlearn loss of B pairs whose chosen rows come first, then the rejected rows (2B rows).
+def pair_statistic(objective: str, hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
+    """What a pair objective needs of each row [B]: the summed log-probability (dpo) or the mean NLL (unlearn)."""
+    if objective == "dpo":
+        return sequence_logps(hidden, labels, head)
+    if objective == "unlearn":
+        return mean_nll(hidden, labels, head)
+    raise ValueError(f"objective must be dpo or unlearn here, got {objective!r}")
+
+
+def pair_loss_sum(objective: str, values: Tensor, reference: Tensor | None, beta: float,
+                  unlearn_weight: float) -> Tensor:
+    """Summed dpo / unlearn loss of B pairs from their pair_statistic values [2B], the chosen rows first, then the
+    rejected rows.
 
     reference [B, 2]: the reference model's summed log-probabilities of (chosen, rejected); dpo only.
     """
-    half = labels.shape[0] // 2
+    half = values.shape[0] // 2
     if objective == "dpo":
-        logps = sequence_logps(hidden, labels, head)
-        return dpo_losses(logps[:half], logps[half:], reference[:, 0], reference[:, 1], beta).sum()
+        return dpo_losses(values[:half], values[half:], reference[:, 0], reference[:, 1], beta).sum()
     if objective == "unlearn":
-        nll = mean_nll(hidden, labels, head)
-        return unlearn_losses(nll[:half], nll[half:], unlearn_weight).sum()
+        return unlearn_losses(values[:half], values[half:], unlearn_weight).sum()
     raise ValueError(f"objective must be dpo or unlearn here, got {objective!r}")

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -58,7 +59,7 @@ from minisafe.freeze import (SCOPES, FreezeSpec, apply_freeze, bias_name, freeze
 from minisafe.io import atomic_directory, atomic_write_json, content_hash, read_json, run_record
 from minisafe.metrics import response_ids
 from minisafe.model import Transformer
-from minisafe.objectives import IGNORE, OBJECTIVES, pair_loss_sum, sequence_logps, sft_loss_sum
+from minisafe.objectives import IGNORE, OBJECTIVES, pair_loss_sum, pair_statistic, sequence_logps, sft_loss_sum
 from minisafe.run_folder import (append_log, checkpoint_position, clean_output_dir, output_kind, read_checkpoint,
                                  restore_rng, resumed_record, save_checkpoint, truncate_log)
 from minisafe.tokenizer import TEMPLATES, Tokenizer
@@ -70,6 +71,7 @@ SCHEDULES = ("cosine", "linear")
 RESUMABLE = ("resume", "max_steps", "save_every", "eval_every", "progress", "command", "device", "model", "data",
              "val_data", "out", "fsdp", "snapshots")
 
+T = TypeVar("T")
 Example = tuple[tuple[list[int], list[int]], ...]  # one (ids, labels) sequence for sft; (chosen, rejected) for pairs
 
 
@@ -375,22 +377,34 @@ class StopRequest:
 
 
 def micro_loss_sum(model: nn.Module, examples: list[Example], indices: list[int], cfg: TrainConfig,
-                   reference: Tensor | None, pad_id: int, device: torch.device) -> Tensor:
-    """Summed loss of some examples (one forward pass over their sequences, chosen rows before rejected ones)."""
+                   reference: Tensor | None, pad_id: int, device: torch.device, split: bool = False) -> Tensor:
+    """Summed loss of some examples (their sequences, chosen rows before rejected ones). With split, the sequences
+    run in forward passes of similar length (length_groups): a chosen refusal and a rejected long answer no longer
+    pad to the same length, and every sequence's term is the same, so the loss and its gradient are too."""
     sequences = [examples[i][k] for k in range(len(examples[indices[0]])) for i in indices]
+    passes = length_groups([len(ids) for ids, _ in sequences]) if split else [list(range(len(sequences)))]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        if cfg.objective == "sft":
+            return sum(sft_loss_sum(*forward_hidden(model, [sequences[j] for j in p], pad_id, device), model.logits)
+                       for p in passes)
+        parts = [pair_statistic(cfg.objective, *forward_hidden(model, [sequences[j] for j in p], pad_id, device),
+                                model.logits) for p in passes]
+        values = torch.cat(parts)[torch.tensor([j for p in passes for j in p]).argsort()]
+        ref = reference[indices].to(device) if reference is not None else None
+        return pair_loss_sum(cfg.objective, values, ref, cfg.beta, cfg.unlearn_weight)
+
+
+def forward_hidden(model: nn.Module, sequences: list[tuple[list[int], list[int]]], pad_id: int,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """The last hidden states and the labels of right-padded sequences; the output layer runs inside the loss, at
+    labelled positions only (objectives.token_nll)."""
     input_ids, labels = collate(sequences, pad_id, device)
     # Right padding needs no attention mask: under causal attention a real token never sees the padding after it,
     # and its position is its index. This keeps the fast causal attention path.
-    # The output layer runs inside the loss, at labelled positions only (objectives.token_nll).
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-        hidden = model(input_ids, skip_head=True)
-        if cfg.objective == "sft":
-            return sft_loss_sum(hidden, labels, model.logits)
-        ref = reference[indices].to(device) if reference is not None else None
-        return pair_loss_sum(cfg.objective, hidden, labels, ref, cfg.beta, cfg.unlearn_weight, model.logits)
+    return model(input_ids, skip_head=True), labels
 
 
-def own_rows(batch: list[int], ranks: Dist) -> tuple[list[int], float]:
+def own_rows(batch: list[T], ranks: Dist) -> tuple[list[T], float]:
     """This process's rows of a global micro-batch, and 1.0. A process without rows still runs (FSDP needs every
     process in every forward): on the batch's first row, weighted 0.0."""
     mine = batch[ranks.rank::ranks.world]
@@ -399,17 +413,19 @@ def own_rows(batch: list[int], ranks: Dist) -> tuple[list[int], float]:
 
 @torch.no_grad()
 def reference_logps(model: nn.Module, examples: list[Example], cfg: TrainConfig, pad_id: int, ranks: Dist) -> Tensor:
-    """[N, 2]: summed log-probabilities of each (chosen, rejected) response under the model as it is now."""
+    """[N, 2]: summed log-probabilities of each (chosen, rejected) response under the model as it is now. The
+    sequences run sorted by length, 2 x batch_size a pass, so that a pass pads little."""
     out = torch.zeros(len(examples), 2)
-    starts = range(0, len(examples), cfg.batch_size)
+    sequences = sorted(((i, k) for i in range(len(examples)) for k in (0, 1)),
+                       key=lambda seq: len(examples[seq[0]][seq[1]][0]))
+    starts = range(0, len(sequences), 2 * cfg.batch_size)
     for start in tqdm(starts, desc="reference log-probs", disable=not (cfg.progress and ranks.main)):
-        rows, weight = own_rows(list(range(start, min(start + cfg.batch_size, len(examples)))), ranks)
-        sequences = [examples[i][k] for k in (0, 1) for i in rows]
-        input_ids, labels = collate(sequences, pad_id, ranks.device)
+        mine, weight = own_rows(sequences[start:start + 2 * cfg.batch_size], ranks)
         with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            logps = sequence_logps(model(input_ids, skip_head=True), labels, model.logits).float().cpu()
+            hidden, labels = forward_hidden(model, [examples[i][k] for i, k in mine], pad_id, ranks.device)
+            logps = sequence_logps(hidden, labels, model.logits).float().cpu()
         if weight:
-            out[rows] = torch.stack(logps.chunk(2), dim=1)
+            out[[i for i, _ in mine], [k for _, k in mine]] = logps
     return sum_across(out.to(ranks.device), ranks).cpu()
 
 
@@ -420,7 +436,8 @@ def validation_loss(model: nn.Module, examples: list[Example], cfg: TrainConfig,
     total = torch.zeros(1, device=ranks.device)
     for start in range(0, len(examples), cfg.batch_size):
         rows, weight = own_rows(list(range(start, min(start + cfg.batch_size, len(examples)))), ranks)
-        total += weight * micro_loss_sum(model, examples, rows, cfg, reference, pad_id, ranks.device).float()
+        total += weight * micro_loss_sum(model, examples, rows, cfg, reference, pad_id, ranks.device,
+                                         split=ranks.world == 1).float()
     return sum_across(total, ranks).item() / loss_count(examples, list(range(len(examples))), cfg.objective)
 
 
@@ -429,17 +446,15 @@ def validation_loss(model: nn.Module, examples: list[Example], cfg: TrainConfig,
 PASS_COST = 96
 
 
-def length_groups(examples: list[Example], rows: list[int]) -> list[list[int]]:
-    """rows cut into forward passes of similar lengths: the cut of the length-sorted rows into consecutive groups
-    with the fewest padded positions, counting PASS_COST per pass (the loss is a sum: the gradient is the same)."""
-    length = {i: max(len(ids) for ids, _ in examples[i]) for i in rows}
-    ordered = sorted(rows, key=length.__getitem__)
-    lengths = [length[i] for i in ordered]
-    # cost[j]: the cheapest cut of the j shortest rows; start[j]: where its last group starts.
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Positions into lengths cut into forward passes of similar lengths: the cut of the length-sorted sequences
+    into consecutive groups with the fewest padded positions, counting PASS_COST per pass."""
+    ordered = sorted(range(len(lengths)), key=lengths.__getitem__)
+    # cost[j]: the cheapest cut of the j shortest sequences; start[j]: where its last group starts.
     cost, start = [0] + [math.inf] * len(ordered), [0] * (len(ordered) + 1)
     for j in range(1, len(ordered) + 1):
         for i in range(j):
-            padded = cost[i] + lengths[j - 1] * (j - i) + PASS_COST
+            padded = cost[i] + lengths[ordered[j - 1]] * (j - i) + PASS_COST
             if padded < cost[j]:
                 cost[j], start[j] = padded, i
     groups, j = [], len(ordered)
@@ -460,11 +475,11 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: l
     with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
         for start in range(0, len(indices), cfg.batch_size):
             rows, weight = own_rows(indices[start:start + cfg.batch_size], ranks)
-            # One process only: under several, every process must run the same number of forward passes.
-            for group in length_groups(examples, rows) if ranks.world == 1 else [rows]:
-                loss = micro_loss_sum(model, examples, group, cfg, reference, pad_id, ranks.device) * (weight / count)
-                loss.backward()
-                step_loss += loss.detach()
+            # Split by length on one process only: under several, every process must run as many forward passes.
+            loss = micro_loss_sum(model, examples, rows, cfg, reference, pad_id, ranks.device,
+                                  split=ranks.world == 1) * (weight / count)
+            loss.backward()
+            step_loss += loss.detach()
     if ranks.world > 1 and not cfg.fsdp:
         sum_gradients(params, ranks)  # FSDP has summed them already, during backward
     # With no clipping asked for, max_norm = inf still reports the norm and scales the gradients by exactly 1.

@@ -222,6 +222,21 @@ def test_dpo_loss_at_the_first_step_is_log_2(files):
     assert log(cfg.out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+def test_reference_logps_sorted_by_length_are_each_sequence_alone(files):
+    from minisafe import training
+    from minisafe.checkpoint import load
+    from minisafe.objectives import sequence_logps
+
+    model, tok = load(files["model"])
+    cfg = config(files, "unused", data=str(files["pref"]), objective="dpo", batch_size=2)
+    examples = training.tokenize(training.read_rows(cfg.data, "dpo"), tok, cfg, cfg.data, say=lambda *a: None)
+    got = training.reference_logps(model, examples, cfg, tok.pad_token_id, training.Dist())
+    with torch.no_grad():
+        alone = [[sequence_logps(*training.forward_hidden(model, [pair[k]], 0, torch.device("cpu")), model.logits)
+                  for k in (0, 1)] for pair in examples]
+    torch.testing.assert_close(got, torch.tensor(alone).view(-1, 2), rtol=1e-5, atol=1e-5)
+
+
 def test_gradient_accumulation_gives_the_update_of_one_big_batch(files):
     big = config(files, "accum_big", batch_size=8, epochs=1)
     small = config(files, "accum_small", batch_size=2, grad_accum=4, epochs=1)
@@ -322,7 +337,7 @@ def test_an_existing_output_directory_without_resume_is_an_error_that_writes_not
 @pytest.mark.parametrize("objective", ["sft", "dpo", "unlearn"])
 def test_logits_at_labelled_positions_only_give_the_loss_and_gradients_of_full_logits(files, objective):
     from minisafe.checkpoint import load
-    from minisafe.objectives import pair_loss_sum
+    from minisafe.objectives import pair_loss_sum, pair_statistic
 
     model, _ = load(files["model"])
     g = torch.Generator().manual_seed(0)
@@ -338,7 +353,7 @@ def test_logits_at_labelled_positions_only_give_the_loss_and_gradients_of_full_l
         if objective == "sft":
             loss = sft_loss_sum(hidden, labels, head)
         else:
-            loss = pair_loss_sum(objective, hidden, labels, reference, 0.1, 0.5, head)
+            loss = pair_loss_sum(objective, pair_statistic(objective, hidden, labels, head), reference, 0.1, 0.5)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -349,31 +364,43 @@ def test_logits_at_labelled_positions_only_give_the_loss_and_gradients_of_full_l
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_a_micro_batch_splits_by_length_where_padding_costs_more_than_a_pass_and_keeps_the_gradient(files, monkeypatch):
+def test_length_groups_split_where_padding_costs_more_than_a_pass():
+    from minisafe.training import length_groups
+
+    groups = length_groups([5, 40, 6, 38, 7, 41, 5, 39])
+    assert [sorted(g) for g in groups] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert [sorted(g) for g in length_groups([20, 21, 22, 20])] == [[0, 1, 2, 3]]
+    # Three clusters: one pass pads to 160 everywhere; three passes cost less even with PASS_COST each.
+    assert [sorted(g) for g in length_groups([160, 5, 80, 160, 5, 80, 160, 160])] == [[1, 4], [2, 5], [0, 3, 6, 7]]
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "unlearn"])
+def test_a_micro_batch_split_by_sequence_length_keeps_the_loss_and_the_gradient(files, monkeypatch, objective):
     from minisafe import training
     from minisafe.checkpoint import load
 
     seq = lambda n: (list(range(1, n + 1)), [IGNORE] + list(range(2, n + 1)))  # noqa: E731
-    examples = [(seq(n),) for n in (5, 40, 6, 38, 7, 41, 5, 39)]
-    groups = training.length_groups(examples, list(range(8)))
-    assert len(groups) == 2 and sorted(groups[0] + groups[1]) == list(range(8))
-    assert max(len(examples[i][0][0]) for i in groups[0]) < min(len(examples[i][0][0]) for i in groups[1])
-    even = [(seq(n),) for n in (20, 21, 22, 20)]
-    assert [sorted(g) for g in training.length_groups(even, [0, 1, 2, 3])] == [[0, 1, 2, 3]]
-    # Three clusters: one pass pads to 160 everywhere; three passes cost less even with PASS_COST each.
-    clusters = [(seq(n),) for n in (160, 5, 80, 160, 5, 80, 160, 160)]
-    assert [sorted(g) for g in training.length_groups(clusters, list(range(8)))] == [[1, 4], [2, 5], [0, 3, 6, 7]]
+    lengths = (5, 40, 6, 38, 7, 41, 5, 39)
+    # Pairs as DPO data has them: a short chosen refusal with a long rejected answer, or the other way round.
+    examples = [(seq(n),) if objective == "sft" else (seq(n), seq(46 - n)) for n in lengths]
+    reference = None if objective == "sft" else torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(model="", data="", out="", batch_size=8, grad_clip=0.0, objective=objective)
+    passes = []
+    split_groups = training.length_groups
 
-    def one_step() -> dict[str, torch.Tensor]:
+    def one_step() -> tuple[float, dict[str, torch.Tensor]]:
         model, _ = load(files["model"])
         params = list(model.parameters())
-        cfg = TrainConfig(model="", data="", out="", batch_size=8, grad_clip=0.0)
-        training.optimizer_step(model, torch.optim.SGD(params, lr=1.0), params, examples, list(range(8)), 1.0, cfg,
-                                None, 0, training.Dist())
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss, _ = training.optimizer_step(model, torch.optim.SGD(params, lr=1.0), params, examples, list(range(8)),
+                                          1.0, cfg, reference, 0, training.Dist())
+        return loss, {n: p.detach().clone() for n, p in model.named_parameters()}
 
+    monkeypatch.setattr(training, "length_groups", lambda lengths: passes.append(split_groups(lengths)) or passes[-1])
     split = one_step()
-    monkeypatch.setattr(training, "length_groups", lambda examples, rows: [rows])
+    # Every pass holds sequences of one length cluster, also when a pair's two sequences differ in length.
+    assert [len(p) for p in passes[-1]] == ([4, 4] if objective == "sft" else [8, 8])
+    monkeypatch.setattr(training, "length_groups", lambda lengths: [list(range(len(lengths)))])
     whole = one_step()
-    for name, weight in whole.items():
-        torch.testing.assert_close(split[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert split[0] == pytest.approx(whole[0], rel=1e-6, abs=1e-6)  # unlearn: a difference of two losses, near 0
+    for name, weight in whole[1].items():
+        torch.testing.assert_close(split[1][name], weight, rtol=1e-5, atol=1e-6, msg=name)
