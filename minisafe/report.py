@@ -288,6 +288,24 @@ def sppft_lines(sppft: dict) -> list[str]:
     return lines + table(["", "median step s", "trainable", "AdamW state MiB", "peak RSS MB"], rows) + [""]
 
 
+def pipeline_steps_lines(steps: dict) -> list[str]:
+    """A pipeline run's fine-tuning stages under an earlier commit's code and this code (tools/bench_steps.py):
+    per stage the mean step, the time outside the step loop and the projection to the run's own steps."""
+    rows = []
+    for name, stage in steps["stages"].items():
+        rows.append([name, str(stage["runs"]), str(sum(stage["run_steps"]))]
+                    + [f"{stage[label][key]:.2f}" if key == "mean_step_s" else f"{stage[label][key]:.0f}"
+                       for key in ("mean_step_s", "outside_loop_s", "projected_s") for label in ("before", "now")])
+    totals, sample = steps["projected_total_s"], next(iter(steps["stages"].values()))["sample_steps"]
+    now = f"commit {steps['now']}" if "now" in steps else "the code of the time"
+    lines = [f"The fine-tuning stages of `{steps['run']}` under the code of commit {steps['before']} (before) and "
+             f"{now} (now), each stage's first {sample} steps in turn, projected to the run's own steps (every "
+             f"attack at the first attack's step time): "
+             f"{totals['before'] / 60:.1f} min before, {totals['now'] / 60:.1f} min now, {steps['ratio']:.2f}x.", ""]
+    return lines + table(["stage", "runs", "steps", "step s before", "step s now", "outside loop s before",
+                          "outside loop s now", "projected s before", "projected s now"], rows) + [""]
+
+
 def bench_setting(bench: dict) -> list[str]:
     """What a benchmark ran and where, as far as its JSON file records it."""
     command = bench.get("command")
@@ -299,7 +317,8 @@ def bench_setting(bench: dict) -> list[str]:
         lines += [f"Machine: {machine.get('cpu') or 'CPU not named'}, {machine.get('cores')} cores, "
                   f"{machine.get('platform')}", ""]
     versions = ", ".join(f"{name} {bench[name]}" for name in ("torch", "transformers") if bench.get(name))
-    lines += [f"Model: `{bench.get('model')}`; {bench.get('threads')} torch threads; {versions}.", ""]
+    if bench.get("model"):  # tools/bench_steps.py's files name a run, not a model
+        lines += [f"Model: `{bench.get('model')}`; {bench.get('threads')} torch threads; {versions}.", ""]
     peaks = bench.get("peak_gflop_s") or {}
     if peaks:
         lines += ["Matmul peak (2048 x 2048, GFLOP/s): " + "; ".join(
@@ -329,6 +348,8 @@ def bench_section(path: Path) -> list[str]:
         lines.append("")
     if bench.get("sppft"):
         lines += sppft_lines(bench["sppft"])
+    if bench.get("pipeline_steps"):
+        lines += pipeline_steps_lines(bench["pipeline_steps"])
     return lines
 
 

@@ -1,6 +1,7 @@
 """The benchmark's parts run on a tiny checkpoint, and its eval part compares like with like."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,23 @@ def test_training_part_times_three_contenders_on_the_same_batches_and_sppft_agai
     memory = bench_train.memory_of(str(tmp_path), rows, "1:1", threads=1)
     full = bench_train.memory_of(str(tmp_path), rows, None, threads=1)
     assert memory["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+
+
+def test_pipeline_steps_rerun_a_stage_with_its_recorded_settings_and_project_to_its_steps(tmp_path):
+    from minisafe.cli import parse_config
+    from minisafe.training import TrainConfig
+    from tools.bench_steps import projected, train_args
+
+    settings = {"model": "runs/demo/align", "data": "runs/demo/align_data/align_dpo.jsonl", "out": "runs/demo/x",
+                "objective": "dpo", "epochs": 1, "lr": 5e-06, "batch_size": 8, "grad_accum": 1, "warmup_steps": 5,
+                "schedule": "cosine", "weight_decay": 0.0, "grad_clip": 1.0, "max_len": 160, "dtype": "bfloat16",
+                "template": "chat", "beta": 0.1, "seed": 0, "freeze": None, "snapshots": [0.25]}
+    (tmp_path / "run.json").write_text(json.dumps({"settings": settings}))
+    args = train_args(tmp_path / "run.json", 4, tmp_path / "out")
+    assert args[0] == "train.py"
+    cfg = parse_config(TrainConfig, args[1:], "", prog="train.py")
+    assert (cfg.max_steps, cfg.save_every, cfg.out, cfg.freeze) == (4, 0, str(tmp_path / "out"), None)
+    assert (cfg.objective, cfg.lr, cfg.epochs, cfg.max_len, cfg.dtype) == ("dpo", 5e-6, 1, 160, "bfloat16")
+    assert cfg.model.endswith("runs/demo/align") and Path(cfg.model).is_absolute()
+    sample = {"outside_loop_s": 10.0, "first_step_s": 4.0, "mean_step_s": 2.0}
+    assert projected(sample, 100) == 10.0 + 4.0 + 99 * 2.0

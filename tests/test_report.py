@@ -139,6 +139,24 @@ def test_bench_document_shows_training_at_the_pipeline_settings_and_sppft(tmp_pa
     assert "| sppft | 2.20 | 110.0 M | 819 | 2700 |" in text
 
 
+def test_bench_document_shows_the_pipeline_steps_before_and_now(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "bench").mkdir(parents=True)
+    sample = {"steps": 8, "first_step_s": 5.0, "mean_step_s": 3.0, "outside_loop_s": 20.0}
+    stage = {"runs": 2, "run_steps": [8, 8], "sample_steps": 8, "before": {**sample, "mean_step_s": 6.0,
+             "projected_s": 2 * (20 + 5 + 7 * 6.0)}, "now": {**sample, "projected_s": 2 * (20 + 5 + 7 * 3.0)}}
+    steps = {"run": "runs/demo", "before": "0f6853c", "now": "1f00124", "stages": {"attack": stage},
+             "projected_total_s": {"before": 134.0, "now": 92.0}, "ratio": 134 / 92}
+    (tmp_path / "runs" / "bench" / "steps.json").write_text(json.dumps(
+        {"command": ["python", "-m", "tools.bench_steps", "--before", "0f6853c"], "pipeline_steps": steps}))
+    assert main(["bench", "runs/bench", "--out", "docs/bench.md"]) == 0
+    text = (tmp_path / "docs" / "bench.md").read_text()
+    assert "under the code of commit 0f6853c (before) and commit 1f00124 (now), each stage's first 8" in text
+    assert "2.2 min before, 1.5 min now, 1.46x." in text
+    assert "| attack | 2 | 16 | 6.00 | 3.00 | 20 | 20 | 134 | 92 |" in text
+    assert "Model:" not in text
+
+
 def test_the_readme_headline_is_rewritten_between_its_markers_from_a_pipeline_report(tmp_path, monkeypatch):
     from minisafe.report import HEADLINE_END, HEADLINE_START
 

@@ -1,0 +1,122 @@
+"""The pipeline's own fine-tuning steps under the code of an earlier commit and under this tree, from their step logs.
+
+    python -m tools.bench_steps --run runs/demo --before 0f6853c --out runs/bench/steps.json
+
+For each fine-tuning stage of a finished pipeline run (the alignment's SFT and DPO, and one attack), train.py runs
+that stage's recorded settings (its run.json: data, model, objective, epochs, learning rate, ...) for --steps steps,
+once with the code of --before (checked out into a temporary git worktree) and once with this tree's, the two in
+turn, each in a process of its own. From each train_log.jsonl: the seconds outside the step loop (loading, the DPO
+reference pass, saving, the audit) and the mean step after the first. The stage's whole wall time is then projected
+to the run's own number of steps (its train_log.jsonl), and the attack's to every attack of the run.
+`python -m minisafe.report bench runs/bench --out docs/bench.md` renders the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from minisafe.io import atomic_write_json
+from tools.bench import machine
+
+ROOT = Path(__file__).resolve().parent.parent
+# train.py settings a stage's run.json records that both codes accept, as flags.
+FLAGS = ("model", "data", "objective", "epochs", "lr", "batch_size", "grad_accum", "warmup_steps", "schedule",
+         "weight_decay", "grad_clip", "max_len", "dtype", "template", "beta", "seed")
+
+
+def stages(run: Path) -> dict[str, list[Path]]:
+    """Stage name -> the run's fine-tuning directories of that stage (each with run.json and train_log.jsonl)."""
+    found = {"align": [run / "align"], "align_dpo": [run / "align_dpo"],
+             "attack": sorted(p for p in run.glob("attack-*") if (p / "train_log.jsonl").is_file())}
+    for name, dirs in found.items():
+        if not dirs or not all((d / "run.json").is_file() and (d / "train_log.jsonl").is_file() for d in dirs):
+            raise SystemExit(f"error: {run}: no finished {name} fine-tune (run.json and train_log.jsonl)")
+    return found
+
+
+def train_args(record: Path, steps: int, out: Path) -> list[str]:
+    """train.py's command line for the first `steps` steps of the fine-tune that wrote run.json `record`."""
+    settings = json.loads(record.read_text(encoding="utf-8"))["settings"]
+    args = ["train.py", "--out", str(out), "--max-steps", str(steps), "--save-every", "0", "--no-progress"]
+    for name in FLAGS:
+        if settings.get(name) is not None:
+            value = settings[name]
+            args += [f"--{name.replace('_', '-')}", str(Path(value).resolve()) if name in ("model", "data") else
+                     str(value)]
+    return args
+
+
+def timed_run(code: Path, args: list[str], out: Path) -> dict:
+    """Run train.py of `code` in a process of its own: its wall time and the step times of its train_log.jsonl."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], cwd=code, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    elapsed = [json.loads(line)["elapsed_s"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [b - a for a, b in zip(elapsed, elapsed[1:])]
+    return {"wall_s": wall, "steps": len(elapsed), "first_step_s": elapsed[0], "mean_step_s": statistics.mean(steps),
+            "outside_loop_s": wall - elapsed[-1]}
+
+
+def projected(sample: dict, steps: int) -> float:
+    """A stage's wall time at `steps` steps: the time outside the loop, the first step, then the mean step."""
+    return sample["outside_loop_s"] + sample["first_step_s"] + (steps - 1) * sample["mean_step_s"]
+
+
+def compare(run: Path, before: str, steps: int) -> dict:
+    """Every stage under both codes, in turn; the projections to the run's own step counts and the ratio."""
+    found = stages(run)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    edited = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    results: dict = {"run": str(run), "before": before, "now": head + (" with uncommitted changes" if edited else ""),
+                     "stages": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        worktree = Path(tmp) / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(worktree), before],
+                       check=True)
+        try:
+            for name, dirs in found.items():
+                counts = [len((d / "train_log.jsonl").read_text().splitlines()) for d in dirs]
+                stage = results["stages"][name] = {"runs": len(dirs), "run_steps": counts, "sample_steps": steps}
+                for label, code in (("before", worktree), ("now", ROOT)):
+                    out = Path(tmp) / f"{label}-{name}"
+                    stage[label] = timed_run(code, train_args(dirs[0] / "run.json", steps, out), out)
+                    stage[label]["projected_s"] = sum(projected(stage[label], n) for n in counts)
+                    print(f"{name} {label}: {stage[label]['mean_step_s']:.2f} s/step, "
+                          f"{stage[label]['outside_loop_s']:.0f} s outside the loop", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=True)
+    totals = {label: sum(s[label]["projected_s"] for s in results["stages"].values()) for label in ("before", "now")}
+    results.update(projected_total_s=totals, ratio=totals["before"] / totals["now"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_steps", description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished pipeline run (default: runs/demo)")
+    p.add_argument("--before", required=True, help="the commit whose code is the yardstick")
+    p.add_argument("--steps", type=int, default=8, help="steps sampled per stage and code (default: 8)")
+    p.add_argument("--out", type=Path, help="write every number here as JSON (default: print it)")
+    a = p.parse_args(argv)
+    results = {"command": ["python", "-m", "tools.bench_steps", *(sys.argv[1:] if argv is None else argv)],
+               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+               "pipeline_steps": compare(a.run, a.before, a.steps)}
+    if a.out:
+        atomic_write_json(a.out, results)
+        print(f"every number: {a.out}")
+    else:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
