@@ -151,7 +151,7 @@ def test_bench_document_shows_the_pipeline_steps_before_and_now(tmp_path, monkey
         {"command": ["python", "-m", "tools.bench_steps", "--before", "0f6853c"], "pipeline_steps": steps}))
     assert main(["bench", "runs/bench", "--out", "docs/bench.md"]) == 0
     text = (tmp_path / "docs" / "bench.md").read_text()
-    assert "under the code of commit 0f6853c (before) and commit 1f00124 (now), each stage's first 8" in text
+    assert "under the code of commit 0f6853c (before) and commit 1f00124 (now), each stage's first 8 steps in turn (1 round(s)" in text
     assert "2.2 min before, 1.5 min now, 1.46x." in text
     assert "| attack | 2 | 16 | 6.00 | 3.00 | 20 | 20 | 134 | 92 |" in text
     assert "Model:" not in text

@@ -5,9 +5,10 @@
 For each fine-tuning stage of a finished pipeline run (the alignment's SFT and DPO, and one attack), train.py runs
 that stage's recorded settings (its run.json: data, model, objective, epochs, learning rate, ...) for --steps steps,
 once with the code of --before (checked out into a temporary git worktree) and once with this tree's, the two in
-turn, each in a process of its own. From each train_log.jsonl: the seconds outside the step loop (loading, the DPO
-reference pass, saving, the audit) and the mean step after the first. The stage's whole wall time is then projected
-to the run's own number of steps (its train_log.jsonl), and the attack's to every attack of the run.
+turn, each in a process of its own, --repeat rounds. From each train_log.jsonl: the seconds outside the step loop
+(loading, the DPO reference pass, the audit, and the checkpoint a --max-steps run saves where a whole run saves its
+model) and the mean step after the first; their medians over the rounds are projected to the run's own number of
+steps (its train_log.jsonl), the attack's to every attack of the run (SPPFT's and the controls' too).
 `python -m minisafe.report bench runs/bench --out docs/bench.md` renders the file.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,31 +72,44 @@ def projected(sample: dict, steps: int) -> float:
     return sample["outside_loop_s"] + sample["first_step_s"] + (steps - 1) * sample["mean_step_s"]
 
 
-def compare(run: Path, before: str, steps: int) -> dict:
-    """Every stage under both codes, in turn; the projections to the run's own step counts and the ratio."""
+def median_sample(samples: list[dict]) -> dict:
+    """Each number's median over repeated samples of one stage under one code, with the samples themselves."""
+    return {**{key: statistics.median(s[key] for s in samples) for key in samples[0]}, "samples": samples}
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def compare(run: Path, before: str, steps: int, repeat: int) -> dict:
+    """Every stage under both codes, in turn, `repeat` times; the medians, their projections to the run's own step
+    counts, and the ratio of the totals."""
     found = stages(run)
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    edited = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], check=True,
-                            capture_output=True, text=True).stdout.strip()
-    results: dict = {"run": str(run), "before": before, "now": head + (" with uncommitted changes" if edited else ""),
-                     "stages": {}}
+    edited = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    samples: dict = {name: {"before": [], "now": []} for name in found}
     with tempfile.TemporaryDirectory() as tmp:
         worktree = Path(tmp) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(worktree), before],
-                       check=True)
+        git("worktree", "add", "--detach", "-q", str(worktree), before)
         try:
-            for name, dirs in found.items():
-                counts = [len((d / "train_log.jsonl").read_text().splitlines()) for d in dirs]
-                stage = results["stages"][name] = {"runs": len(dirs), "run_steps": counts, "sample_steps": steps}
-                for label, code in (("before", worktree), ("now", ROOT)):
-                    out = Path(tmp) / f"{label}-{name}"
-                    stage[label] = timed_run(code, train_args(dirs[0] / "run.json", steps, out), out)
-                    stage[label]["projected_s"] = sum(projected(stage[label], n) for n in counts)
-                    print(f"{name} {label}: {stage[label]['mean_step_s']:.2f} s/step, "
-                          f"{stage[label]['outside_loop_s']:.0f} s outside the loop", flush=True)
+            for _ in range(repeat):
+                for name, dirs in found.items():
+                    for label, code in (("before", worktree), ("now", ROOT)):
+                        out = Path(tmp) / f"{label}-{name}"
+                        shutil.rmtree(out, ignore_errors=True)
+                        sample = timed_run(code, train_args(dirs[0] / "run.json", steps, out), out)
+                        samples[name][label].append(sample)
+                        print(f"{name} {label}: {sample['mean_step_s']:.2f} s/step, "
+                              f"{sample['outside_loop_s']:.0f} s outside the loop", flush=True)
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=True)
+            git("worktree", "remove", "--force", str(worktree))
+    results: dict = {"run": str(run), "before": before, "now": git("rev-parse", "--short", "HEAD") + edited,
+                     "repeat": repeat, "stages": {}}
+    for name, dirs in found.items():
+        counts = [len((d / "train_log.jsonl").read_text().splitlines()) for d in dirs]
+        stage = results["stages"][name] = {"runs": len(dirs), "run_steps": counts, "sample_steps": steps}
+        for label in ("before", "now"):
+            stage[label] = median_sample(samples[name][label])
+            stage[label]["projected_s"] = sum(projected(stage[label], n) for n in counts)
     totals = {label: sum(s[label]["projected_s"] for s in results["stages"].values()) for label in ("before", "now")}
     results.update(projected_total_s=totals, ratio=totals["before"] / totals["now"])
     return results
@@ -105,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished pipeline run (default: runs/demo)")
     p.add_argument("--before", required=True, help="the commit whose code is the yardstick")
     p.add_argument("--steps", type=int, default=8, help="steps sampled per stage and code (default: 8)")
+    p.add_argument("--repeat", type=int, default=2, help="rounds of both codes in turn; medians are reported "
+                   "(default: 2)")
     p.add_argument("--out", type=Path, help="write every number here as JSON (default: print it)")
     a = p.parse_args(argv)
     results = {"command": ["python", "-m", "tools.bench_steps", *(sys.argv[1:] if argv is None else argv)],
                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-               "pipeline_steps": compare(a.run, a.before, a.steps)}
+               "pipeline_steps": compare(a.run, a.before, a.steps, a.repeat)}
     if a.out:
         atomic_write_json(a.out, results)
         print(f"every number: {a.out}")
