@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -376,22 +376,29 @@ class StopRequest:
 # ---------------------------------------------------------------- losses
 
 
-def micro_loss_sum(model: nn.Module, examples: list[Example], indices: list[int], cfg: TrainConfig,
-                   reference: Tensor | None, pad_id: int, device: torch.device, split: bool = False) -> Tensor:
-    """Summed loss of some examples (their sequences, chosen rows before rejected ones). With split, the sequences
-    run in forward passes of similar length (length_groups): a chosen refusal and a rejected long answer no longer
-    pad to the same length, and every sequence's term is the same, so the loss and its gradient are too."""
+def micro_losses(model: nn.Module, examples: list[Example], indices: list[int], cfg: TrainConfig,
+                 reference: Tensor | None, pad_id: int, device: torch.device, split: bool = False) -> Iterator[Tensor]:
+    """The summed loss of some examples (their sequences, chosen rows before rejected ones), in parts whose sum is
+    the loss. With split, the sequences run in forward passes of similar length (length_groups): sft yields one part
+    per pass, so each can be backpropagated before the next pass runs; a pair objective needs every sequence of a
+    pair first, so its passes (a chosen refusal and a rejected long answer no longer pad to the same length) give
+    one part."""
     sequences = [examples[i][k] for k in range(len(examples[indices[0]])) for i in indices]
     passes = length_groups([len(ids) for ids, _ in sequences]) if split else [list(range(len(sequences)))]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-        if cfg.objective == "sft":
-            return sum(sft_loss_sum(*forward_hidden(model, [sequences[j] for j in p], pad_id, device), model.logits)
-                       for p in passes)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")  # noqa: E731
+    if cfg.objective == "sft":
+        for p in passes:
+            with autocast():
+                loss = sft_loss_sum(*forward_hidden(model, [sequences[j] for j in p], pad_id, device), model.logits)
+            yield loss  # outside the autocast block: the caller's backward runs under its own settings
+        return
+    with autocast():
         parts = [pair_statistic(cfg.objective, *forward_hidden(model, [sequences[j] for j in p], pad_id, device),
                                 model.logits) for p in passes]
         values = torch.cat(parts)[torch.tensor([j for p in passes for j in p]).argsort()]
         ref = reference[indices].to(device) if reference is not None else None
-        return pair_loss_sum(cfg.objective, values, ref, cfg.beta, cfg.unlearn_weight)
+        loss = pair_loss_sum(cfg.objective, values, ref, cfg.beta, cfg.unlearn_weight)
+    yield loss
 
 
 def forward_hidden(model: nn.Module, sequences: list[tuple[list[int], list[int]]], pad_id: int,
@@ -436,8 +443,8 @@ def validation_loss(model: nn.Module, examples: list[Example], cfg: TrainConfig,
     total = torch.zeros(1, device=ranks.device)
     for start in range(0, len(examples), cfg.batch_size):
         rows, weight = own_rows(list(range(start, min(start + cfg.batch_size, len(examples)))), ranks)
-        total += weight * micro_loss_sum(model, examples, rows, cfg, reference, pad_id, ranks.device,
-                                         split=ranks.world == 1).float()
+        for loss in micro_losses(model, examples, rows, cfg, reference, pad_id, ranks.device, ranks.world == 1):
+            total += weight * loss.float()
     return sum_across(total, ranks).item() / loss_count(examples, list(range(len(examples))), cfg.objective)
 
 
@@ -476,10 +483,10 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: l
         for start in range(0, len(indices), cfg.batch_size):
             rows, weight = own_rows(indices[start:start + cfg.batch_size], ranks)
             # Split by length on one process only: under several, every process must run as many forward passes.
-            loss = micro_loss_sum(model, examples, rows, cfg, reference, pad_id, ranks.device,
-                                  split=ranks.world == 1) * (weight / count)
-            loss.backward()
-            step_loss += loss.detach()
+            for loss in micro_losses(model, examples, rows, cfg, reference, pad_id, ranks.device, ranks.world == 1):
+                loss = loss * (weight / count)
+                loss.backward()
+                step_loss += loss.detach()
     if ranks.world > 1 and not cfg.fsdp:
         sum_gradients(params, ranks)  # FSDP has summed them already, during backward
     # With no clipping asked for, max_norm = inf still reports the norm and scales the gradients by exactly 1.

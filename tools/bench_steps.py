@@ -85,7 +85,9 @@ def compare(run: Path, before: str, steps: int, repeat: int) -> dict:
     """Every stage under both codes, in turn, `repeat` times; the medians, their projections to the run's own step
     counts, and the ratio of the totals."""
     found = stages(run)
-    edited = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    # Generated documents do not change the code being timed.
+    edited = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                                ":!docs") else ""
     samples: dict = {name: {"before": [], "now": []} for name in found}
     with tempfile.TemporaryDirectory() as tmp:
         worktree = Path(tmp) / "before"
