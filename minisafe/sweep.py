@@ -86,6 +86,9 @@ COMBINATIONS: list[dict[str, Any]] = [
     # which traded plain malicious refusals for fewer normal and over-rejection refusals and more reformulated ones,
     # a tie in distance: half the share
     {"normal_targets": "reference", "epochs": 3, "dpo_epochs": 1, "dpo_balance": True, "styled": 0.25},
+    # the choice costs about 29 of the quick profile's minutes on a two-core machine, which the demo's time bound
+    # cannot carry: the same recipe with a third less SFT, a candidate for a budget of alignment time
+    {"normal_targets": "reference", "epochs": 2, "dpo_epochs": 1, "dpo_balance": True},
 ]
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
 
