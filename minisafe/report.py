@@ -300,8 +300,7 @@ def pipeline_steps_lines(steps: dict) -> list[str]:
     now = f"commit {steps['now']}" if "now" in steps else "the code of the time"
     lines = [f"The fine-tuning stages of `{steps['run']}` under the code of commit {steps['before']} (before) and "
              f"{now} (now), each stage's first {sample} steps in turn ({steps.get('repeat', 1)} round(s), medians), "
-             f"projected to the run's own steps (every "
-             f"attack at the first attack's step time): "
+             f"projected to the run's own steps (every attack at the first attack's step time): "
              f"{totals['before'] / 60:.1f} min before, {totals['now'] / 60:.1f} min now, {steps['ratio']:.2f}x.", ""]
     return lines + table(["stage", "runs", "steps", "step s before", "step s now", "outside loop s before",
                           "outside loop s now", "projected s before", "projected s now"], rows) + [""]

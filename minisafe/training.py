@@ -376,6 +376,11 @@ class StopRequest:
 # ---------------------------------------------------------------- losses
 
 
+def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """bfloat16 autocast when the run asks for it (--dtype bfloat16), else a block that changes nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
 def micro_losses(model: nn.Module, examples: list[Example], indices: list[int], cfg: TrainConfig,
                  reference: Tensor | None, pad_id: int, device: torch.device, split: bool = False) -> Iterator[Tensor]:
     """The summed loss of some examples (their sequences, chosen rows before rejected ones), in parts whose sum is
@@ -385,14 +390,13 @@ def micro_losses(model: nn.Module, examples: list[Example], indices: list[int], 
     one part."""
     sequences = [examples[i][k] for k in range(len(examples[indices[0]])) for i in indices]
     passes = length_groups([len(ids) for ids, _ in sequences]) if split else [list(range(len(sequences)))]
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")  # noqa: E731
     if cfg.objective == "sft":
         for p in passes:
-            with autocast():
+            with autocast(cfg, device):
                 loss = sft_loss_sum(*forward_hidden(model, [sequences[j] for j in p], pad_id, device), model.logits)
             yield loss  # outside the autocast block: the caller's backward runs under its own settings
         return
-    with autocast():
+    with autocast(cfg, device):
         parts = [pair_statistic(cfg.objective, *forward_hidden(model, [sequences[j] for j in p], pad_id, device),
                                 model.logits) for p in passes]
         values = torch.cat(parts)[torch.tensor([j for p in passes for j in p]).argsort()]
@@ -428,7 +432,7 @@ def reference_logps(model: nn.Module, examples: list[Example], cfg: TrainConfig,
     starts = range(0, len(sequences), 2 * cfg.batch_size)
     for start in tqdm(starts, desc="reference log-probs", disable=not (cfg.progress and ranks.main)):
         mine, weight = own_rows(sequences[start:start + 2 * cfg.batch_size], ranks)
-        with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        with autocast(cfg, ranks.device):
             hidden, labels = forward_hidden(model, [examples[i][k] for i, k in mine], pad_id, ranks.device)
             logps = sequence_logps(hidden, labels, model.logits).float().cpu()
         if weight:
@@ -479,7 +483,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: l
     step_loss = torch.zeros((), device=ranks.device)
     # Autocast keeps its bfloat16 copies of the weights until the outermost block ends: one block around all of the
     # step's passes casts each weight once per step instead of once per pass.
-    with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+    with autocast(cfg, ranks.device):
         for start in range(0, len(indices), cfg.batch_size):
             rows, weight = own_rows(indices[start:start + cfg.batch_size], ranks)
             # Split by length on one process only: under several, every process must run as many forward passes.

@@ -98,3 +98,18 @@ def test_pipeline_steps_rerun_a_stage_with_its_recorded_settings_and_project_to_
     assert cfg.model.endswith("runs/demo/align") and Path(cfg.model).is_absolute()
     sample = {"outside_loop_s": 10.0, "first_step_s": 4.0, "mean_step_s": 2.0}
     assert projected(sample, 100) == 10.0 + 4.0 + 99 * 2.0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--before", "no-such-commit-anywhere"], "--before no-such-commit-anywhere: not a commit of this repository"),
+    (["--before", "HEAD", "--steps", "1"], "argument --steps: expected a whole number >= 2, got '1'"),
+    (["--before", "HEAD", "--run", "{tmp}"], "--run {tmp}: no finished align fine-tune"),
+])
+def test_pipeline_steps_refuse_bad_input_with_one_line_and_exit_2(tmp_path, capsys, args, says):
+    from tools.bench_steps import main as bench_steps
+
+    out = tmp_path / "steps.json"
+    with pytest.raises(SystemExit) as stop:
+        bench_steps([a.format(tmp=tmp_path) for a in args] + ["--out", str(out)])
+    assert stop.value.code == 2 and says.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not out.exists()

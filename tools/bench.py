@@ -225,6 +225,21 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
+def record_header(module: str, argv: list[str] | None) -> dict:
+    """What every benchmark file records first: the command that made it, when, and on which machine."""
+    return {"command": ["python", "-m", module, *(sys.argv[1:] if argv is None else argv)],
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
+
+
+def write_results(results: dict, out: str | None) -> None:
+    """Every number into `out` (atomically), or printed as JSON without one."""
+    if out:
+        atomic_write_json(out, results)
+        print(f"every number: {out}")
+    else:
+        print(json.dumps(results, indent=2))
+
+
 def fetch_bundled(model: str, need_data: bool) -> None:
     """Fetch the model when it is a bundled one that is missing, and the datasets when the eval part needs them."""
     if model.startswith("weights/") and model.removeprefix("weights/") in weights.MODELS:
@@ -319,20 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     # Before any timing, so that a missing input fails early.
     fetch_bundled(a.model, need_data=bool({"eval", "train", "sppft"} & set(a.parts)))
     prompts = data.read_prompts(data.default_malicious_path())[: a.eval_prompts] if "eval" in a.parts else []
-    results: dict = {"command": ["python", "-m", "tools.bench", *(sys.argv[1:] if argv is None else argv)],
-                     "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-                     "model": a.model, "threads": a.threads, "torch": torch.__version__,
+    results: dict = {**record_header("tools.bench", argv), "model": a.model, "threads": a.threads,
+                     "torch": torch.__version__,
                      "transformers": transformers.__version__,
                      "peak_gflop_s": {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}}
     run_dtype_parts(a, prompts, results)
     if "train" in a.parts or "sppft" in a.parts:
         run_train_parts(a, results)
     results["max_rss_mb"] = peak_rss_mb()
-    if a.out:
-        atomic_write_json(a.out, results)
-        print(f"every number: {a.out}")
-    else:
-        print(json.dumps(results, indent=2))
+    write_results(results, a.out)
     return 0
 
 

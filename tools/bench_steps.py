@@ -22,11 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 
-from minisafe.io import atomic_write_json
-from tools.bench import machine
+from tools.bench import record_header, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 # train.py settings a stage's run.json records that both codes accept, as flags.
@@ -40,7 +39,7 @@ def stages(run: Path) -> dict[str, list[Path]]:
              "attack": sorted(p for p in run.glob("attack-*") if (p / "train_log.jsonl").is_file())}
     for name, dirs in found.items():
         if not dirs or not all((d / "run.json").is_file() and (d / "train_log.jsonl").is_file() for d in dirs):
-            raise SystemExit(f"error: {run}: no finished {name} fine-tune (run.json and train_log.jsonl)")
+            raise ValueError(f"--run {run}: no finished {name} fine-tune (run.json and train_log.jsonl)")
     return found
 
 
@@ -81,10 +80,9 @@ def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def compare(run: Path, before: str, steps: int, repeat: int) -> dict:
-    """Every stage under both codes, in turn, `repeat` times; the medians, their projections to the run's own step
-    counts, and the ratio of the totals."""
-    found = stages(run)
+def compare(run: Path, found: dict[str, list[Path]], before: str, steps: int, repeat: int) -> dict:
+    """Every stage (of stages(run)) under both codes, in turn, `repeat` times; the medians, their projections to the
+    run's own step counts, and the ratio of the totals."""
     # Generated documents do not change the code being timed.
     edited = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".",
                                                 ":!docs") else ""
@@ -117,25 +115,36 @@ def compare(run: Path, before: str, steps: int, repeat: int) -> dict:
     return results
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return int(text)
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Check the run and the commit, time both codes, write every number; exit 2 with one line for a user error."""
     p = argparse.ArgumentParser(prog="python -m tools.bench_steps", description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished pipeline run (default: runs/demo)")
     p.add_argument("--before", required=True, help="the commit whose code is the yardstick")
-    p.add_argument("--steps", type=int, default=8, help="steps sampled per stage and code (default: 8)")
-    p.add_argument("--repeat", type=int, default=2, help="rounds of both codes in turn; medians are reported "
-                   "(default: 2)")
+    p.add_argument("--steps", type=at_least(2), default=8,
+                   help="steps sampled per stage and code, at least 2 (the first is timed apart) (default: 8)")
+    p.add_argument("--repeat", type=at_least(1), default=2,
+                   help="rounds of both codes in turn; medians are reported (default: 2)")
     p.add_argument("--out", type=Path, help="write every number here as JSON (default: print it)")
     a = p.parse_args(argv)
-    results = {"command": ["python", "-m", "tools.bench_steps", *(sys.argv[1:] if argv is None else argv)],
-               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-               "pipeline_steps": compare(a.run, a.before, a.steps, a.repeat)}
-    if a.out:
-        atomic_write_json(a.out, results)
-        print(f"every number: {a.out}")
-    else:
-        print(json.dumps(results, indent=2))
+    try:
+        found = stages(a.run)
+    except ValueError as err:
+        p.error(str(err))
+    try:
+        git("rev-parse", "--verify", "-q", f"{a.before}^{{commit}}")
+    except subprocess.CalledProcessError:
+        p.error(f"--before {a.before}: not a commit of this repository")
+    write_results({**record_header("tools.bench_steps", argv),
+                   "pipeline_steps": compare(a.run, found, a.before, a.steps, a.repeat)}, a.out)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
