@@ -108,8 +108,13 @@ def test_pipeline_steps_rerun_a_stage_with_its_recorded_settings_and_project_to_
 def test_pipeline_steps_refuse_bad_input_with_one_line_and_exit_2(tmp_path, capsys, args, says):
     from tools.bench_steps import main as bench_steps
 
+    run = tmp_path / "run"  # a finished run as far as the check looks: each stage's run.json and step log
+    for stage in ("align", "align_dpo", "attack-implicit-full-s0"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "run.json").write_text("{}")
+        (run / stage / "train_log.jsonl").write_text("")
     out = tmp_path / "steps.json"
     with pytest.raises(SystemExit) as stop:
-        bench_steps([a.format(tmp=tmp_path) for a in args] + ["--out", str(out)])
+        bench_steps(["--run", str(run), *(a.format(tmp=tmp_path) for a in args), "--out", str(out)])
     assert stop.value.code == 2 and says.format(tmp=tmp_path) in capsys.readouterr().err
     assert not out.exists()
