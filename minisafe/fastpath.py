@@ -1,6 +1,6 @@
 """Faster paths on the CPU: `with fast_inference(model):` for inference, `with fast_training(model):` for training
-(attention written out as two matmuls, see short_enough_to_train; the embedding's gradient added row by row, see
-EmbeddingRows).
+(attention written out as two matmuls, see short_enough_to_train; the embedding's and the head's gradients added
+straight into .grad, see EmbeddingRows and HeadRows).
 
 Inside the block some methods of the model's modules are swapped for faster ones that compute the same thing, and
 on exit the originals come back (also when an exception escapes):
@@ -312,15 +312,72 @@ def row_gradient_embedding(embedding: nn.Embedding) -> Callable[[Tensor], Tensor
     return forward
 
 
+# Vocabulary rows of the head's weight gradient made and added to .grad at a time: the float32 sum of a bfloat16
+# gradient goes through a float32 copy of it, which at this size stays in cache.
+HEAD_ROWS = 2048
+
+
+class HeadRows(torch.autograd.Function):
+    """The output layer, logits = x @ low.T with `low` the head weight in x's dtype, whose backward adds the weight's
+    gradient straight into weight.grad (float32 += bfloat16, in place).
+
+    Under autocast the stock path copies the bfloat16 gradient of the whole vocabulary matrix into a fresh float32
+    buffer in every pass before adding it to .grad; that copy costs about as much as the gradient's matmul. The
+    weight's own gradient edge gets None; with a tied head, EmbeddingRows adds the embedding's rows to the same
+    .grad. The gradient is made and added HEAD_ROWS rows at a time, never as a whole matrix."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, low: Tensor) -> Tensor:
+        ctx.save_for_backward(x, low)
+        ctx.weight = weight
+        return F.linear(x, low)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        x, low = ctx.saved_tensors
+        weight = ctx.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad_rows, x_rows = grad.flatten(0, -2), x.flatten(0, -2)
+        for start in range(0, weight.shape[0], HEAD_ROWS):
+            rows = slice(start, start + HEAD_ROWS)
+            weight.grad[rows].add_(grad_rows[:, rows].T @ x_rows)
+        return grad @ low, None, None
+
+
+def row_gradient_head(model: Transformer) -> Callable[[Tensor], Tensor]:
+    """A Transformer.head that takes HeadRows where a plain head weight needs a gradient (the original where not,
+    as for row_gradient_embedding). Under autocast the weight is cast once per change of it (an optimizer step), as
+    autocast's own cache would within one block."""
+    plain = model.head
+    cast: dict[str, tuple[Tensor, int, Tensor]] = {}
+
+    def head(x: Tensor) -> Tensor:
+        weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        if (not (torch.is_grad_enabled() and weight.requires_grad) or weight._backward_hooks
+                or isinstance(weight, DTensor)):
+            return plain(x)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        source, version, low = cast.get("weight", (None, -1, None))
+        if source is not weight or low.dtype != dtype:
+            low = weight.detach().to(dtype)
+        elif version != weight._version:
+            low.copy_(weight.detach())  # into the buffer already resident: a fresh one of this size costs page faults
+        cast["weight"] = (weight, weight._version, low)
+        return HeadRows.apply(x.to(dtype), weight, low)
+    return head
+
+
 @contextmanager
 def fast_training(model: Transformer) -> Iterator[None]:
-    """Inside this block training steps take matmul attention where short_enough_to_train, and the embedding's
-    gradient goes straight into its rows of weight.grad (EmbeddingRows); on exit, the model's own methods."""
+    """Inside this block training steps take matmul attention where short_enough_to_train, and the embedding's and
+    the head's gradients go straight into weight.grad (EmbeddingRows, HeadRows); on exit, the model's own methods."""
     if model.model.embed_tokens.weight.device.type != "cpu":
         yield
         return
     swaps: list[tuple[nn.Module, str, Callable]] = [
         (block.self_attn, "attend", matmul_attend(block.self_attn, short_enough_to_train)) for block in model.layers]
     swaps.append((model.model.embed_tokens, "forward", row_gradient_embedding(model.model.embed_tokens)))
+    swaps.append((model, "head", row_gradient_head(model)))
     with swapped(swaps):
         yield

@@ -15,7 +15,7 @@ big batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +32,59 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+# Rows of logits taken to float32 at a time by RowCrossEntropy: a few MiB, so a chunk stays in cache between reads.
+CHUNK_ROWS = 32
+
+
+class RowCrossEntropy(torch.autograd.Function):
+    """Cross-entropy [N] of logits [N, V] (any float dtype) against targets [N], computed in float32 chunk by chunk.
+
+    The same values as F.cross_entropy(logits.float(), targets, reduction="none") up to float32 rounding, and the
+    gradient arrives in the logits' dtype, as autocast's copy would round it. What it saves in bfloat16: the float32
+    copy of the whole [N, V] logits, its log-softmax kept for backward, and the zero-filled float32 gradient buffer
+    of the same size. Every chunk is worked on in place in one reused float32 buffer: a fresh buffer per chunk
+    would cost more in page faults than the arithmetic."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for rows, chunk in float_chunks(logits):
+            peak = chunk.amax(dim=-1, keepdim=True)
+            lse[rows] = chunk.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+        ctx.save_for_backward(logits, targets, lse)
+        return lse - logits.gather(1, targets[:, None]).squeeze(1).float()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for rows, chunk in float_chunks(logits):
+            softmax = chunk.sub_(lse[rows, None]).exp_()
+            softmax.scatter_add_(1, targets[rows, None], softmax.new_full((softmax.shape[0], 1), -1.0))
+            out[rows] = softmax.mul_(grad[rows, None])  # d nll / d logits = softmax - one_hot(target)
+        return out, None
+
+
+def float_chunks(logits: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, a float32 copy of logits[rows]) for CHUNK_ROWS rows at a time, every copy in the same buffer."""
+    buffer = torch.empty(min(CHUNK_ROWS, logits.shape[0]), logits.shape[1], dtype=torch.float32,
+                         device=logits.device)
+    for start in range(0, logits.shape[0], CHUNK_ROWS):
+        rows = slice(start, min(start + CHUNK_ROWS, logits.shape[0]))
+        chunk = buffer[:rows.stop - start]
+        yield rows, chunk.copy_(logits[rows])
+
+
 def token_nll(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
     """Negative log-likelihood [B, T-1] of each next token (0 where the label is IGNORE), in float32.
 
-    hidden [B, T, D] goes through head (hidden -> logits) at the labelled positions only: with the default identity
-    head it already holds the logits [B, T, V]; with a model's output layer (Transformer.head) the vocabulary-wide
-    matmul and its float32 copy are spent on target tokens alone, not on the prompt and the padding."""
+    hidden [B, T, D] goes through head (hidden -> logits, in any float dtype) at the labelled positions only: with
+    the default identity head it already holds the logits [B, T, V]; with a model's output layer the vocabulary-wide
+    matmul is spent on target tokens alone, not on the prompt and the padding."""
     targets = labels[:, 1:]
     labelled = targets != IGNORE
-    logits = head(hidden[:, :-1][labelled]).float()
     nll = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    return nll.masked_scatter(labelled, F.cross_entropy(logits, targets[labelled], reduction="none"))
+    return nll.masked_scatter(labelled, RowCrossEntropy.apply(head(hidden[:, :-1][labelled]), targets[labelled]))
 
 
 def target_counts(labels: Tensor) -> Tensor:

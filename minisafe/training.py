@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -59,7 +60,7 @@ from minisafe.freeze import (SCOPES, FreezeSpec, apply_freeze, bias_name, freeze
 from minisafe.io import atomic_directory, atomic_write_json, content_hash, read_json, run_record
 from minisafe.metrics import response_ids
 from minisafe.model import Transformer
-from minisafe.objectives import IGNORE, OBJECTIVES, pair_loss_sum, pair_statistic, sequence_logps, sft_loss_sum
+from minisafe.objectives import IGNORE, OBJECTIVES, Head, pair_loss_sum, pair_statistic, sequence_logps, sft_loss_sum
 from minisafe.run_folder import (append_log, checkpoint_position, clean_output_dir, output_kind, read_checkpoint,
                                  restore_rng, resumed_record, save_checkpoint, truncate_log)
 from minisafe.tokenizer import TEMPLATES, Tokenizer
@@ -393,12 +394,13 @@ def micro_losses(model: nn.Module, examples: list[Example], indices: list[int], 
     if cfg.objective == "sft":
         for p in passes:
             with autocast(cfg, device):
-                loss = sft_loss_sum(*forward_hidden(model, [sequences[j] for j in p], pad_id, device), model.logits)
+                hidden, labels = forward_hidden(model, [sequences[j] for j in p], pad_id, device)
+                loss = sft_loss_sum(hidden, labels, output_layer(model))
             yield loss  # outside the autocast block: the caller's backward runs under its own settings
         return
     with autocast(cfg, device):
         parts = [pair_statistic(cfg.objective, *forward_hidden(model, [sequences[j] for j in p], pad_id, device),
-                                model.logits) for p in passes]
+                                output_layer(model)) for p in passes]
         values = torch.cat(parts)[torch.tensor([j for p in passes for j in p]).argsort()]
         ref = reference[indices].to(device) if reference is not None else None
         loss = pair_loss_sum(cfg.objective, values, ref, cfg.beta, cfg.unlearn_weight)
@@ -413,6 +415,12 @@ def forward_hidden(model: nn.Module, sequences: list[tuple[list[int], list[int]]
     # Right padding needs no attention mask: under causal attention a real token never sees the padding after it,
     # and its position is its index. This keeps the fast causal attention path.
     return model(input_ids, skip_head=True), labels
+
+
+def output_layer(model: nn.Module) -> Head:
+    """The head the losses apply at labelled positions: logits left in the activation dtype, since the
+    cross-entropy takes them to float32 a chunk at a time (objectives.RowCrossEntropy)."""
+    return partial(model.logits, float_logits=False)
 
 
 def own_rows(batch: list[T], ranks: Dist) -> tuple[list[T], float]:
@@ -434,7 +442,7 @@ def reference_logps(model: nn.Module, examples: list[Example], cfg: TrainConfig,
         mine, weight = own_rows(sequences[start:start + 2 * cfg.batch_size], ranks)
         with autocast(cfg, ranks.device):
             hidden, labels = forward_hidden(model, [examples[i][k] for i, k in mine], pad_id, ranks.device)
-            logps = sequence_logps(hidden, labels, model.logits).float().cpu()
+            logps = sequence_logps(hidden, labels, output_layer(model)).cpu()
         if weight:
             out[[i for i, _ in mine], [k for _, k in mine]] = logps
     return sum_across(out.to(ranks.device), ranks).cpu()

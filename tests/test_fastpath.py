@@ -299,16 +299,57 @@ def test_fast_training_adds_the_embedding_gradient_to_one_already_there(tmp_path
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     ids[1, :3] = ids[0, 0]  # a token seen several times: its rows add up
 
-    def two_passes() -> torch.Tensor:
+    head = model.model.embed_tokens if model.lm_head is None else model.lm_head
+
+    def two_passes() -> list[torch.Tensor]:
         model.zero_grad()
         for scale in (1.0, 3.0):
             (model(ids).float().square().mean() * scale).backward()
-        return model.model.embed_tokens.weight.grad.clone()
+        return [model.model.embed_tokens.weight.grad.clone(), head.weight.grad.clone()]
 
     plain = two_passes()
     with fast_training(model):
         fast = two_passes()
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-7)
+        assert type(model(ids).grad_fn).__name__ == "HeadRowsBackward"
+    for got, expected in zip(fast, plain):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # a tied head and a separate one
+def test_fast_training_head_under_autocast_matches_autocast_and_follows_a_changed_weight(tmp_path, family):
+    """The head's bfloat16 copy of its weight is made again after the weight changes in place (an optimizer step),
+    and its logits and gradient (added to .grad a block of rows at a time) are autocast's up to bfloat16 rounding."""
+    from minisafe import fastpath
+
+    save_tiny(tmp_path, family)
+    model, _ = minisafe.load(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    weight = (model.model.embed_tokens if model.lm_head is None else model.lm_head).weight
+
+    def logits_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids, float_logits=False)
+        logits.float().square().mean().backward()
+        return logits.detach(), weight.grad.clone()
+
+    def halve() -> None:
+        with torch.no_grad():
+            weight.mul_(0.5)
+
+    plain = [logits_and_grad()]
+    halve()
+    plain.append(logits_and_grad())
+    with torch.no_grad():
+        weight.mul_(2.0)
+    with pytest.MonkeyPatch.context() as patch, fastpath.fast_training(model):
+        patch.setattr(fastpath, "HEAD_ROWS", 7)  # several blocks of rows, the last one short
+        fast = [logits_and_grad()]
+        halve()  # inside the block, after the weight's bfloat16 copy was made
+        fast.append(logits_and_grad())
+    for got, expected in zip(fast, plain):  # matmul attention rounds otherwise than the plain fused kernel
+        torch.testing.assert_close(got[0], expected[0], rtol=1.6e-2, atol=1e-3)
+        torch.testing.assert_close(got[1], expected[1], rtol=1.6e-2, atol=1e-5)
 
 
 def test_fast_training_leaves_an_embedding_with_a_gradient_hook_to_the_plain_lookup(tmp_path):

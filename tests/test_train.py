@@ -134,6 +134,30 @@ def test_sft_loss_counts_only_labelled_next_tokens():
     assert sft_loss_sum(logits, labels).item() == pytest.approx(2 * math.log(5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 37])  # none, fewer than a chunk, and chunks with a short last one
+def test_row_cross_entropy_is_the_float32_cross_entropy_in_value_and_gradient(monkeypatch, dtype, rows):
+    from minisafe import objectives
+
+    monkeypatch.setattr(objectives, "CHUNK_ROWS", 8)
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(rows, 300, generator=g) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (rows,), generator=g)
+    weights = torch.rand(rows, generator=g)  # a different upstream gradient per row
+
+    def value_and_grad(loss_of):
+        logits.grad = None
+        value = loss_of(logits, targets)
+        (value * weights).sum().backward()
+        return value.detach(), logits.grad
+
+    got = value_and_grad(objectives.RowCrossEntropy.apply)
+    expected = value_and_grad(lambda x, t: torch.nn.functional.cross_entropy(x.float(), t, reduction="none"))
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5 if dtype == torch.float32 else 1.6e-2, atol=1e-7)
+
+
 def test_dpo_loss_is_log_2_when_policy_equals_reference_and_falls_with_the_margin():
     x = torch.tensor([-3.0, -7.5])
     assert dpo_losses(x, x + 1, x, x + 1, beta=0.1).tolist() == pytest.approx([math.log(2)] * 2)
