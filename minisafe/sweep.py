@@ -89,6 +89,9 @@ COMBINATIONS: list[dict[str, Any]] = [
     # the choice costs about 29 of the quick profile's minutes on a two-core machine, which the demo's time bound
     # cannot carry: the same recipe with a third less SFT, a candidate for a budget of alignment time
     {"normal_targets": "reference", "epochs": 2, "dpo_epochs": 1, "dpo_balance": True},
+    # which broke selectivity (more refusals of every kind after DPO): the same two epochs at lr 5e-5, the value
+    # that alone gave two epochs about what three epochs gave (rows lr=5e-05 and epochs=3)
+    {"normal_targets": "reference", "epochs": 2, "lr": 5e-5, "dpo_epochs": 1, "dpo_balance": True},
 ]
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
 
