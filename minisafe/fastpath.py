@@ -357,7 +357,9 @@ def row_gradient_head(model: Transformer) -> Callable[[Tensor], Tensor]:
         if (not (torch.is_grad_enabled() and weight.requires_grad) or weight._backward_hooks
                 or isinstance(weight, DTensor)):
             return plain(x)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == weight.dtype:
+            return HeadRows.apply(x.to(weight.dtype), weight, weight.detach())
+        dtype = torch.get_autocast_dtype("cpu")
         source, version, low = cast.get("weight", (None, -1, None))
         if source is not weight or low.dtype != dtype:
             low = weight.detach().to(dtype)
