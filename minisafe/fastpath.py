@@ -298,15 +298,21 @@ class EmbeddingRows(torch.autograd.Function):
         return None, None
 
 
+def plain_gradient_wanted(weight: Tensor) -> bool:
+    """Whether a weight keeps autograd's own gradient path: it needs no gradient here (frozen, or no grad mode), it
+    has gradient hooks (which must see the whole gradient), or it is sharded."""
+    return (not (torch.is_grad_enabled() and weight.requires_grad) or bool(weight._backward_hooks)
+            or isinstance(weight, DTensor))
+
+
 def row_gradient_embedding(embedding: nn.Embedding) -> Callable[[Tensor], Tensor]:
     """A forward for `embedding` that takes EmbeddingRows where a plain weight needs a gradient; the original where
-    not: a frozen weight, one with gradient hooks (which must see the whole gradient), or a sharded one."""
+    plain_gradient_wanted, or where a padding row must get none."""
     plain = embedding.forward
 
     def forward(ids: Tensor) -> Tensor:
         weight = embedding.weight
-        if (not (torch.is_grad_enabled() and weight.requires_grad) or weight._backward_hooks
-                or isinstance(weight, DTensor) or embedding.padding_idx is not None):
+        if plain_gradient_wanted(weight) or embedding.padding_idx is not None:
             return plain(ids)
         return EmbeddingRows.apply(weight, ids)
     return forward
@@ -346,27 +352,26 @@ class HeadRows(torch.autograd.Function):
 
 
 def row_gradient_head(model: Transformer) -> Callable[[Tensor], Tensor]:
-    """A Transformer.head that takes HeadRows where a plain head weight needs a gradient (the original where not,
-    as for row_gradient_embedding). Under autocast the weight is cast once per change of it (an optimizer step), as
-    autocast's own cache would within one block."""
+    """A Transformer.head that takes HeadRows where a plain head weight needs a gradient (the original where
+    plain_gradient_wanted). Under autocast the weight is cast once per change of it (an optimizer step), as
+    autocast's own cache would within one block, and into the same buffer each time."""
     plain = model.head
-    cast: dict[str, tuple[Tensor, int, Tensor]] = {}
+    cached: tuple[Tensor, int, Tensor] | None = None  # (weight, its version when cast, the cast copy)
 
     def head(x: Tensor) -> Tensor:
+        nonlocal cached
         weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        if (not (torch.is_grad_enabled() and weight.requires_grad) or weight._backward_hooks
-                or isinstance(weight, DTensor)):
+        if plain_gradient_wanted(weight):
             return plain(x)
-        if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == weight.dtype:
-            return HeadRows.apply(x.to(weight.dtype), weight, weight.detach())
-        dtype = torch.get_autocast_dtype("cpu")
-        source, version, low = cast.get("weight", (None, -1, None))
-        if source is not weight or low.dtype != dtype:
-            low = weight.detach().to(dtype)
-        elif version != weight._version:
-            low.copy_(weight.detach())  # into the buffer already resident: a fresh one of this size costs page faults
-        cast["weight"] = (weight, weight._version, low)
-        return HeadRows.apply(x.to(dtype), weight, low)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        if dtype == weight.dtype:
+            return HeadRows.apply(x.to(dtype), weight, weight.detach())
+        if cached is None or cached[0] is not weight or cached[2].dtype != dtype:
+            cached = (weight, weight._version, weight.detach().to(dtype))
+        elif cached[1] != weight._version:
+            # into the buffer already resident: a fresh one of this size costs page faults
+            cached = (weight, weight._version, cached[2].copy_(weight.detach()))
+        return HeadRows.apply(x.to(dtype), weight, cached[2])
     return head
 
 
