@@ -102,7 +102,7 @@ def test_pipeline_steps_rerun_a_stage_with_its_recorded_settings_and_project_to_
 
 @pytest.mark.parametrize("args, says", [
     (["--before", "no-such-commit-anywhere"], "--before no-such-commit-anywhere: not a commit of this repository"),
-    (["--before", "HEAD", "--steps", "1"], "argument --steps: expected a whole number >= 2, got '1'"),
+    (["--before", "HEAD", "--steps", "1"], "argument --steps: must be an integer >= 2, got 1"),
     (["--before", "HEAD", "--run", "{tmp}"], "--run {tmp}: no finished align fine-tune"),
 ])
 def test_pipeline_steps_refuse_bad_input_with_one_line_and_exit_2(tmp_path, capsys, args, says):

@@ -22,9 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from minisafe.cli import whole
 from tools.bench import record_header, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,22 +115,14 @@ def compare(run: Path, found: dict[str, list[Path]], before: str, steps: int, re
     return results
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        if not text.lstrip("-").isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
-        return int(text)
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     """Check the run and the commit, time both codes, write every number; exit 2 with one line for a user error."""
     p = argparse.ArgumentParser(prog="python -m tools.bench_steps", description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished pipeline run (default: runs/demo)")
     p.add_argument("--before", required=True, help="the commit whose code is the yardstick")
-    p.add_argument("--steps", type=at_least(2), default=8,
+    p.add_argument("--steps", type=whole(2), default=8,
                    help="steps sampled per stage and code, at least 2 (the first is timed apart) (default: 8)")
-    p.add_argument("--repeat", type=at_least(1), default=2,
+    p.add_argument("--repeat", type=whole(1), default=2,
                    help="rounds of both codes in turn; medians are reported (default: 2)")
     p.add_argument("--out", type=Path, help="write every number here as JSON (default: print it)")
     a = p.parse_args(argv)
