@@ -85,7 +85,8 @@ def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str
     """Summed negative log-likelihood (nats) of the response tokens (+ EOS) given their prompts, and their count.
 
     Batched with left padding; batches group examples of similar length, and hold at most batch_size examples and
-    LOGITS_BUDGET logits (a 262k-word vocabulary makes [B, T, V] float32 logits gigabytes at an ordinary batch size).
+    LOGITS_BUDGET logits' worth of tokens (a 262k-word vocabulary makes [B, T, V] float32 logits gigabytes at an
+    ordinary batch size); the head runs at the response positions only.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -100,14 +101,15 @@ def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str
             batch = [examples[order[i]] for i in rows]
             input_ids, mask = tokenizer.pad_left([p + r for p, r in batch])
             input_ids = input_ids.to(device)
-            logits = model(input_ids, mask.to(device))
+            hidden = model(input_ids, mask.to(device), skip_head=True)
+            # Left padding: a row's response is its last n tokens (none for an empty response and a tokenizer
+            # without EOS), each predicted from the position before it; logits are made at those positions only.
+            scored = torch.zeros_like(input_ids, dtype=torch.bool)
             for row, (_, response) in enumerate(batch):
-                n = len(response)  # left padding: the response is the last n tokens, predicted from the n before them
-                if n == 0:  # an empty response and a tokenizer without EOS: nothing to score
-                    continue
-                nll = F.cross_entropy(logits[row, -n - 1:-1].float(), input_ids[row, -n:], reduction="sum")
-                total += float(nll)
-                count += n
+                scored[row, scored.shape[1] - len(response):] = True
+            logits = model.logits(hidden[:, :-1][scored[:, 1:]])
+            total += float(F.cross_entropy(logits, input_ids[scored], reduction="sum"))
+            count += int(scored.sum())
     return total, count
 
 
