@@ -27,10 +27,12 @@ inputs then change too). An interrupted fine-tune continues from its training ch
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -233,17 +235,38 @@ def align_steps(recipe: Recipe, model_dir: Path, sets: Path, out: Path, p: Profi
 # ---------------------------------------------------------------- training, locating, evaluating
 
 
+# A training checkpoint (weights and AdamW state) takes seconds to write; a crash loses at most this many steps.
+SAVE_EVERY = 100
+
+
 def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epochs: int, lr: float,
               freeze: str | None, objective: str = "sft", beta: float = 0.1, seed: int | None = None,
               neurons: str | None = None, snapshots: tuple[float, ...] = ()) -> None:
     cfg = TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective=objective, freeze=freeze,
                       freeze_random_neurons=neurons, epochs=epochs, lr=lr, beta=beta, batch_size=p.batch_size,
                       warmup_steps=5, max_len=p.max_len, seed=p.seed if seed is None else seed, dtype="bfloat16",
-                      template="chat", save_every=25, snapshots=tuple(snapshots), resume=(out / "checkpoint").is_dir(),
+                      template="chat", save_every=SAVE_EVERY, snapshots=tuple(snapshots), resume=(out / "checkpoint").is_dir(),
                       progress=False, command=["python", "-m", "minisafe.pipeline", "--profile", p.name])
-    summary = train(cfg)
+    summary = train_apart(cfg)
     if summary["stopped"] != "completed":  # Ctrl-C: the checkpoint is saved; the step must not count as done
         raise KeyboardInterrupt(f"{out}: training stopped at step {summary['step']}; rerun to continue")
+
+
+def train_apart(cfg: TrainConfig) -> dict:
+    """train(cfg) in a Python process of its own, with this one's torch thread count; its summary, or its exception.
+
+    A fine-tune runs measurably slower in a process that has already trained (state that outlives a run's tensors),
+    so each one starts clean. Ctrl-C reaches both processes: the child saves its checkpoint and returns
+    'interrupted' before this one goes on.
+    """
+    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),)) as child:
+        summary = child.submit(train, cfg)
+        while True:
+            try:
+                return summary.result()
+            except KeyboardInterrupt:
+                continue  # the child is saving its checkpoint; its summary says it stopped
 
 
 def locate_step(model_dir: str | Path, sets: Path, p: Profile, out: Path, scaling: bool) -> None:

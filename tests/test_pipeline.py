@@ -183,7 +183,7 @@ def test_freeze_spec_of_each_method():
 
 
 def test_an_interrupted_fine_tune_is_not_recorded_as_a_finished_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "train", lambda cfg: {"stopped": "interrupted", "step": 3})
+    monkeypatch.setattr(pipeline, "train_apart", lambda cfg: {"stopped": "interrupted", "step": 3})
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_step("attack-x", tmp_path / "attack-x", {}, {"a": 1},
                           lambda o: pipeline.fine_tune("model", tmp_path / "d.jsonl", o, TINY, 1, 1e-3, None),
