@@ -125,6 +125,17 @@ def content_hash(path: str | Path, suffixes: tuple[str, ...] | None = MODEL_FILE
     return h.hexdigest()
 
 
+def machine() -> dict:
+    """What the numbers were measured on: the CPU model, its core count, the operating system."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:  # not Linux: platform.processor() is the best there is
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+
+
 def run_record(seed: int, inputs: dict[str, str | Path | None], **settings: Any) -> dict[str, Any]:
     """What a run decided, to be written beside its results: command line, seed, versions, input hashes, settings."""
     return {

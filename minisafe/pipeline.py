@@ -45,7 +45,7 @@ from minisafe.cli import non_negative_int, option, parse_config, script
 from minisafe.errors import ConfigError
 from minisafe.evaluation import EvalConfig, run_eval
 from minisafe.freeze import parse_layer_range
-from minisafe.io import atomic_write_json, atomic_write_text, content_hash, read_json, run_record
+from minisafe.io import atomic_write_json, atomic_write_text, content_hash, machine, read_json, run_record
 from minisafe.locating import LocateConfig, run_locate
 from minisafe.pipeline_report import alignment_report, demo_report
 from minisafe.splits import SPLITS, Splits, build_sets
@@ -166,6 +166,7 @@ def run_step(name: str, out: Path, inputs: dict[str, str | Path], settings: dict
         atomic_write_json(pending, {**record, "seconds": round(earlier + time.perf_counter() - start, 1)})
         raise
     record["seconds"] = round(earlier + time.perf_counter() - start, 1)
+    record["machine"] = "{cpu}, {cores} cores".format(**machine())  # not a key of the match above: wall time only
     atomic_write_json(out / "step.json", record)
     pending.unlink()
     say(f"[{name}] done in {record['seconds']:.0f} s")
@@ -245,8 +246,9 @@ def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epo
     cfg = TrainConfig(model=str(model_dir), data=str(data_file), out=str(out), objective=objective, freeze=freeze,
                       freeze_random_neurons=neurons, epochs=epochs, lr=lr, beta=beta, batch_size=p.batch_size,
                       warmup_steps=5, max_len=p.max_len, seed=p.seed if seed is None else seed, dtype="bfloat16",
-                      template="chat", save_every=SAVE_EVERY, snapshots=tuple(snapshots), resume=(out / "checkpoint").is_dir(),
-                      progress=False, command=["python", "-m", "minisafe.pipeline", "--profile", p.name])
+                      template="chat", save_every=SAVE_EVERY, snapshots=tuple(snapshots),
+                      resume=(out / "checkpoint").is_dir(), progress=False,
+                      command=["python", "-m", "minisafe.pipeline", "--profile", p.name])
     summary = train_apart(cfg)
     if summary["stopped"] != "completed":  # Ctrl-C: the checkpoint is saved; the step must not count as done
         raise KeyboardInterrupt(f"{out}: training stopped at step {summary['step']}; rerun to continue")

@@ -232,8 +232,10 @@ def wall_time_lines(steps: dict[str, dict]) -> list[str]:
     """The wall time of every step of the run, and their total."""
     lines = ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {record['seconds']:.0f} |" for name, record in steps.items()]
+    machines = sorted({r["machine"] for r in steps.values() if "machine" in r})  # records older than the field have none
+    where = f" Steps ran on: {'; '.join(machines)}." if machines else ""
     return lines + ["", f"Total: {sum(r['seconds'] for r in steps.values()) / 60:.1f} min (steps that ran in earlier "
-                    "invocations count with the time they took then).", ""]
+                    f"invocations count with the time they took then).{where}", ""]
 
 
 def report_header(p: Profile, out: Path, model_dir: Path, title: str, error: dict, attacked: str = "") -> list[str]:

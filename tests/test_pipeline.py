@@ -7,6 +7,7 @@ import pytest
 
 from minisafe import pipeline, pipeline_report, splits
 from minisafe.alignment import Recipe
+from minisafe.io import machine
 from minisafe.pipeline import Profile, Splits, freeze_spec, run_pipeline
 from tiny import save_tiny
 
@@ -64,6 +65,7 @@ def test_pipeline_writes_every_artefact_and_a_report_in_the_paper_layout(run):
                     "## 4. Dose-response", "## 5. Frozen-share sweep", "## Wall time per step"):
         assert heading in text
     assert "Judge error: agreement with the hand labels" in text  # the judge's measured error beside the rates
+    assert f"Steps ran on: {machine()['cpu']}, {machine()['cores']} cores." in text  # wall times name their machine
     located = json.loads((out / "locate" / "safety_layers.json").read_text())
     assert {"first", "last", "alpha", "initial", "baseline_refusals", "trace"} <= set(located)
     assert (out / "locate" / "cosine.png").stat().st_size > 0 and (out / "locate_base" / "cosine.png").is_file()

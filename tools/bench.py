@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +26,7 @@ import minisafe
 from minisafe import data
 from minisafe.fastpath import fast_inference
 from minisafe.generate import generate, generate_ids, greedy, similar_length_batches
-from minisafe.io import atomic_write_json
+from minisafe.io import atomic_write_json, machine
 from tools import bench_train, fetch_data, weights
 
 PARTS = ("prefill", "generate", "eval", "profile", "train", "sppft")
@@ -212,17 +210,6 @@ def summarize_profile(dtype: str, prof: dict) -> None:
           f"projections {prof['projections_ms']:.1f} ms ({prof['projections_share_of_peak']:.0%} of peak), "
           f"attention matmuls {prof['attention_matmuls_ms']:.1f} ms, other operators {prof['rest_ms']:.1f} ms "
           f"({top}), outside operators (Python) {max(0.0, prof['step_ms'] - prof['profiled_ms']):.1f} ms", flush=True)
-
-
-def machine() -> dict:
-    """What the numbers were measured on: the CPU model, its core count, the operating system."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    except OSError:  # not Linux: platform.processor() is the best there is
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
 def record_header(module: str, argv: list[str] | None) -> dict:
