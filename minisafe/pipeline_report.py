@@ -232,7 +232,8 @@ def wall_time_lines(steps: dict[str, dict]) -> list[str]:
     """The wall time of every step of the run, and their total."""
     lines = ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {record['seconds']:.0f} |" for name, record in steps.items()]
-    machines = sorted({r["machine"] for r in steps.values() if "machine" in r})  # records older than the field have none
+    # Step records older than the machine field have none.
+    machines = sorted({r["machine"] for r in steps.values() if "machine" in r})
     where = f" Steps ran on: {'; '.join(machines)}." if machines else ""
     return lines + ["", f"Total: {sum(r['seconds'] for r in steps.values()) / 60:.1f} min (steps that ran in earlier "
                     f"invocations count with the time they took then).{where}", ""]
