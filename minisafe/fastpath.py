@@ -26,6 +26,7 @@ reuse the outer one's swaps. Off the CPU it does nothing; where oneDNN cannot pa
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from contextlib import contextmanager
 
 import torch
@@ -375,15 +376,116 @@ def row_gradient_head(model: Transformer) -> Callable[[Tensor], Tensor]:
     return head
 
 
+class LinearRows(torch.autograd.Function):
+    """Linears that read the same input, as one matmul by `low`, their weights stacked by rows in x's dtype; the
+    backward adds each weight's gradient straight into its .grad (float32 += bfloat16, in place).
+
+    Under autocast the stock path runs one matmul per linear, and for each weight copies the bfloat16 gradient into
+    a fresh float32 buffer in every pass before adding it to .grad. Here the stacked gradient comes from one matmul
+    and its row blocks are added where they belong. The weights' own gradient edges get None."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, low: Tensor, *weights: Tensor) -> Tensor:
+        ctx.save_for_backward(x, low)
+        ctx.weights = weights
+        return F.linear(x, low)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, low = ctx.saved_tensors
+        stacked = grad.flatten(0, -2).T @ x.flatten(0, -2)
+        start = 0
+        for weight in ctx.weights:
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            weight.grad.add_(stacked[start:start + weight.shape[0]])
+            start += weight.shape[0]
+        return (grad @ low, None) + (None,) * len(ctx.weights)
+
+
+class CastWeights:
+    """The weights of linears that read the same input, stacked by rows in a lower dtype, in one buffer that stays
+    from step to step: autocast casts each weight into a fresh buffer at every step (and a frozen one at every pass),
+    and a fresh buffer of this size costs page faults. A weight written in place (an optimizer step) or replaced is
+    copied in again before its next use."""
+
+    def __init__(self, modules: Sequence[nn.Linear]):
+        self.modules = list(modules)
+        self.low: Tensor | None = None
+        self.copied: list[tuple[Tensor, int]] = []
+
+    def __call__(self, dtype: torch.dtype) -> Tensor:
+        weights = [m.weight for m in self.modules]
+        if self.low is None or self.low.dtype != dtype or [w.shape[0] for w, _ in self.copied] != [
+                w.shape[0] for w in weights]:
+            self.low = torch.cat([w.detach() for w in weights]).to(dtype)
+        else:
+            start = 0
+            for w, (copied, version) in zip(weights, self.copied):
+                if w is not copied or w._version != version:
+                    self.low[start:start + w.shape[0]].copy_(w.detach())
+                start += w.shape[0]
+        self.copied = [(w, w._version) for w in weights]
+        return self.low
+
+
+def cast_projection(plain: Callable[[Tensor], Any], linears: Sequence[nn.Linear],
+                    split: Callable[[Tensor], Any]) -> Callable[[Tensor], Any]:
+    """A forward (or project) method that, under autocast, runs `linears` as one matmul by their CastWeights and
+    splits the output into theirs: LinearRows where every weight needs a gradient, a matmul by the detached copy
+    where none does (frozen, or no grad mode). `plain` where some do and some do not, where a gradient hook must see
+    the whole gradient, outside autocast, with a bias or a sharded weight, and while a forward hook waits."""
+    copy = CastWeights(linears)
+
+    def project(x: Tensor) -> Any:
+        weights = [m.weight for m in linears]
+        if (not torch.is_autocast_enabled(x.device.type) or hooked(linears) or any(m.bias is not None for m in linears)
+                or any(isinstance(w, DTensor) for w in weights)):
+            return plain(x)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        needs = [torch.is_grad_enabled() and w.requires_grad for w in weights]
+        if not any(needs):
+            return split(F.linear(x.to(dtype), copy(dtype)))
+        if all(needs) and not any(w._backward_hooks for w in weights):
+            return split(LinearRows.apply(x.to(dtype), copy(dtype), *weights))
+        return plain(x)
+    return project
+
+
+def cast_methods(model: Transformer) -> list[tuple[nn.Module, str, Callable]]:
+    """(module, method name, replacement) for training's linears: each layer's q/k/v and gate/up stacked, every
+    other linear of the layers on its own (the head has row_gradient_head)."""
+    swaps: list[tuple[nn.Module, str, Callable]] = []
+    alone = lambda y: y  # noqa: E731
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        singles = [attn.o_proj, mlp.down_proj]
+        if attn.cfg.fused_qkv:
+            singles.append(attn.qkv_proj)
+        else:
+            linears = [attn.q_proj, attn.k_proj, attn.v_proj]
+            split = (lambda y, sizes=attn.sizes: y.split(sizes, dim=-1))
+            swaps.append((attn, "project", cast_projection(attn.project, linears, split)))
+        if mlp.fused:
+            singles.append(mlp.gate_up_proj)
+        else:
+            swaps.append((mlp, "project", cast_projection(mlp.project, [mlp.gate_proj, mlp.up_proj],
+                                                          lambda y: y.chunk(2, dim=-1))))
+        swaps += [(m, "forward", cast_projection(m.forward, [m], alone)) for m in singles]
+    return swaps
+
+
 @contextmanager
 def fast_training(model: Transformer) -> Iterator[None]:
-    """Inside this block training steps take matmul attention where short_enough_to_train, and the embedding's and
-    the head's gradients go straight into weight.grad (EmbeddingRows, HeadRows); on exit, the model's own methods."""
+    """Inside this block training steps take matmul attention where short_enough_to_train, the linears' weights in
+    bfloat16 copies kept between steps with their gradients added straight into .grad (CastWeights, LinearRows), and
+    the embedding's and the head's gradients likewise (EmbeddingRows, HeadRows); on exit, the model's own methods."""
     if model.model.embed_tokens.weight.device.type != "cpu":
         yield
         return
     swaps: list[tuple[nn.Module, str, Callable]] = [
         (block.self_attn, "attend", matmul_attend(block.self_attn, short_enough_to_train)) for block in model.layers]
+    swaps += cast_methods(model)
     swaps.append((model.model.embed_tokens, "forward", row_gradient_embedding(model.model.embed_tokens)))
     swaps.append((model, "head", row_gradient_head(model)))
     with swapped(swaps):

@@ -255,12 +255,22 @@ def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epo
 
 
 def train_apart(cfg: TrainConfig) -> dict:
-    """train(cfg) in a Python process of its own, with this one's torch thread count; its summary, or its exception.
+    """train(cfg) in fresh Python processes, SAVE_EVERY steps each, resuming from the checkpoint the last one saved
+    (bit-identical to one run, as every resume); the last summary, or an exception.
 
-    A fine-tune runs measurably slower in a process that has already trained (state that outlives a run's tensors),
-    so each one starts clean. Ctrl-C reaches both processes: the child saves its checkpoint and returns
-    'interrupted' before this one goes on.
-    """
+    A training step runs measurably slower the longer its process has trained (state that outlives a step's
+    tensors), so a fine-tune starts clean and starts again at every checkpoint. Ctrl-C reaches both processes: the
+    child saves its checkpoint and returns 'interrupted' before this one goes on."""
+    while True:
+        done = read_json(Path(cfg.out) / "checkpoint" / "state.json")["step"] if cfg.resume else 0
+        summary = train_in_child(replace(cfg, max_steps=done + SAVE_EVERY))
+        if summary["stopped"] != "max_steps" or (cfg.max_steps is not None and summary["step"] >= cfg.max_steps):
+            return summary
+        cfg = replace(cfg, resume=True)
+
+
+def train_in_child(cfg: TrainConfig) -> dict:
+    """train(cfg) in a spawned Python process with this one's torch thread count."""
     with ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(torch.get_num_threads(),)) as child:
         summary = child.submit(train, cfg)

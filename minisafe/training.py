@@ -506,6 +506,9 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: l
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
+    # The fused kernel writes the parameters without bumping their version counters, as every other in-place write
+    # does; fast_training's bfloat16 copies of the weights are remade when a version moves.
+    torch.autograd.graph.increment_version(params)
     # Zeroed, not freed: the gradient buffers stay allocated from step to step (a fresh buffer of this size costs
     # more in page faults than zeroing a resident one), and the next step's gradients are added into them.
     optimizer.zero_grad(set_to_none=False)
@@ -851,7 +854,8 @@ def finish(run: Run, cfg: TrainConfig, stopped: str) -> dict:
                "trainable_parameters": sum(p.numel() for p in run.params.values()), "out": str(run.out),
                "main": run.ranks.main}
     if stopped != "completed":
-        save_training_checkpoint(run, cfg)
+        if run.saved_step != run.step:  # not when the loop has just saved this very step
+            save_training_checkpoint(run, cfg)
         summary["checkpoint"] = str(run.ckpt)
         if stopped == "interrupted":
             return summary

@@ -365,3 +365,38 @@ def test_fast_training_leaves_an_embedding_with_a_gradient_hook_to_the_plain_loo
         assert type(out.grad_fn).__name__ == "EmbeddingBackward0"
         out.sum().backward()
     assert seen == [model.model.embed_tokens.weight.shape]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+def test_fast_training_linears_under_autocast_give_autocasts_loss_and_gradients(tmp_path, family):
+    """Under bfloat16 autocast the layers' linears run stacked by kept bfloat16 copies (CastWeights), their weight
+    gradients added straight into .grad (LinearRows); a frozen layer multiplies by its copy. Loss and gradients are
+    autocast's up to bfloat16 rounding (the stacked input gradient is one matmul instead of a sum of several)."""
+    from minisafe.fastpath import fast_training
+    from minisafe.objectives import IGNORE, sft_loss_sum
+
+    save_tiny(tmp_path, family)
+    model, _ = minisafe.load(tmp_path)
+    for p in model.layers[1].parameters():
+        p.requires_grad_(False)  # SPPFT-style: a frozen layer among trainable ones
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sft_loss_sum(model(ids, skip_head=True), labels, model.logits)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = loss_and_grads()
+    with fast_training(model):
+        fast = loss_and_grads()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model.layers[0].mlp.down_proj(torch.randn(2, model.config.intermediate_size))
+        assert type(y.grad_fn).__name__ == "LinearRowsBackward"
+    assert "project" not in model.layers[0].mlp.__dict__  # the plain methods are back
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-3, atol=1e-3)
+    apart = sum((fast[1][n] - g).square().sum() for n, g in plain[1].items())
+    assert (apart / sum(g.square().sum() for g in plain[1].values())).sqrt() < 0.02

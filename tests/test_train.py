@@ -428,3 +428,24 @@ def test_a_micro_batch_split_by_sequence_length_keeps_the_loss_and_the_gradient(
     assert split[0] == pytest.approx(whole[0], rel=1e-6, abs=1e-6)  # unlearn: a difference of two losses, near 0
     for name, weight in whole[1].items():
         torch.testing.assert_close(split[1][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # a separate head and a tied one
+def test_bfloat16_training_on_the_fast_path_follows_every_optimizer_step(files, tmp_path, monkeypatch, family):
+    """fast_training keeps bfloat16 copies of the weights between steps and remakes one when its weight's version
+    moves; the fused AdamW writes without moving it, so the training step must. Several bfloat16 steps with the fast
+    path end where the same steps without it end, up to bfloat16 rounding; with copies left stale they do not."""
+    from contextlib import nullcontext
+
+    from minisafe import training
+
+    save_tiny(tmp_path / family, family)
+    cfg = config(files, "", model=str(tmp_path / family), dtype="bfloat16", lr=1e-2, epochs=2, warmup_steps=0)
+    train(replace(cfg, out=str(tmp_path / "fast")))
+    monkeypatch.setattr(training, "fast_training", lambda model: nullcontext())
+    train(replace(cfg, out=str(tmp_path / "plain")))
+    fast, plain, start = weights(tmp_path / "fast"), weights(tmp_path / "plain"), weights(tmp_path / family)
+    # over the whole model: a tensor whose true gradient is ~0 (Qwen2's k bias) moves by rounding noise alone
+    apart = sum((fast[n].float() - w.float()).square().sum() for n, w in plain.items())
+    moved = sum((w.float() - start[n].float()).square().sum() for n, w in plain.items())
+    assert (apart / moved).sqrt() < 0.1  # stale copies: above 0.5
