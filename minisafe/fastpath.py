@@ -1,6 +1,7 @@
 """Faster paths on the CPU: `with fast_inference(model):` for inference, `with fast_training(model):` for training
-(attention written out as two matmuls, see short_enough_to_train; the embedding's and the head's gradients added
-straight into .grad, see EmbeddingRows and HeadRows).
+(attention written out as two matmuls, see short_enough_to_train; under autocast the linears multiply by bfloat16
+copies of their weights kept between steps, see CastWeights; the linears', the embedding's and the head's weight
+gradients added straight into .grad, see LinearRows, EmbeddingRows and HeadRows).
 
 Inside the block some methods of the model's modules are swapped for faster ones that compute the same thing, and
 on exit the originals come back (also when an exception escapes):
