@@ -27,8 +27,8 @@ reuse the outer one's swaps. Off the CPU it does nothing; where oneDNN cannot pa
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,13 @@ from minisafe.config import ModelConfig
 from minisafe.model import Attention, KVCache, Transformer, matmul_attention
 
 _active: set[int] = set()  # id() of the models inside a fast_inference block
+
+
+def changed_since(sources: list[Tensor], copied: list[tuple[Tensor, int]]) -> bool:
+    """Whether a tensor has been written in place or replaced since a copy of it was made; copied holds each
+    (tensor, its version then): in-place writes bump a tensor's version."""
+    return len(sources) != len(copied) or any(t is not s or t._version != version
+                                              for t, (s, version) in zip(sources, copied))
 
 
 class PackedLinear:
@@ -74,14 +81,9 @@ class PackedLinear:
             return False
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return False
-        if self.stale(sources):
+        if changed_since(sources, self.copied):
             self.pack()
         return True
-
-    def stale(self, sources: list[Tensor]) -> bool:
-        """Whether a source has been written in place or replaced since the copy was made."""
-        return len(sources) != len(self.copied) or any(t is not s or t._version != version
-                                                       for t, (s, version) in zip(sources, self.copied))
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.data, self.bias, "none", [], "")
@@ -320,6 +322,26 @@ def row_gradient_embedding(embedding: nn.Embedding) -> Callable[[Tensor], Tensor
     return forward
 
 
+class CastWeights:
+    """Weights stacked by rows in a lower dtype, in one buffer that stays from call to call: autocast casts each
+    weight into a fresh buffer at every step (and a frozen one at every pass), and a fresh buffer of this size costs
+    page faults. Weights written in place (an optimizer step) or replaced since the last call are copied in again."""
+
+    def __init__(self) -> None:
+        self.low: Tensor | None = None
+        self.copied: list[tuple[Tensor, int]] = []
+
+    def __call__(self, weights: list[Tensor], dtype: torch.dtype) -> Tensor:
+        shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+        fresh = self.low is None or self.low.dtype != dtype or tuple(self.low.shape) != shape
+        if fresh:
+            self.low = torch.empty(shape, dtype=dtype, device=weights[0].device)
+        if fresh or changed_since(weights, self.copied):
+            torch.cat([w.detach() for w in weights], out=self.low)
+            self.copied = [(w, w._version) for w in weights]
+        return self.low
+
+
 # Vocabulary rows of the head's weight gradient made and added to .grad at a time: the float32 sum of a bfloat16
 # gradient goes through a float32 copy of it, which at this size stays in cache.
 HEAD_ROWS = 2048
@@ -357,23 +379,16 @@ def row_gradient_head(model: Transformer) -> Callable[[Tensor], Tensor]:
     """A Transformer.head that takes HeadRows where a plain head weight needs a gradient (the original where
     plain_gradient_wanted). Under autocast the weight is cast once per change of it (an optimizer step), as
     autocast's own cache would within one block, and into the same buffer each time."""
-    plain = model.head
-    cached: tuple[Tensor, int, Tensor] | None = None  # (weight, its version when cast, the cast copy)
+    plain, copy = model.head, CastWeights()
 
     def head(x: Tensor) -> Tensor:
-        nonlocal cached
         weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         if plain_gradient_wanted(weight):
             return plain(x)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
         if dtype == weight.dtype:
             return HeadRows.apply(x.to(dtype), weight, weight.detach())
-        if cached is None or cached[0] is not weight or cached[2].dtype != dtype:
-            cached = (weight, weight._version, weight.detach().to(dtype))
-        elif cached[1] != weight._version:
-            # into the buffer already resident: a fresh one of this size costs page faults
-            cached = (weight, weight._version, cached[2].copy_(weight.detach()))
-        return HeadRows.apply(x.to(dtype), weight, cached[2])
+        return HeadRows.apply(x.to(dtype), weight, copy([weight], dtype))
     return head
 
 
@@ -404,39 +419,13 @@ class LinearRows(torch.autograd.Function):
         return (grad @ low, None) + (None,) * len(ctx.weights)
 
 
-class CastWeights:
-    """The weights of linears that read the same input, stacked by rows in a lower dtype, in one buffer that stays
-    from step to step: autocast casts each weight into a fresh buffer at every step (and a frozen one at every pass),
-    and a fresh buffer of this size costs page faults. A weight written in place (an optimizer step) or replaced is
-    copied in again before its next use."""
-
-    def __init__(self, modules: Sequence[nn.Linear]):
-        self.modules = list(modules)
-        self.low: Tensor | None = None
-        self.copied: list[tuple[Tensor, int]] = []
-
-    def __call__(self, dtype: torch.dtype) -> Tensor:
-        weights = [m.weight for m in self.modules]
-        if self.low is None or self.low.dtype != dtype or [w.shape[0] for w, _ in self.copied] != [
-                w.shape[0] for w in weights]:
-            self.low = torch.cat([w.detach() for w in weights]).to(dtype)
-        else:
-            start = 0
-            for w, (copied, version) in zip(weights, self.copied):
-                if w is not copied or w._version != version:
-                    self.low[start:start + w.shape[0]].copy_(w.detach())
-                start += w.shape[0]
-        self.copied = [(w, w._version) for w in weights]
-        return self.low
-
-
 def cast_projection(plain: Callable[[Tensor], Any], linears: Sequence[nn.Linear],
                     split: Callable[[Tensor], Any]) -> Callable[[Tensor], Any]:
     """A forward (or project) method that, under autocast, runs `linears` as one matmul by their CastWeights and
     splits the output into theirs: LinearRows where every weight needs a gradient, a matmul by the detached copy
     where none does (frozen, or no grad mode). `plain` where some do and some do not, where a gradient hook must see
     the whole gradient, outside autocast, with a bias or a sharded weight, and while a forward hook waits."""
-    copy = CastWeights(linears)
+    copy = CastWeights()
 
     def project(x: Tensor) -> Any:
         weights = [m.weight for m in linears]
@@ -446,9 +435,9 @@ def cast_projection(plain: Callable[[Tensor], Any], linears: Sequence[nn.Linear]
         dtype = torch.get_autocast_dtype(x.device.type)
         needs = [torch.is_grad_enabled() and w.requires_grad for w in weights]
         if not any(needs):
-            return split(F.linear(x.to(dtype), copy(dtype)))
+            return split(F.linear(x.to(dtype), copy(weights, dtype)))
         if all(needs) and not any(w._backward_hooks for w in weights):
-            return split(LinearRows.apply(x.to(dtype), copy(dtype), *weights))
+            return split(LinearRows.apply(x.to(dtype), copy(weights, dtype), *weights))
         return plain(x)
     return project
 

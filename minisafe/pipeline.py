@@ -261,10 +261,12 @@ def train_apart(cfg: TrainConfig) -> dict:
     A training step runs measurably slower the longer its process has trained (state that outlives a step's
     tensors), so a fine-tune starts clean and starts again at every checkpoint. Ctrl-C reaches both processes: the
     child saves its checkpoint and returns 'interrupted' before this one goes on."""
+    limit = cfg.max_steps  # the caller's own stop, if any
     while True:
         done = read_json(Path(cfg.out) / "checkpoint" / "state.json")["step"] if cfg.resume else 0
-        summary = train_in_child(replace(cfg, max_steps=done + SAVE_EVERY))
-        if summary["stopped"] != "max_steps" or (cfg.max_steps is not None and summary["step"] >= cfg.max_steps):
+        stop = done + SAVE_EVERY if limit is None else min(done + SAVE_EVERY, limit)
+        summary = train_in_child(replace(cfg, max_steps=stop))
+        if summary["stopped"] != "max_steps" or summary["step"] == limit:
             return summary
         cfg = replace(cfg, resume=True)
 

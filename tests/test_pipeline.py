@@ -215,6 +215,9 @@ def test_a_fine_tune_in_fresh_processes_every_save_every_steps_ends_as_one_run(t
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "apart" / "model.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not (tmp_path / "apart" / "checkpoint").exists()
+    stops.clear()  # a caller's own --max-steps is where the children stop, not the next SAVE_EVERY boundary
+    pipeline.train_apart(replace(cfg, out=str(tmp_path / "limited"), max_steps=4))
+    assert [(s["stopped"], s["step"]) for s in stops] == [("max_steps", 3), ("max_steps", 4)]
 
 
 def test_alignment_only_stops_after_the_aligned_models_evaluation_and_reports_its_table(run, tmp_path):
