@@ -5,7 +5,8 @@ A Recipe names the data mix and the schedule:
 - normal prompts (ShareGPT, the bundled imperative-style instructions) and over-rejection prompts -> the
   unaligned model's own greedy answer (self-distillation: the model is taught when to refuse, not new answers); or,
   with normal_targets "reference", the ShareGPT prompts keep the answers ShareGPT recorded; with own_refusals "drop",
-  a prompt whose own answer the keyword judge calls a refusal is left out rather than taught as one;
+  a prompt whose own answer the keyword judge calls a refusal is left out rather than taught as one; with
+  normal_questions, that share of the ShareGPT prompts are questions (is_question), as most malicious prompts are;
 - deep alignment (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"), optional:
   a share of the malicious prompts appears again with the first words of the unaligned model's own harmful answer
   already written (`response_prefix`, never trained on), followed by a refusal, so that refusing does not live
@@ -49,7 +50,10 @@ NORMAL_TARGETS = ("own", "reference")
 OWN_REFUSALS = ("keep", "drop")
 # Levers added after sweep runs were recorded: left out of Recipe.settings() at their default, so the records of
 # those runs (which trained exactly as the default says) still match and are not retrained.
-LATER_LEVERS = {"own_refusals": "keep", "dpo_balance": False, "styled": 0.0}
+LATER_LEVERS = {"own_refusals": "keep", "dpo_balance": False, "styled": 0.0, "normal_questions": 0.0}
+# A prompt asked as a question: it ends in a question mark or opens with an interrogative or an auxiliary verb.
+QUESTION_OPENING = re.compile(r"(what|how|who|whom|whose|why|when|where|which|is|are|am|was|were|can|could|do|does|"
+                              r"did|should|would|will|shall|may|might|have|has)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Recipe:
     dna: int = 250  # Do-Not-Answer prompts of malicious_uses and information_hazard -> refusals
     dna_other: int = 0  # Do-Not-Answer prompts of the other three risk areas -> refusals
     normal: int = 400  # ShareGPT prompts -> the model's own answers (or their recorded ones, see normal_targets)
+    normal_questions: float = 0.0  # share of those ShareGPT prompts that are questions (0: the pool's own mix)
     instructions: int = 100  # bundled imperative-style normal instructions -> own answers
     over_rejection: int = 120  # benign prompts with dangerous-sounding words -> own answers
     epochs: int = 2
@@ -86,7 +91,29 @@ def pool_rows(sets: Path, recipe: Recipe, pool: str) -> list[dict]:
     wanted = getattr(recipe, pool)
     if wanted > len(rows):
         raise ConfigError(f"recipe asks for {wanted} {pool} prompts; the pool {POOLS[pool]}.jsonl has {len(rows)}")
+    if pool == "normal" and recipe.normal_questions:
+        return question_rows(rows, wanted, recipe.normal_questions, POOLS[pool])
     return rows[:wanted]
+
+
+def is_question(prompt: str) -> bool:
+    """Whether a prompt is asked as a question (QUESTION_OPENING or a final question mark)."""
+    prompt = prompt.strip()
+    return prompt.endswith("?") or bool(QUESTION_OPENING.match(prompt))
+
+
+def question_rows(rows: list[dict], wanted: int, share: float, pool: str) -> list[dict]:
+    """`wanted` rows of which round(share * wanted) are questions: the pool's first questions and its first other
+    rows, in pool order. Do-Not-Answer's malicious prompts are nearly all questions and ShareGPT's about half, so
+    without this a short question is itself evidence of a malicious request."""
+    asked = round(share * wanted)
+    questions = [row for row in rows if is_question(row["prompt"])]
+    others = [row for row in rows if not is_question(row["prompt"])]
+    if asked > len(questions) or wanted - asked > len(others):
+        raise ConfigError(f"recipe asks for {asked} questions and {wanted - asked} other prompts among its normal "
+                          f"ones; the pool {pool}.jsonl has {len(questions)} and {len(others)}")
+    chosen = {id(row) for row in questions[:asked] + others[:wanted - asked]}
+    return [row for row in rows if id(row) in chosen]
 
 
 def complete_sentences(text: str) -> str:

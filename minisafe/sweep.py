@@ -95,6 +95,15 @@ COMBINATIONS: list[dict[str, Any]] = [
     # which also over-refused: the third SFT epoch keeps selectivity, so the budget candidate keeps three epochs on
     # fewer ShareGPT rows (the largest share of the SFT tokens; 700 rows alone did no better than 400)
     {"normal_targets": "reference", "epochs": 3, "normal": 200, "dpo_epochs": 1, "dpo_balance": True},
+    # after the bfloat16 training fix, the choice still refuses too many normal prompts, most of them short questions
+    # (seen in the quick profile's test report); the training pools suggest why: 77% of the choice's malicious prompts
+    # are questions (Do-Not-Answer's nearly all) against 48% of its ShareGPT prompts, so asking a question is itself
+    # evidence of malice. The same recipe with as large a share of questions among its ShareGPT prompts
+    {"normal_targets": "reference", "epochs": 3, "dpo_epochs": 1, "dpo_balance": True, "normal_questions": 0.75},
+    # and with the styled prompts too (a quarter: the share that kept the malicious rate), aimed at the reformulated
+    # requests, which the choice refuses too rarely on its test split
+    {"normal_targets": "reference", "epochs": 3, "dpo_epochs": 1, "dpo_balance": True, "normal_questions": 0.75,
+     "styled": 0.25},
 ]
 VALIDATION = {"harmful": "val_malicious", "over_rejection": "val_over_rejection", "utility": "val_normal"}
 

@@ -123,3 +123,21 @@ def test_styled_prompts_are_refused_when_malicious_answered_when_benign_and_neve
     assert kinds[answered] == "normal" and refused not in kinds
     styled_pairs = {p for p, kind in kinds.items() if kind == "malicious"}
     assert styled_pairs and styled_pairs <= {r["prompt"] for r in styled_malicious}
+
+
+def test_normal_questions_takes_that_share_of_questions_from_the_pool_in_pool_order(tmp_path):
+    from minisafe.alignment import is_question, pool_rows
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    prompts = ["Write a poem about tea", "what is rope made of", "List three owls", "Is snow cold?",
+               "Summarise this text", "How do kites fly?", "Name a jazz record"]
+    (sets / "normal_align.jsonl").write_text("".join(json.dumps({"prompt": p, "response": "ok"}) + "\n"
+                                                     for p in prompts))
+    assert [is_question(p) for p in prompts] == [False, True, False, True, False, True, False]
+    recipe = Recipe(normal=4, normal_questions=0.75)
+    assert [r["prompt"] for r in pool_rows(sets, recipe, "normal")] == [
+        "Write a poem about tea", "what is rope made of", "Is snow cold?", "How do kites fly?"]
+    assert [r["prompt"] for r in pool_rows(sets, Recipe(normal=4), "normal")] == prompts[:4]
+    with pytest.raises(ConfigError, match="asks for 4 questions .* normal_align.jsonl has 3"):
+        pool_rows(sets, Recipe(normal=4, normal_questions=1.0), "normal")
+    assert "normal_questions" not in Recipe().settings() and recipe.settings()["normal_questions"] == 0.75
