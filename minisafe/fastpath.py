@@ -337,7 +337,9 @@ class CastWeights:
         if fresh:
             self.low = torch.empty(shape, dtype=dtype, device=weights[0].device)
         if fresh or changed_since(weights, self.copied):
-            torch.cat([w.detach() for w in weights], out=self.low)
+            # Slice by slice: torch.cat(out=) into another dtype first makes a whole copy in the weights' dtype.
+            for rows, w in zip(self.low.split([w.shape[0] for w in weights]), weights):
+                rows.copy_(w.detach())
             self.copied = [(w, w._version) for w in weights]
         return self.low
 

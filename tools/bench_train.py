@@ -23,6 +23,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -70,17 +71,19 @@ def finish_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.opt
 
 def minisafe_step(model, pad_id: int) -> Step:
     """What train.py runs: its optimizer_step (length groups, logits at labelled positions only, the fused AdamW)
-    inside fastpath.fast_training."""
+    inside one fastpath.fast_training block for all of the steps, as train.py runs a whole run in one (the block's
+    bfloat16 copies of the weights live from step to step)."""
     cfg = TrainConfig(model="", data="", out="", dtype="bfloat16", batch_size=BATCH)
     optimizer = optimizer_for(model, fused=True)
     params = [p for p in model.parameters() if p.requires_grad]
+    block = ExitStack()  # left open: the model is this contender's alone and is dropped with it
+    block.enter_context(fast_training(model))
 
     def step(batch):
         examples = [(sequence,) for sequence in batch]
-        with fast_training(model):
-            optimizer_step(model, optimizer, params, examples, list(range(len(batch))), 1e-5, cfg, None, pad_id,
-                           Dist())
+        optimizer_step(model, optimizer, params, examples, list(range(len(batch))), 1e-5, cfg, None, pad_id, Dist())
     step.optimizer = optimizer  # type: ignore[attr-defined]  # for the memory part's AdamW-state count
+    step.block = block  # type: ignore[attr-defined]
     return step
 
 
