@@ -107,8 +107,9 @@ def question_rows(rows: list[dict], wanted: int, share: float, pool: str) -> lis
     rows, in pool order. Do-Not-Answer's malicious prompts are nearly all questions and ShareGPT's about half, so
     without this a short question is itself evidence of a malicious request."""
     asked = round(share * wanted)
-    questions = [row for row in rows if is_question(row["prompt"])]
-    others = [row for row in rows if not is_question(row["prompt"])]
+    asks = [is_question(row["prompt"]) for row in rows]
+    questions = [row for row, question in zip(rows, asks) if question]
+    others = [row for row, question in zip(rows, asks) if not question]
     if asked > len(questions) or wanted - asked > len(others):
         raise ConfigError(f"recipe asks for {asked} questions and {wanted - asked} other prompts among its normal "
                           f"ones; the pool {pool}.jsonl has {len(questions)} and {len(others)}")

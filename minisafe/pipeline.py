@@ -260,8 +260,9 @@ def train_apart(cfg: TrainConfig) -> dict:
     """train(cfg) in fresh Python processes, SAVE_EVERY steps each, resuming from the checkpoint the last one saved
     (bit-identical to one run, as every resume); the last summary, or an exception.
 
-    A training step runs measurably slower the longer its process has trained (state that outlives a step's
-    tensors), so a fine-tune starts clean and starts again at every checkpoint. Ctrl-C reaches both processes: the
+    A training step ran measurably slower the longer its process had trained. One cause, oneDNN's kernel cache, is
+    widened in minisafe/__init__.py; whether restarts still pay since has not been measured, so a fine-tune still
+    starts clean and starts again at every checkpoint. Ctrl-C reaches both processes: the
     child saves its checkpoint and returns 'interrupted' before this one goes on."""
     limit = cfg.max_steps  # the caller's own stop, if any
     while True:
