@@ -17,7 +17,8 @@ Default sets (each flag also takes a file in any format minisafe.data reads, or 
 `limit` keeps a seeded sample of each set, in file order.
 
 Outputs in `out`: results.json (rates as fractions, counts, judge, the judge's measured error, provenance),
-responses.jsonl (every prompt, response and verdict) and report.md (one table, a row per model, the judge's measured
+responses.jsonl (every prompt, response and verdict; a utility row also its ROUGE-L and the reference's summed
+NLL and token count, which intervals resample) and report.md (one table, a row per model, the judge's measured
 error with the rates it widens, and example responses). The judge's error is its agreement with the report half of
 the hand labels (minisafe/prompts/judge_labels.jsonl), per kind of prompt; below 95% on a kind, that kind's rate
 intervals widen by the disagreement (minisafe.stats.widened_interval).
@@ -43,7 +44,7 @@ from minisafe.generate import generate
 from minisafe.io import atomic_write_json, atomic_write_text, file_hashes, run_record
 from minisafe.judge import judge_inputs, load_judge
 from minisafe.judge_check import measured_agreement
-from minisafe.metrics import mean_rouge_l, response_nll, rouge_l
+from minisafe.metrics import mean_rouge_l, response_nlls, rouge_l
 from minisafe.stats import JUDGE_AGREEMENT_TARGET, widened_interval, wilson_interval
 from minisafe.tokenizer import TEMPLATES
 
@@ -52,7 +53,7 @@ SPLIT_SEED = 0  # the default splits are fixed, whatever --seed samples, so runs
 UTILITY_RESERVE = 1000  # ShareGPT pairs (after filtering, in seeded order) left to normal training sets
 UTILITY_SIZE = 100
 ALPACA_STOPS = ("### Instruction",)  # a model in the Alpaca format may go on to write the next turn itself
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2
 
 
 SET_HELP = "; a dataset file (txt/csv/json/jsonl/ShareGPT) or 'none' to skip"
@@ -197,8 +198,9 @@ def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) 
             references = [row["response"] for row in s.rows]
             result["normal_refusal_rate"] = share
             result["rouge_l"] = mean_rouge_l(texts, references)
-            total, count = response_nll(model, tok, s.prompts, references, cfg.template, cfg.batch_size, cfg.progress)
-            result["perplexity"] = math.exp(total / count)
+            nlls = response_nlls(model, tok, s.prompts, references, cfg.template, cfg.batch_size, cfg.progress)
+            count = sum(tokens for _, tokens in nlls)
+            result["perplexity"] = math.exp(sum(nll for nll, _ in nlls) / count)
             result["n"]["perplexity_tokens"] = count
         for i, (prompt, text, verdict) in enumerate(zip(s.prompts, texts, refused)):
             row = {"model": path, "set": name, "prompt": prompt, "response": text,
@@ -206,6 +208,7 @@ def evaluate_model(path: str, sets: dict[str, EvalSet], judge, cfg: EvalConfig) 
             if name == "utility":
                 row["reference"] = s.rows[i]["response"]
                 row["rouge_l"] = rouge_l(text, row["reference"])
+                row["reference_nll"], row["reference_tokens"] = nlls[i]
             rows.append(row)
         result["seconds"][name] = round(time.perf_counter() - t0, 2)
     result["seconds"]["total"] = round(time.perf_counter() - start, 2)

@@ -80,9 +80,10 @@ def length_batches(widths: Sequence[int], batch_size: int, max_tokens: int) -> l
 
 
 @torch.inference_mode()
-def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                 template: str = "chat", batch_size: int = 8, progress: bool = True) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of the response tokens (+ EOS) given their prompts, and their count.
+def response_nlls(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                  template: str = "chat", batch_size: int = 8, progress: bool = True) -> list[tuple[float, int]]:
+    """Per response, in the order given: the summed negative log-likelihood (nats) of its tokens (+ EOS) given its
+    prompt, and their count (a perplexity's interval resamples these pairs).
 
     Batched with left padding; batches group examples of similar length, and hold at most batch_size examples and
     LOGITS_BUDGET logits' worth of tokens (a 262k-word vocabulary makes [B, T, V] float32 logits gigabytes at an
@@ -93,7 +94,7 @@ def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str
     examples = [(tokenizer.prompt_ids(p, template), response_ids(tokenizer, r)) for p, r in zip(prompts, responses)]
     order = sorted(range(len(examples)), key=lambda i: sum(map(len, examples[i])))
     device = model.model.embed_tokens.weight.device
-    total, count = 0.0, 0
+    scores: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     widths = [sum(map(len, examples[i])) for i in order]
     with fast_inference(model):
         batches = length_batches(widths, batch_size, LOGITS_BUDGET // model.config.vocab_size)
@@ -108,9 +109,17 @@ def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str
             for row, (_, response) in enumerate(batch):
                 scored[row, scored.shape[1] - len(response):] = True
             logits = model.logits(hidden[:, :-1][scored[:, 1:]])
-            total += float(F.cross_entropy(logits, input_ids[scored], reduction="sum"))
-            count += int(scored.sum())
-    return total, count
+            nll = F.cross_entropy(logits, input_ids[scored], reduction="none").double()
+            for i, row_nll in zip(rows, nll.split([len(response) for _, response in batch])):
+                scores[order[i]] = (float(row_nll.sum()), len(row_nll))
+    return scores
+
+
+def response_nll(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                 template: str = "chat", batch_size: int = 8, progress: bool = True) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of all the response tokens (+ EOS) given their prompts, and their count."""
+    scores = response_nlls(model, tokenizer, prompts, responses, template, batch_size, progress)
+    return sum(nll for nll, _ in scores), sum(count for _, count in scores)
 
 
 def perplexity(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],

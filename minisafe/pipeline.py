@@ -43,7 +43,7 @@ from minisafe import builders, data
 from minisafe.alignment import Recipe, alignment_data, greedy_answerer
 from minisafe.cli import non_negative_int, option, parse_config, script
 from minisafe.errors import ConfigError
-from minisafe.evaluation import EvalConfig, run_eval
+from minisafe.evaluation import RESULTS_FORMAT, EvalConfig, run_eval
 from minisafe.freeze import parse_layer_range
 from minisafe.io import atomic_write_json, atomic_write_text, content_hash, machine, read_json, run_record
 from minisafe.locating import LocateConfig, run_locate
@@ -123,9 +123,13 @@ STEP_FIELDS = {
 }
 
 
+# The output format a step's later readers need, where the code sets it: a step made in an older one reruns.
+STEP_FORMATS = {"eval": {"results_format": RESULTS_FORMAT}}
+
+
 def step_settings(p: Profile, step: str, **extra: Any) -> dict[str, Any]:
     value = lambda name: asdict(getattr(p, name)) if name == "splits" else getattr(p, name)  # noqa: E731
-    return {**{name: value(name) for name in STEP_FIELDS[step]}, **extra}
+    return {**{name: value(name) for name in STEP_FIELDS[step]}, **STEP_FORMATS.get(step, {}), **extra}
 
 
 def step_input_hash(path: str | Path) -> str:

@@ -9,6 +9,7 @@ report is written, against the hand labels shipped then (minisafe/prompts/judge_
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from minisafe.io import read_json
 from minisafe.locating import Search, format_table1
 from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
                                  table_rows, verdict)
-from minisafe.stats import JUDGE_AGREEMENT_TARGET, Rate, bootstrap_mean
+from minisafe.stats import JUDGE_AGREEMENT_TARGET, Rate, bootstrap_mean, bootstrap_ratio
 
 if TYPE_CHECKING:  # annotations only: the pipeline imports this module
     from minisafe.pipeline import AttackRun, Profile
@@ -186,21 +187,34 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun],
     return ["## Verdicts", "", *verdicts, "", "![forest](forest.png)", ""] + lines, results
 
 
+def utility_tables(out: Path, runs: list[AttackRun]) -> dict[str, dict[str, torch.Tensor]]:
+    """{method: {"rouge_l", "nll", "tokens": [seeds, prompts]}} of the normal prompts' per-prompt utility numbers
+    (responses.jsonl: ROUGE-L of the response, the reference answer's summed NLL and token count)."""
+    keys, tables = ("rouge_l", "reference_nll", "reference_tokens"), {}
+    for run in runs:
+        rows = sorted((r for r in data.read_jsonl(out / f"eval-{run.label}" / "responses.jsonl")
+                       if r["set"] == "utility"), key=lambda r: r["prompt"])
+        tables.setdefault(run.method, []).append([[r[k] for r in rows] for k in keys])
+    return {m: dict(zip(("rouge_l", "nll", "tokens"), torch.tensor(seeds, dtype=torch.float64).unbind(1)))
+            for m, seeds in tables.items()}
+
+
 def utility_rows(out: Path, runs: list[AttackRun], margins: dict[str, float]) -> list[str]:
-    """Over-rejection, normal refusals (bootstrap over seeds and prompts, widened by the judge's `margins` per kind of
-    prompt), ROUGE-L and perplexity (mean and range over seeds) of each method after the attack."""
+    """Over-rejection and normal refusals (widened by the judge's `margins` per kind of prompt), ROUGE-L and
+    perplexity of each method after the attack, each with a 95% bootstrap interval over seeds and prompts."""
     over, _ = group_tables(out, runs, "over_rejection", refused=True)
     normal, _ = group_tables(out, runs, "utility", refused=True)
-    lines = ["| method | over-rejection refused % | normal refused % | ROUGE-L (range) | perplexity (range) |",
+    utility = utility_tables(out, runs)
+    lines = ["| method | over-rejection refused % | normal refused % | ROUGE-L [95% CI] | perplexity [95% CI] |",
              "|---|---|---|---|---|"]
     for method in over:
-        results = [_results(out, r.label) for r in runs if r.method == method]
-        rouge, ppl = [m["rouge_l"] for m in results], [m["perplexity"] for m in results]
         refusals = [bootstrap_mean(rates[method]).widened(margins.get(kind, 0)).points()
                     for rates, kind in ((over, "over_rejection"), (normal, "normal"))]
+        rouge = bootstrap_mean(utility[method]["rouge_l"])
+        nll = bootstrap_ratio(utility[method]["nll"], utility[method]["tokens"])
         lines.append(f"| {method} | {refusals[0]} | {refusals[1]} "
-                     f"| {sum(rouge) / len(rouge):.3f} ({min(rouge):.3f}-{max(rouge):.3f}) | "
-                     f"{sum(ppl) / len(ppl):.2f} ({min(ppl):.2f}-{max(ppl):.2f}) |")
+                     f"| {rouge.value:.3f} [{rouge.low:.3f}, {rouge.high:.3f}] "
+                     f"| {math.exp(nll.value):.2f} [{math.exp(nll.low):.2f}, {math.exp(nll.high):.2f}] |")
     return lines
 
 

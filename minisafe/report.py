@@ -146,16 +146,31 @@ def report_section(directory: Path, run: Path, heading: str, level: int, out: Pa
     return [f"{'#' * level} {heading}", "", *made_by, text.strip(), ""]
 
 
+def summarised(below: Path) -> bool:
+    """Whether a step's report is one of a pipeline run's attack evaluations (eval-X beside attack-X) or dose
+    evaluations (dose-*): the run's own report tables all of their rates, so results.md names them, not copies."""
+    return below.name.startswith("dose-") or (
+        below.name.startswith("eval-") and (below.parent / f"attack-{below.name.removeprefix('eval-')}").is_dir())
+
+
 def run_sections(run: Path, out: Path) -> list[str]:
-    """A run directory's part of results.md: its report, its sweep table, then the reports one level below."""
+    """A run directory's part of results.md: its report, its sweep table, then the reports one level below (the
+    attack and dose evaluations of a pipeline run only by count and path)."""
     if not (run / "report.md").is_file():
         raise ConfigError(f"{run}: no report.md (is this a finished run directory?)")
     label = run.as_posix()
     lines = report_section(run, run, f"`{label}`", 2, out)
     if (run / "sweep" / "sweep.json").is_file():
         lines += [f"### `{label}/sweep`", "", *sweep_table(run / "sweep" / "sweep.json"), ""]
-    for below in sorted(d for d in run.iterdir() if d.is_dir() and (d / "report.md").is_file()):
-        lines += report_section(below, run, f"`{label}/{below.name}`", 3, out)
+    below = sorted(d for d in run.iterdir() if d.is_dir() and (d / "report.md").is_file())
+    tabled = [d for d in below if summarised(d)]
+    if tabled:
+        lines += [f"The {len(tabled)} per-step reports of the attacks' evaluations (`{label}/eval-<attack>/report.md`, "
+                  f"`{label}/dose-*/report.md`, with example responses) are not copied here: the tables above hold "
+                  "their rates.", ""]
+    for d in below:
+        if not summarised(d):
+            lines += report_section(d, run, f"`{label}/{d.name}`", 3, out)
     return lines
 
 

@@ -101,6 +101,21 @@ def bootstrap_mean(outcomes: torch.Tensor, reps: int = BOOTSTRAP_REPS, seed: int
     return _estimate(outcomes.mean().item(), means)
 
 
+def bootstrap_ratio(numerators: torch.Tensor, denominators: torch.Tensor, reps: int = BOOTSTRAP_REPS,
+                    seed: int = 0) -> Estimate:
+    """sum(numerators) / sum(denominators) of two [seeds, prompts] tables (a per-token mean, such as the NLL behind
+    a perplexity, from per-prompt sums and token counts), with a 95% percentile interval over resampled seeds and
+    prompts: each draw takes the same seeds and prompts from both tables."""
+    num = torch.as_tensor(numerators, dtype=torch.float64)
+    den = torch.as_tensor(denominators, dtype=torch.float64)
+    if num.shape != den.shape:
+        raise ValueError(f"numerators {tuple(num.shape)} and denominators {tuple(den.shape)} differ in shape")
+    s, p = _draws(*num.shape, reps, seed)
+    pick = (s[:, :, None], p[:, None, :])
+    ratios = num[pick].sum(dim=(1, 2)) / den[pick].sum(dim=(1, 2))
+    return _estimate((num.sum() / den.sum()).item(), ratios)
+
+
 def paired_difference(a: torch.Tensor, b: torch.Tensor, reps: int = BOOTSTRAP_REPS, seed: int = 0) -> Estimate:
     """mean(a) - mean(b) of two [seeds, prompts] tables on the same seeds and prompts (a row of b may be shared by
     every seed: b of shape [1, prompts], e.g. the aligned model before any fine-tune), with a paired bootstrap."""

@@ -11,7 +11,7 @@ from eval import main
 from minisafe.errors import ConfigError, DataError
 from minisafe.evaluation import EvalConfig, report, run_eval, sample
 from minisafe import metrics
-from minisafe.metrics import lcs_length, length_batches, perplexity, response_nll, rouge_l
+from minisafe.metrics import lcs_length, length_batches, perplexity, response_nll, response_nlls, rouge_l
 from minisafe.stats import wilson_interval
 from tiny import save_tiny
 
@@ -83,6 +83,15 @@ def test_length_batches_respect_the_batch_size_and_the_token_budget():
     assert length_batches([5, 6, 7, 8], batch_size=3, max_tokens=100) == [range(0, 3), range(3, 4)]
     assert length_batches([5, 6, 7, 8], batch_size=8, max_tokens=14) == [range(0, 2), range(2, 3), range(3, 4)]
     assert length_batches([50], batch_size=8, max_tokens=10) == [range(0, 1)]  # one sequence always fits
+
+
+def test_each_responses_nll_is_its_own_teacher_forced_sum_in_the_order_given(tiny):
+    model, tok = tiny
+    scores = response_nlls(model, tok, PROMPTS, RESPONSES, "chat", batch_size=3, progress=False)
+    for (nll, count), prompt, response in zip(scores, PROMPTS, RESPONSES):  # each alone: no padding, no batch
+        alone, alone_count = response_nll(model, tok, [prompt], [response], "chat", batch_size=1, progress=False)
+        assert count == alone_count and nll == pytest.approx(alone, rel=1e-5)
+    assert len({count for _, count in scores}) == len(scores)  # distinct lengths: a mixed-up order would show
 
 
 def test_perplexity_counts_every_response_token_and_the_eos(tiny):

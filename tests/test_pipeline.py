@@ -2,6 +2,8 @@
 rerun skips what is done."""
 
 import json
+import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -85,6 +87,18 @@ def test_pipeline_writes_every_artefact_and_a_report_in_the_paper_layout(run):
     for picture in ("forest.png", "dose.png", "share.png"):
         assert (out / picture).stat().st_size > 0
     assert list(out.glob("dose-implicit-full-s0-snapshot-*"))
+
+
+def test_utility_after_an_attack_is_pooled_over_seeds_with_an_interval(run):
+    root, report, _ = run
+    out = root / "run"
+    rows = [line.split(" | ") for line in report.read_text().splitlines() if line.startswith("| full | ")]
+    ppl_cell = rows[0][4]  # the first attack's utility row of full fine-tuning: "5.43 [5.10, 5.80] |"
+    value, low, high = (float(x) for x in re.findall(r"[0-9.]+", ppl_cell)[:3])
+    assert low <= value <= high
+    seeds = [json.loads((out / f"eval-implicit-full-s{s}" / "results.json").read_text())["models"][0]
+             for s in TINY.seeds]  # the same references for every seed: the pooled NLL is the mean of theirs
+    assert value == pytest.approx(math.exp(sum(math.log(m["perplexity"]) for m in seeds) / len(seeds)), abs=0.006)
 
 
 def test_the_longer_dose_runs_train_twice_the_steps_and_end_the_dose_curves_outside_table_2(run):

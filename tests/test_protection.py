@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minisafe.protection import compare_methods, outcome_table, table_rows, verdict
-from minisafe.stats import Rate, bootstrap_mean, paired_difference, wilson_interval
+from minisafe.stats import Rate, bootstrap_mean, bootstrap_ratio, paired_difference, wilson_interval
 
 
 def test_wilson_interval_matches_known_values():
@@ -34,6 +34,20 @@ def test_the_bootstrap_interval_covers_the_mean_and_narrows_with_more_prompts():
     assert e_small.low < e_small.value < e_small.high
     assert (e_large.high - e_large.low) < (e_small.high - e_small.low)
     assert e_large.low < 0.5 < e_large.high
+
+
+def test_a_ratio_of_sums_weighs_each_prompt_by_its_tokens_and_resamples_both_tables_together():
+    nll = torch.tensor([[10.0, 1.0], [10.0, 1.0]])  # per-prompt sums: 1 nat/token on prompt 0, 0.1 on prompt 1
+    tokens = torch.tensor([[10.0, 10.0], [10.0, 10.0]])
+    e = bootstrap_ratio(nll, tokens)
+    assert e.value == pytest.approx(11 / 20)  # the ratio of sums; here also the mean of per-prompt means
+    assert e.low == pytest.approx(0.1) and e.high == pytest.approx(1.0)  # draws of one prompt twice: its own ratio
+    constant = bootstrap_ratio(torch.full((3, 40), 6.0), torch.full((3, 40), 4.0))
+    assert (constant.value, constant.low, constant.high) == pytest.approx((1.5, 1.5, 1.5))
+    uneven = bootstrap_ratio(torch.tensor([[9.0, 1.0]]), torch.tensor([[3.0, 7.0]]))
+    assert uneven.value == pytest.approx(10 / 10)  # not the mean of 3.0 and 1/7
+    with pytest.raises(ValueError, match="differ in shape"):
+        bootstrap_ratio(torch.ones(2, 3), torch.ones(3, 2))
 
 
 def test_a_paired_difference_sees_a_small_shift_that_unpaired_rates_would_hide():

@@ -65,6 +65,20 @@ def test_results_document_holds_each_report_its_command_and_its_figures(tmp_path
     assert (tmp_path / "docs" / "img" / "demo-locate-cosine.png").read_bytes() == PNG
 
 
+def test_a_pipeline_runs_attack_and_dose_evaluations_are_named_not_copied(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = fake_run(tmp_path)
+    for name in ("eval-implicit-full-s0", "dose-implicit-full-s0-snapshot-2", "eval-lone"):
+        (run / name).mkdir()
+        (run / name / "report.md").write_text(f"# Evaluation\n\nrates of {name}\n")
+    (run / "attack-implicit-full-s0").mkdir()  # eval-lone has no attack beside it: a report of its own
+    assert main(["results", "runs/demo", "--out", "docs/results.md"]) == 0
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "rates of eval-implicit-full-s0" not in text and "rates of dose-implicit-full-s0-snapshot-2" not in text
+    assert "The 2 per-step reports of the attacks' evaluations" in text
+    assert "### `runs/demo/eval-lone`" in text and "rates of eval-lone" in text and "| align | 50.0% (25/50) |" in text
+
+
 def test_regenerating_results_gives_identical_bytes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fake_run(tmp_path)
