@@ -23,7 +23,7 @@ from minisafe.judge_check import measured_agreement
 from minisafe.io import read_json
 from minisafe.locating import Search, format_table1
 from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
-                                 table_rows, verdict)
+                                 strength_line, table_rows, verdict)
 from minisafe.stats import JUDGE_AGREEMENT_TARGET, Rate, bootstrap_mean, bootstrap_ratio
 
 if TYPE_CHECKING:  # annotations only: the pipeline imports this module
@@ -181,7 +181,8 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun],
                   f"| {group} | aligned | - | {bootstrap_mean(aligned).widened(margin).points()} | - | - | "
                   f"1 x {len(prompts)} |"]
         said = verdict(group, results[group])
-        lines += table_rows(group, results[group], specs, margin) + ["", f"Verdict: {said}", ""]
+        lines += table_rows(group, results[group], specs, margin) + ["", strength_line(results[group], aligned), "",
+                                                                     f"Verdict: {said}", ""]
         lines += utility_rows(out, members, margins) + [""]
         verdicts.append(f"- {said}")
     return ["## Verdicts", "", *verdicts, "", "![forest](forest.png)", ""] + lines, results
