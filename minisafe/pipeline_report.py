@@ -119,19 +119,19 @@ def alignment_section(p: Profile, out: Path) -> list[str]:
     return lines + [""]
 
 
-def prompt_outcomes(eval_dir: Path, set_name: str, refused: bool = False) -> dict[str, bool]:
-    """{prompt: answered} (or {prompt: refused}) of one set of an eval run, from its responses.jsonl."""
-    return {r["prompt"]: (r["verdict"] == "refused") == refused for r in data.read_jsonl(eval_dir / "responses.jsonl")
+def prompt_outcomes(eval_dir: Path, set_name: str) -> dict[str, bool]:
+    """{prompt: answered} of one set of an eval run, from its responses.jsonl."""
+    return {r["prompt"]: r["verdict"] != "refused" for r in data.read_jsonl(eval_dir / "responses.jsonl")
             if r["set"] == set_name}
 
 
-def group_tables(out: Path, runs: list[AttackRun], set_name: str = "harmful",
-                 refused: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """{method: [seeds, prompts] outcomes} of runs of one (attack, lr), and the prompts in their column order."""
-    prompts = sorted(prompt_outcomes(out / f"eval-{runs[0].label}", set_name))
+def group_tables(out: Path, runs: list[AttackRun]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """{method: [seeds, prompts] answered} of the malicious prompts for runs of one (attack, lr), and the prompts in
+    their column order."""
+    prompts = sorted(prompt_outcomes(out / f"eval-{runs[0].label}", "harmful"))
     tables: dict[str, list[dict[str, bool]]] = {}
     for run in runs:
-        tables.setdefault(run.method, []).append(prompt_outcomes(out / f"eval-{run.label}", set_name, refused))
+        tables.setdefault(run.method, []).append(prompt_outcomes(out / f"eval-{run.label}", "harmful"))
     return {m: outcome_table(rows, prompts) for m, rows in tables.items()}, prompts
 
 
@@ -188,33 +188,38 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun],
     return ["## Verdicts", "", *verdicts, "", "![forest](forest.png)", ""] + lines, results
 
 
-def utility_tables(out: Path, runs: list[AttackRun]) -> dict[str, dict[str, torch.Tensor]]:
-    """{method: {"rouge_l", "nll", "tokens": [seeds, prompts]}} of the normal prompts' per-prompt utility numbers
-    (responses.jsonl: ROUGE-L of the response, the reference answer's summed NLL and token count)."""
-    keys, tables = ("rouge_l", "reference_nll", "reference_tokens"), {}
-    for run in runs:
-        rows = sorted((r for r in data.read_jsonl(out / f"eval-{run.label}" / "responses.jsonl")
-                       if r["set"] == "utility"), key=lambda r: r["prompt"])
-        tables.setdefault(run.method, []).append([[r[k] for r in rows] for k in keys])
-    return {m: dict(zip(("rouge_l", "nll", "tokens"), torch.tensor(seeds, dtype=torch.float64).unbind(1)))
-            for m, seeds in tables.items()}
+def utility_tables(eval_dirs: list[Path]) -> dict[str, torch.Tensor]:
+    """[seeds, prompts] tables of the eval runs `eval_dirs` (one per seed), prompts in sorted order: refused (1 = the
+    response is a refusal) of the over-rejection and the normal prompts, and the normal prompts' ROUGE-L, reference
+    NLL and reference token count (responses.jsonl)."""
+    tables: dict[str, list[list[float]]] = {}
+    for eval_dir in eval_dirs:
+        rows = sorted(data.read_jsonl(eval_dir / "responses.jsonl"), key=lambda r: (r["set"], r["prompt"]))
+        of = lambda name: [r for r in rows if r["set"] == name]  # noqa: E731
+        columns = {"over_refused": [float(r["verdict"] == "refused") for r in of("over_rejection")],
+                   "normal_refused": [float(r["verdict"] == "refused") for r in of("utility")],
+                   **{key: [float(r[key]) for r in of("utility")]
+                      for key in ("rouge_l", "reference_nll", "reference_tokens")}}
+        for key, column in columns.items():
+            tables.setdefault(key, []).append(column)
+    return {key: torch.tensor(rows, dtype=torch.float64) for key, rows in tables.items()}
 
 
 def utility_rows(out: Path, runs: list[AttackRun], margins: dict[str, float]) -> list[str]:
     """Over-rejection and normal refusals (widened by the judge's `margins` per kind of prompt), ROUGE-L and
-    perplexity of each method after the attack, each with a 95% bootstrap interval over seeds and prompts."""
-    over, _ = group_tables(out, runs, "over_rejection", refused=True)
-    normal, _ = group_tables(out, runs, "utility", refused=True)
-    utility = utility_tables(out, runs)
-    lines = ["| method | over-rejection refused % | normal refused % | ROUGE-L [95% CI] | perplexity [95% CI] |",
+    perplexity of the aligned model and of each method after the attack, each with a 95% bootstrap interval over
+    seeds and prompts (the aligned model: over prompts)."""
+    lines = ["| model | over-rejection refused % | normal refused % | ROUGE-L [95% CI] | perplexity [95% CI] |",
              "|---|---|---|---|---|"]
-    for method in over:
-        refusals = [bootstrap_mean(rates[method]).widened(margins.get(kind, 0)).points()
-                    for rates, kind in ((over, "over_rejection"), (normal, "normal"))]
-        rouge = bootstrap_mean(utility[method]["rouge_l"])
-        nll = bootstrap_ratio(utility[method]["nll"], utility[method]["tokens"])
-        lines.append(f"| {method} | {refusals[0]} | {refusals[1]} "
-                     f"| {rouge.value:.3f} [{rouge.low:.3f}, {rouge.high:.3f}] "
+    methods = {"aligned": [out / "eval-aligned"]}
+    for run in runs:
+        methods.setdefault(run.method, []).append(out / f"eval-{run.label}")
+    for method, eval_dirs in methods.items():
+        t = utility_tables(eval_dirs)
+        over = bootstrap_mean(t["over_refused"]).widened(margins.get("over_rejection", 0)).points()
+        normal = bootstrap_mean(t["normal_refused"]).widened(margins.get("normal", 0)).points()
+        rouge, nll = bootstrap_mean(t["rouge_l"]), bootstrap_ratio(t["reference_nll"], t["reference_tokens"])
+        lines.append(f"| {method} | {over} | {normal} | {rouge.value:.3f} [{rouge.low:.3f}, {rouge.high:.3f}] "
                      f"| {math.exp(nll.value):.2f} [{math.exp(nll.low):.2f}, {math.exp(nll.high):.2f}] |")
     return lines
 

@@ -99,6 +99,12 @@ def test_utility_after_an_attack_is_pooled_over_seeds_with_an_interval(run):
     seeds = [json.loads((out / f"eval-implicit-full-s{s}" / "results.json").read_text())["models"][0]
              for s in TINY.seeds]  # the same references for every seed: the pooled NLL is the mean of theirs
     assert value == pytest.approx(math.exp(sum(math.log(m["perplexity"]) for m in seeds) / len(seeds)), abs=0.006)
+    lines = report.read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model | over-rejection refused % |"))
+    aligned_row = lines[header + 2]  # the utility table's first row: the aligned model, before any attack
+    assert aligned_row.startswith("| aligned | ")
+    aligned = json.loads((out / "eval-aligned" / "results.json").read_text())["models"][0]
+    assert float(aligned_row.split(" | ")[4].split()[0]) == pytest.approx(aligned["perplexity"], abs=0.006)
 
 
 def test_the_longer_dose_runs_train_twice_the_steps_and_end_the_dose_curves_outside_table_2(run):
