@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 (CPU build) lies on this machine's disk; pointing pip there keeps it from fetching a CUDA build.
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
-PIP := $(PY) -m pip install -q --disable-pip-version-check $(PIP_FIND)
+# No wheel cache: a venv is built once per clone, and a cache beside it doubles the disk the install needs.
+PIP := $(PY) -m pip install -q --no-cache-dir --disable-pip-version-check $(PIP_FIND)
 
 .PHONY: setup setup-test fetch demo reproduce sweep-align test bench docs judge-check clean-venv
 
