@@ -120,6 +120,7 @@ STEP_FIELDS = {
     "harmful_data": ("seed", "harmful_p"),
     "attack": ("seed", "attack_epochs", "attack_lr", "batch_size", "max_len"),
     "eval": ("seed", "eval_limit", "eval_tokens"),
+    "rates": ("seed", "eval_limit", "eval_tokens"),  # an evaluation of R_h only (dose-response): no utility rows
 }
 
 
@@ -436,12 +437,13 @@ def attack_steps(p: Profile, out: Path, sets: Path, aligned: Path, attack_data: 
         lambda o: fine_tune(aligned, attack_data[run.attack], o, p, epochs, p.attack_lr * run.lr_scale,
                             run.freeze, seed=run.seed, neurons=run.neurons, snapshots=dose), say)
     steps[f"eval-{run.label}"] = run_step(
-        f"eval-{run.label}", out / f"eval-{run.label}", {"model": target, "sets": sets}, step_settings(p, "eval"),
+        f"eval-{run.label}", out / f"eval-{run.label}", {"model": target, "sets": sets},
+        step_settings(p, "eval" if run.epochs_factor == 1 else "rates"),
         lambda o: (evaluate_tests(target, sets, p, o, extra=False) if run.epochs_factor == 1 else  # dose: R_h only
                    evaluate_step(target, p, o, sets / "malicious_test.jsonl")), say)
     for snapshot in sorted(target.glob("snapshot-*")):
         name = f"dose-{run.label}-{snapshot.name}"
-        steps[name] = run_step(name, out / name, {"model": snapshot, "sets": sets}, step_settings(p, "eval"),
+        steps[name] = run_step(name, out / name, {"model": snapshot, "sets": sets}, step_settings(p, "rates"),
                                lambda o, m=snapshot: evaluate_step(m, p, o, sets / "malicious_test.jsonl"), say)
     return steps
 

@@ -191,10 +191,16 @@ def attack_section(p: Profile, out: Path, runs: list[AttackRun],
 def utility_tables(eval_dirs: list[Path]) -> dict[str, torch.Tensor]:
     """[seeds, prompts] tables of the eval runs `eval_dirs` (one per seed), prompts in sorted order: refused (1 = the
     response is a refusal) of the over-rejection and the normal prompts, and the normal prompts' ROUGE-L, reference
-    NLL and reference token count (responses.jsonl)."""
+    NLL and reference token count (responses.jsonl). The bootstrap pairs columns across seeds, so every run must have
+    answered the same prompts."""
     tables: dict[str, list[list[float]]] = {}
+    first: list[tuple[str, str]] = []
     for eval_dir in eval_dirs:
         rows = sorted(data.read_jsonl(eval_dir / "responses.jsonl"), key=lambda r: (r["set"], r["prompt"]))
+        asked = [(r["set"], r["prompt"]) for r in rows]
+        if first and asked != first:
+            raise ValueError(f"{eval_dir}/responses.jsonl: other prompts than {eval_dirs[0]}/responses.jsonl")
+        first = first or asked
         of = lambda name: [r for r in rows if r["set"] == name]  # noqa: E731
         columns = {"over_refused": [float(r["verdict"] == "refused") for r in of("over_rejection")],
                    "normal_refused": [float(r["verdict"] == "refused") for r in of("utility")],
@@ -312,7 +318,7 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
         lines += ["## 4. Dose-response", "", "R_h along each attack (seed(s) "
                   f"{list(p.seeds[:p.dose_seeds])}; 0 = the aligned model{longer}):", "", "![dose](dose.png)", ""]
     if p.share_widths:
-        lines += share_section(out, runs)
+        lines += share_section(out, runs, judge_margins(error))
     return "\n".join(lines + wall_time_lines(steps))
 
 
@@ -322,8 +328,9 @@ def share_runs(runs: list[AttackRun]) -> list[AttackRun]:
                                                     and r.lr_scale == 1 and r.in_table)]
 
 
-def share_section(out: Path, runs: list[AttackRun]) -> list[str]:
-    """The frozen-share sweep: R_h against the share of parameters frozen, around the safety layers and at random."""
+def share_section(out: Path, runs: list[AttackRun], margins: dict[str, float]) -> list[str]:
+    """The frozen-share sweep: R_h against the share of parameters frozen, around the safety layers and at random,
+    and the sweep's runs' over-rejection and utility (refusals widened by the judge's `margins`)."""
     swept = share_runs(runs)
     tables, _ = group_tables(out, swept)
     points = []
@@ -338,4 +345,6 @@ def share_section(out: Path, runs: list[AttackRun]) -> list[str]:
              "freezing capacity, not from the located layers.", "", "| method | frozen share | R_h % [95% CI] |",
              "|---|---|---|"]
     lines += [f"| {m} | {100 * share:.1f}% | {e.points()} |" for m, share, e in sorted(points, key=lambda x: x[1])]
-    return lines + ["", "![share](share.png)", ""]
+    lines += ["", "![share](share.png)", "", "Over-rejection and utility of the widened ranges (their ends: section 3):",
+              ""]
+    return lines + utility_rows(out, [r for r in swept if "-w" in r.method], margins) + [""]

@@ -148,9 +148,11 @@ def report_section(directory: Path, run: Path, heading: str, level: int, out: Pa
 
 def summarised(below: Path) -> bool:
     """Whether a step's report is one of a pipeline run's attack evaluations (eval-X beside attack-X) or dose
-    evaluations (dose-*): the run's own report tables all of their rates, so results.md names them, not copies."""
-    return below.name.startswith("dose-") or (
-        below.name.startswith("eval-") and (below.parent / f"attack-{below.name.removeprefix('eval-')}").is_dir())
+    evaluations (dose-* beside the run's dose.png): the run's own report holds their rates (tables, and the dose
+    figure for R_h along an attack), so results.md names them, not copies."""
+    dose = below.name.startswith("dose-") and (below.parent / "dose.png").is_file()
+    return dose or (below.name.startswith("eval-")
+                    and (below.parent / f"attack-{below.name.removeprefix('eval-')}").is_dir())
 
 
 def run_sections(run: Path, out: Path) -> list[str]:
@@ -166,8 +168,8 @@ def run_sections(run: Path, out: Path) -> list[str]:
     tabled = [d for d in below if summarised(d)]
     if tabled:
         lines += [f"The {len(tabled)} per-step reports of the attacks' evaluations (`{label}/eval-<attack>/report.md`, "
-                  f"`{label}/dose-*/report.md`, with example responses) are not copied here: the tables above hold "
-                  "their rates.", ""]
+                  f"`{label}/dose-*/report.md`, with example responses) are not copied here: the report above holds "
+                  "their rates (the dose evaluations' as the dose-response figure).", ""]
     for d in below:
         if not summarised(d):
             lines += report_section(d, run, f"`{label}/{d.name}`", 3, out)

@@ -105,11 +105,15 @@ def bootstrap_ratio(numerators: torch.Tensor, denominators: torch.Tensor, reps: 
                     seed: int = 0) -> Estimate:
     """sum(numerators) / sum(denominators) of two [seeds, prompts] tables (a per-token mean, such as the NLL behind
     a perplexity, from per-prompt sums and token counts), with a 95% percentile interval over resampled seeds and
-    prompts: each draw takes the same seeds and prompts from both tables."""
+    prompts: each draw takes the same seeds and prompts from both tables. Every denominator must be positive, so that
+    no draw divides by zero."""
     num = torch.as_tensor(numerators, dtype=torch.float64)
     den = torch.as_tensor(denominators, dtype=torch.float64)
     if num.shape != den.shape:
         raise ValueError(f"numerators {tuple(num.shape)} and denominators {tuple(den.shape)} differ in shape")
+    if not (den > 0).all():
+        raise ValueError("denominators must all be positive (a draw of only zeros would divide by zero)")
+    num, den = num.reshape(-1, num.shape[-1]), den.reshape(-1, den.shape[-1])
     s, p = _draws(*num.shape, reps, seed)
     pick = (s[:, :, None], p[:, None, :])
     ratios = num[pick].sum(dim=(1, 2)) / den[pick].sum(dim=(1, 2))

@@ -86,7 +86,13 @@ def test_pipeline_writes_every_artefact_and_a_report_in_the_paper_layout(run):
     assert "Verdict: D_I (implicit attack), lr x0.5:" in text and "Verdict: harmful mix, lr x0.5:" in text
     for picture in ("forest.png", "dose.png", "share.png"):
         assert (out / picture).stat().st_size > 0
-    assert list(out.glob("dose-implicit-full-s0-snapshot-*"))
+    share = text.split("## 5. Frozen-share sweep")[1].split("## Wall time")[0]
+    assert share.count("| sppft-w2 | ") == 2 and share.count("| random-w2 | ") == 2  # R_h by share, and utility
+    doses = list(out.glob("dose-implicit-full-s0-snapshot-*"))
+    assert doses
+    # Only evaluations with utility rows record the results format: a format change reruns those alone.
+    assert "results_format" in json.loads((out / "eval-implicit-full-s0" / "step.json").read_text())["settings"]
+    assert all("results_format" not in json.loads((d / "step.json").read_text())["settings"] for d in doses)
 
 
 def test_utility_after_an_attack_is_pooled_over_seeds_with_an_interval(run):

@@ -72,6 +72,7 @@ def test_a_pipeline_runs_attack_and_dose_evaluations_are_named_not_copied(tmp_pa
         (run / name).mkdir()
         (run / name / "report.md").write_text(f"# Evaluation\n\nrates of {name}\n")
     (run / "attack-implicit-full-s0").mkdir()  # eval-lone has no attack beside it: a report of its own
+    (run / "dose.png").write_bytes(PNG)  # the figure that holds the dose evaluations' rates
     assert main(["results", "runs/demo", "--out", "docs/results.md"]) == 0
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "rates of eval-implicit-full-s0" not in text and "rates of dose-implicit-full-s0-snapshot-2" not in text
