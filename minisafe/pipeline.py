@@ -120,8 +120,9 @@ STEP_FIELDS = {
     "harmful_data": ("seed", "harmful_p"),
     "attack": ("seed", "attack_epochs", "attack_lr", "batch_size", "max_len"),
     "eval": ("seed", "eval_limit", "eval_tokens"),
-    "rates": ("seed", "eval_limit", "eval_tokens"),  # an evaluation of R_h only (dose-response): no utility rows
 }
+# An evaluation of R_h only (dose-response): the fields of "eval", but no utility rows, so no results format.
+STEP_FIELDS["rates"] = STEP_FIELDS["eval"]
 
 
 # The output format a step's later readers need, where the code sets it: a step made in an older one reruns.
@@ -436,11 +437,12 @@ def attack_steps(p: Profile, out: Path, sets: Path, aligned: Path, attack_data: 
         f"attack-{run.label}", target, {"model": aligned, "data": attack_data[run.attack]}, settings,
         lambda o: fine_tune(aligned, attack_data[run.attack], o, p, epochs, p.attack_lr * run.lr_scale,
                             run.freeze, seed=run.seed, neurons=run.neurons, snapshots=dose), say)
+    rates_only = run.epochs_factor != 1  # a longer dose run: R_h only
     steps[f"eval-{run.label}"] = run_step(
         f"eval-{run.label}", out / f"eval-{run.label}", {"model": target, "sets": sets},
-        step_settings(p, "eval" if run.epochs_factor == 1 else "rates"),
-        lambda o: (evaluate_tests(target, sets, p, o, extra=False) if run.epochs_factor == 1 else  # dose: R_h only
-                   evaluate_step(target, p, o, sets / "malicious_test.jsonl")), say)
+        step_settings(p, "rates" if rates_only else "eval"),
+        lambda o: (evaluate_step(target, p, o, sets / "malicious_test.jsonl") if rates_only else
+                   evaluate_tests(target, sets, p, o, extra=False)), say)
     for snapshot in sorted(target.glob("snapshot-*")):
         name = f"dose-{run.label}-{snapshot.name}"
         steps[name] = run_step(name, out / name, {"model": snapshot, "sets": sets}, step_settings(p, "rates"),
