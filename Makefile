@@ -33,7 +33,7 @@ fetch: setup
 demo: fetch
 	$(PY) -m minisafe.pipeline --profile quick --out runs/demo
 
-# Full profile: larger sets, all four attacks (D_I, D_N, D_B, harmful mix).
+# Full profile: larger sets, D_N with every control, three seeds, a tenth of the learning rate, a frozen-share sweep.
 reproduce: fetch
 	$(PY) -m minisafe.pipeline --profile full --out runs/full
 

@@ -102,8 +102,11 @@ PROFILES = {
                      methods=("full", "sppft", "nfft", "random"), seeds=(0, 1), dose=(0.25, 0.5), dose_seeds=1,
                      attack_lr_scales=(1.0,), long_factor=0, share_widths=(), eval_limit=50, eval_tokens=64,
                      max_len=160),
+    # One attack, D_N (the mission's own: ordinary fine-tuning on harmless data; the quick profile has D_I), with
+    # every control, seed, learning rate and the frozen-share sweep: about as much as two cores train in an
+    # afternoon. The other attack sets are built either way; add them here to run them.
     "full": Profile("full", RECIPE, locate_prompts=100, locate_over_rejection=128, locate_initial=None,
-                    attacks=("implicit", "normal", "backdoor", "harmful"), attack_pairs=64, attack_epochs=2,
+                    attacks=("normal",), attack_pairs=64, attack_epochs=2,
                     attack_lr=1e-4, harmful_p=0.1, methods=METHODS, seeds=(0, 1, 2), dose=(0.25, 0.5), dose_seeds=3,
                     attack_lr_scales=(1.0, 0.1), long_factor=2, share_widths=(4, 8, 12, 16), eval_limit=None,
                     eval_tokens=64, max_len=160),
