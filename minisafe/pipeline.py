@@ -27,12 +27,15 @@ inputs then change too). An interrupted fine-tune continues from its training ch
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,7 @@ from minisafe.training import TrainConfig, train
 # no freezing, the safety layers, the paper's NFFT control (as many random neurons), as many random layers off the
 # safety layers, as many layers right before / after them (the paper's ablation)
 METHODS = ("full", "sppft", "nfft", "random", "before", "after")
-# the methods run again at the other learning rates of a profile: SPPFT and the controls it must beat
+# the methods run again at the other learning rates and twice as long: SPPFT and the controls it must beat
 SCALED_METHODS = ("full", "sppft", "nfft", "random")
 # The alignment recipe both profiles use: the one the alignment sweep (minisafe.sweep, `make sweep-align`) chose by its
 # fixed rule on validation splits only (the last recipes in runs/sweep-q); its table and the bounds it misses are in
@@ -102,13 +105,15 @@ PROFILES = {
                      methods=("full", "sppft", "nfft", "random"), seeds=(0, 1), dose=(0.25, 0.5), dose_seeds=1,
                      attack_lr_scales=(1.0,), long_factor=0, share_widths=(), eval_limit=50, eval_tokens=64,
                      max_len=160),
-    # One attack, D_N (the mission's own: ordinary fine-tuning on harmless data; the quick profile has D_I), with
-    # every control, seed, learning rate and the frozen-share sweep: about as much as two cores train in an
-    # afternoon. The other attack sets are built either way; add them here to run them.
+    # Sized to finish within one working session of two cores, since a run's outputs do not outlive the session
+    # that made them: one attack, D_N (the mission's own, ordinary fine-tuning on harmless data; the quick profile
+    # has D_I), with every control, three seeds, a tenth of the learning rate, the longer runs, and a frozen-share
+    # sweep of one width beyond the located layers' own. The other attack sets are built either way: add them to
+    # `attacks` (and widths to `share_widths`) where a run can take longer.
     "full": Profile("full", RECIPE, locate_prompts=100, locate_over_rejection=128, locate_initial=None,
-                    attacks=("normal",), attack_pairs=64, attack_epochs=2,
+                    attacks=("normal",), attack_pairs=32, attack_epochs=2,
                     attack_lr=1e-4, harmful_p=0.1, methods=METHODS, seeds=(0, 1, 2), dose=(0.25, 0.5), dose_seeds=3,
-                    attack_lr_scales=(1.0, 0.1), long_factor=2, share_widths=(4, 8, 12, 16), eval_limit=None,
+                    attack_lr_scales=(1.0, 0.1), long_factor=2, share_widths=(4, 16), eval_limit=100,
                     eval_tokens=64, max_len=160),
 }
 
@@ -402,7 +407,7 @@ def method_freeze(method: str, first: int, last: int, num_layers: int, seed: int
 
 def attack_runs(p: Profile, first: int, last: int, num_layers: int) -> list[AttackRun]:
     """Every fine-tune of the profile: attacks x learning rates x methods x seeds (the other learning rates with
-    SCALED_METHODS only), the longer dose runs, then the frozen-share sweep."""
+    SCALED_METHODS only), the longer dose runs (SCALED_METHODS, the first seed), then the frozen-share sweep."""
     runs = []
     for attack in p.attacks:
         for scale in p.attack_lr_scales:
@@ -412,8 +417,8 @@ def attack_runs(p: Profile, first: int, last: int, num_layers: int) -> list[Atta
                     if freeze is not None:
                         runs.append(AttackRun(attack, method, seed, scale, **freeze))
         if p.long_factor > 1:
-            runs += [replace(run, epochs_factor=p.long_factor) for run in runs
-                     if run.attack == attack and run.lr_scale == 1 and run.seed == p.seeds[0]]
+            runs += [replace(run, epochs_factor=p.long_factor) for run in runs if run.attack == attack and
+                     run.lr_scale == 1 and run.seed == p.seeds[0] and run.method in SCALED_METHODS]
     for width in p.share_widths:
         for kind in ("sppft", "random"):
             for seed in p.seeds:
@@ -513,6 +518,25 @@ class PipelineCommand:
                                   "(report.md then holds the alignment table only; a later run without it goes on)")
 
 
+@contextmanager
+def only_writer(out: Path) -> Iterator[None]:
+    """Hold out/.lock while a run writes there. A second run on the same directory would clear the first one's step
+    in progress (run_step treats a step without its record as half-made) and race it to the step's record; the lock
+    dies with its process, so a killed run leaves nothing to clean up."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ConfigError(f"{out}: another pipeline run is writing there (pid {lock.read().strip() or '?'}); "
+                              "wait for it or stop it first") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
 @script()
 def main(argv: list[str] | None = None) -> int:
     """Check that the fetched model and data are there, record the command, run every step; exit 2 with one
@@ -528,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         data.fetched(name, args.data)  # names `python -m tools.fetch_data` when a dataset is missing
     record = run_record(PROFILES[args.profile].seed, {"model": args.model, "data": args.data}, profile=args.profile)
     record["command"] = ["python", "-m", "minisafe.pipeline", *(sys.argv[1:] if argv is None else argv)]
-    report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data, alignment_only=args.alignment_only)
+    with only_writer(Path(args.out)):
+        report = run_pipeline(PROFILES[args.profile], args.out, args.model, args.data,
+                              alignment_only=args.alignment_only)
     # Written with the report, not before the steps: it names the command that made report.md (docs/results.md
     # shows it), and a long run still under way must not claim the report of the run before it.
     atomic_write_json(Path(args.out) / "run.json", record)

@@ -56,3 +56,20 @@ def test_an_interrupted_run_leaves_the_record_of_the_report_that_exists(tmp_path
     with pytest.raises(KeyboardInterrupt):
         pipeline.main(argv)
     assert json.loads((tmp_path / "run" / "run.json").read_text()) == earlier
+
+
+def test_a_second_run_on_the_same_directory_stops_before_writing(tmp_path, monkeypatch, capsys):
+    for name in ("model", "data"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for name in ("harmbench", "donotanswer", "sharegpt"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text('{"prompt": "x"}\n')
+    ran = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *args, **kwargs: ran.append(1) or tmp_path / "report.md")
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    with pipeline.only_writer(tmp_path / "run"):  # a run under way (flock: another open file, as another process)
+        assert pipeline.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run'}: another pipeline run is writing there (pid " in err and not ran
+    assert not (tmp_path / "run" / "run.json").exists()
+    assert pipeline.main(argv) == 0 and ran == [1]  # the lock went with the run that held it
