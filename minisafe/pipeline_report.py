@@ -22,8 +22,9 @@ from minisafe.judge import load_judge
 from minisafe.judge_check import measured_agreement
 from minisafe.io import read_json
 from minisafe.locating import Search, format_table1
-from minisafe.protection import (TABLE_HEADER, compare_methods, outcome_table, plot_dose, plot_forest, plot_share,
-                                 strength_line, table_rows, verdict)
+from minisafe.protection import (TABLE_HEADER, ShareResult, compare_methods, outcome_table, plot_dose, plot_forest,
+                                 plot_share, share_comparisons, share_rows, share_verdict, strength_line, table_rows,
+                                 verdict)
 from minisafe.stats import JUDGE_AGREEMENT_TARGET, Rate, bootstrap_mean, bootstrap_ratio
 
 if TYPE_CHECKING:  # annotations only: the pipeline imports this module
@@ -299,7 +300,11 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
     lines = report_header(p, out, model_dir, "demo", error, f", then attacked ({p.attack_pairs} pairs x "
                           f"{p.attack_epochs} epochs at lr {p.attack_lr:g} x {list(p.attack_lr_scales)})")
     attack_lines, results = attack_section(p, out, runs, judge_margins(error))
-    lines += attack_lines[:attack_lines.index("## 3. Attacks (the paper's Table 2 layout, with its controls)")]
+    share_lines, share_said = share_section(out, runs, judge_margins(error)) if p.share_widths else ([], None)
+    verdicts = attack_lines[:attack_lines.index("## 3. Attacks (the paper's Table 2 layout, with its controls)")]
+    if share_said:  # beside the attacks' verdicts, before the forest plot
+        verdicts.insert(verdicts.index("![forest](forest.png)") - 1, f"- {share_said}")
+    lines += verdicts
     lines += alignment_section(p, out)
     lines += ["## 2. Locating the safety layers", "",
               "Aligned model (chat template; raw and centred cosines):", "", "![aligned](locate/cosine.png)", "",
@@ -317,20 +322,36 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
                   "learning-rate schedule, one seed, so its band holds no seed variance" if p.long_factor > 1 else "")
         lines += ["## 4. Dose-response", "", "R_h along each attack (seed(s) "
                   f"{list(p.seeds[:p.dose_seeds])}; 0 = the aligned model{longer}):", "", "![dose](dose.png)", ""]
-    if p.share_widths:
-        lines += share_section(out, runs, judge_margins(error))
-    return "\n".join(lines + wall_time_lines(steps))
+    return "\n".join(lines + share_lines + wall_time_lines(steps))
 
 
 def share_runs(runs: list[AttackRun]) -> list[AttackRun]:
-    """The frozen-share sweep's runs, with the first attack's full and SPPFT runs of Table 2 as its ends."""
-    return [r for r in runs if "-w" in r.method or (r.method in ("full", "sppft") and r.attack == runs[0].attack
-                                                    and r.lr_scale == 1 and r.in_table)]
+    """The frozen-share sweep's runs, with the first attack's Table 2 runs of full fine-tuning (the sweep's zero),
+    SPPFT and random layers (its width at the safety layers' own)."""
+    return [r for r in runs if "-w" in r.method or (r.method in ("full", "sppft", "random") and
+                                                    r.attack == runs[0].attack and r.lr_scale == 1 and r.in_table)]
 
 
-def share_section(out: Path, runs: list[AttackRun], margins: dict[str, float]) -> list[str]:
+def frozen_width(run: AttackRun) -> int:
+    """How many layers a layer method's run freezes (its FIRST:LAST)."""
+    first, last = map(int, run.freeze.split(":"))
+    return last - first + 1
+
+
+def share_results(tables: dict[str, torch.Tensor], swept: list[AttackRun]) -> list[ShareResult]:
+    """The sweep's paired comparisons at every width that ran both around the safety layers and at random."""
+    by_width: dict[int, dict[str, torch.Tensor]] = {}
+    for method, table in tables.items():
+        if method != "full":
+            run = next(r for r in swept if r.method == method)
+            by_width.setdefault(frozen_width(run), {})[method.split("-w")[0]] = table
+    return share_comparisons(tables["full"], {w: (k["sppft"], k["random"]) for w, k in by_width.items() if len(k) == 2})
+
+
+def share_section(out: Path, runs: list[AttackRun], margins: dict[str, float]) -> tuple[list[str], str]:
     """The frozen-share sweep: R_h against the share of parameters frozen, around the safety layers and at random,
-    and the sweep's runs' over-rejection and utility (refusals widened by the judge's `margins`)."""
+    the paired comparisons per width and their verdict, and the sweep's runs' over-rejection and utility (refusals
+    widened by the judge's `margins`); returns the lines and the verdict."""
     swept = share_runs(runs)
     tables, _ = group_tables(out, swept)
     points = []
@@ -345,6 +366,9 @@ def share_section(out: Path, runs: list[AttackRun], margins: dict[str, float]) -
              "freezing capacity, not from the located layers.", "", "| method | frozen share | R_h % [95% CI] |",
              "|---|---|---|"]
     lines += [f"| {m} | {100 * share:.1f}% | {e.points()} |" for m, share, e in sorted(points, key=lambda x: x[1])]
-    lines += ["", "![share](share.png)", "", "Over-rejection and utility of the widened ranges (their ends: section 3):",
-              ""]
-    return lines + utility_rows(out, [r for r in swept if "-w" in r.method], margins) + [""]
+    compared = share_results(tables, swept)
+    said = share_verdict(compared)
+    lines += ["", "![share](share.png)", "", "Paired by seed and prompt, in points (95% bootstrap intervals):", "",
+              *share_rows(compared), "", f"Verdict: {said}", "",
+              "Over-rejection and utility of the widened ranges (their ends: section 3):", ""]
+    return lines + utility_rows(out, [r for r in swept if "-w" in r.method], margins) + [""], said

@@ -88,6 +88,9 @@ def test_pipeline_writes_every_artefact_and_a_report_in_the_paper_layout(run):
         assert (out / picture).stat().st_size > 0
     share = text.split("## 5. Frozen-share sweep")[1].split("## Wall time")[0]
     assert share.count("| sppft-w2 | ") == 2 and share.count("| random-w2 | ") == 2  # R_h by share, and utility
+    assert "| 2 | " in share and "| layers frozen | full - around the safety layers |" in share  # paired, per width
+    said = share.split("Verdict: ")[1].splitlines()[0]
+    assert said.startswith("Frozen-share sweep: ") and f"- {said}" in text.split("## 1. Alignment")[0]
     doses = list(out.glob("dose-implicit-full-s0-snapshot-*"))
     assert doses
     # Only evaluations with utility rows record the results format: a format change reruns those alone.
