@@ -131,8 +131,10 @@ def test_the_longer_dose_runs_train_twice_the_steps_and_end_the_dose_curves_outs
         scored = json.loads((out / f"eval-{run.label}" / "results.json").read_text())["models"][0]["n"]
         assert scored["harmful"] > 0 and not scored.get("utility")  # a dose point: R_h only
     curves = pipeline_report.dose_curves(TINY, out, runs)
-    assert all(points[-1][0] == 2.0 and points[-2][0] == 1.0 for methods in curves.values()
-               for points in methods.values())
+    # SPPFT and the controls it must beat run twice as long; the before / after ablations end at the attack's end
+    assert all((points[-1][0], points[-2][0]) == (2.0, 1.0) if method in pipeline.SCALED_METHODS else
+               points[-1][0] == 1.0 for methods in curves.values() for method, points in methods.items())
+    assert {m for methods in curves.values() for m in methods} == set(TINY.methods)
     # Table 2 and the frozen-share table count every seed once: a longer run there would make it 3 x, not 2 x
     rows = [line.split(" | ") for line in report.read_text().splitlines() if line.startswith("| ")]
     seeds = [row[-1] for row in rows if row[1] not in ("aligned", "method") and " x " in row[-1]]
