@@ -108,7 +108,7 @@ PROFILES = {
     # Sized to finish within one working session of two cores, since a run's outputs do not outlive the session
     # that made them: one attack, D_N (the mission's own, ordinary fine-tuning on harmless data; the quick profile
     # has D_I), with every control, three seeds, a tenth of the learning rate, the longer runs, and a frozen-share
-    # sweep of one width beyond the located layers' own. The other attack sets are built either way: add them to
+    # sweep of two widths besides the located layers' own. The other attack sets are built either way: add them to
     # `attacks` (and widths to `share_widths`) where a run can take longer.
     "full": Profile("full", RECIPE, locate_prompts=100, locate_over_rejection=128, locate_initial=None,
                     attacks=("normal",), attack_pairs=32, attack_epochs=2,

@@ -18,6 +18,7 @@ import torch
 
 from minisafe import data
 from minisafe.evaluation import DEFAULT_JUDGE, judge_error_lines
+from minisafe.freeze import parse_layer_range
 from minisafe.judge import load_judge
 from minisafe.judge_check import measured_agreement
 from minisafe.io import read_json
@@ -299,8 +300,9 @@ def demo_report(p: Profile, out: Path, model_dir: Path, runs: list[AttackRun], s
     error = judge_error()  # measured once: the header, Table 2 and the utility rows all use it
     lines = report_header(p, out, model_dir, "demo", error, f", then attacked ({p.attack_pairs} pairs x "
                           f"{p.attack_epochs} epochs at lr {p.attack_lr:g} x {list(p.attack_lr_scales)})")
-    attack_lines, results = attack_section(p, out, runs, judge_margins(error))
-    share_lines, share_said = share_section(out, runs, judge_margins(error)) if p.share_widths else ([], None)
+    margins = judge_margins(error)
+    attack_lines, results = attack_section(p, out, runs, margins)
+    share_lines, share_said = share_section(out, runs, margins) if p.share_widths else ([], None)
     verdicts = attack_lines[:attack_lines.index("## 3. Attacks (the paper's Table 2 layout, with its controls)")]
     if share_said:  # beside the attacks' verdicts, before the forest plot
         verdicts.insert(verdicts.index("![forest](forest.png)") - 1, f"- {share_said}")
@@ -334,7 +336,7 @@ def share_runs(runs: list[AttackRun]) -> list[AttackRun]:
 
 def frozen_width(run: AttackRun) -> int:
     """How many layers a layer method's run freezes (its FIRST:LAST)."""
-    first, last = map(int, run.freeze.split(":"))
+    first, last = parse_layer_range(run.freeze)
     return last - first + 1
 
 
