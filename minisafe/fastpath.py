@@ -1,7 +1,7 @@
 """Faster paths on the CPU: `with fast_inference(model):` for inference, `with fast_training(model):` for training
 (attention written out as two matmuls, see short_enough_to_train; under autocast the linears multiply by bfloat16
-copies of their weights kept between steps, see CastWeights; the linears', the embedding's and the head's weight
-gradients added straight into .grad, see LinearRows, EmbeddingRows and HeadRows).
+copies of their weights kept between steps, prepacked for oneDNN, see CastWeights; the linears', the embedding's and
+the head's weight gradients added straight into .grad, see LinearRows, EmbeddingRows and HeadRows).
 
 Inside the block some methods of the model's modules are swapped for faster ones that compute the same thing, and
 on exit the originals come back (also when an exception escapes):
@@ -325,10 +325,14 @@ def row_gradient_embedding(embedding: nn.Embedding) -> Callable[[Tensor], Tensor
 class CastWeights:
     """Weights stacked by rows in a lower dtype, in one buffer that stays from call to call: autocast casts each
     weight into a fresh buffer at every step (and a frozen one at every pass), and a fresh buffer of this size costs
-    page faults. Weights written in place (an optimizer step) or replaced since the last call are copied in again."""
+    page faults. Weights written in place (an optimizer step) or replaced since the last call are copied in again.
+    With `packed` (where oneDNN can pack the dtype), a copy of the stack in oneDNN's blocked layout is kept beside
+    it and made again with it: F.linear reorders a bfloat16 weight into that layout at every call."""
 
-    def __init__(self) -> None:
+    def __init__(self, packed: bool = False) -> None:
         self.low: Tensor | None = None
+        self.blocked: Tensor | None = None
+        self.packed = packed
         self.copied: list[tuple[Tensor, int]] = []
 
     def __call__(self, weights: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -341,7 +345,16 @@ class CastWeights:
             for rows, w in zip(self.low.split([w.shape[0] for w in weights]), weights):
                 rows.copy_(w.detach())
             self.copied = [(w, w._version) for w in weights]
+            pack = self.packed and packable(self.low)
+            self.blocked = torch.ops.mkldnn._reorder_linear_weight(self.low) if pack else None
         return self.low
+
+    def linear(self, x: Tensor, low: Tensor) -> Tensor:
+        """x @ low.T: by the blocked copy where low is the stack this holds and there is one (the same numbers as
+        F.linear's), else F.linear."""
+        if self.blocked is None or low is not self.low:
+            return F.linear(x, low)
+        return torch.ops.mkldnn._linear_pointwise(x, self.blocked, None, "none", [], "")
 
 
 # Vocabulary rows of the head's weight gradient made and added to .grad at a time: the float32 sum of a bfloat16
@@ -400,34 +413,38 @@ class LinearRows(torch.autograd.Function):
 
     Under autocast the stock path runs one matmul per linear, and for each weight copies the bfloat16 gradient into
     a fresh float32 buffer in every pass before adding it to .grad. Here the stacked gradient comes from one matmul
-    and its row blocks are added where they belong. The weights' own gradient edges get None."""
+    and its row blocks are added where they belong. The forward multiplies by `copy`, the CastWeights that made
+    `low` (its packed kernel has no backward of its own). With no weights given (frozen ones) only x's gradient is
+    made. The weights' own gradient edges get None."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, low: Tensor, *weights: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, low: Tensor, copy: CastWeights, *weights: Tensor) -> Tensor:
         ctx.save_for_backward(x, low)
         ctx.weights = weights
-        return F.linear(x, low)
+        return copy.linear(x, low)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, low = ctx.saved_tensors
-        stacked = grad.flatten(0, -2).T @ x.flatten(0, -2)
-        start = 0
-        for weight in ctx.weights:
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            weight.grad.add_(stacked[start:start + weight.shape[0]])
-            start += weight.shape[0]
-        return (grad @ low, None) + (None,) * len(ctx.weights)
+        if ctx.weights:
+            stacked = grad.flatten(0, -2).T @ x.flatten(0, -2)
+            start = 0
+            for weight in ctx.weights:
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+                weight.grad.add_(stacked[start:start + weight.shape[0]])
+                start += weight.shape[0]
+        grad_x = grad @ low if ctx.needs_input_grad[0] else None
+        return (grad_x, None, None) + (None,) * len(ctx.weights)
 
 
 def cast_projection(plain: Callable[[Tensor], Any], linears: Sequence[nn.Linear],
                     split: Callable[[Tensor], Any]) -> Callable[[Tensor], Any]:
     """A forward (or project) method that, under autocast, runs `linears` as one matmul by their CastWeights and
-    splits the output into theirs: LinearRows where every weight needs a gradient, a matmul by the detached copy
-    where none does (frozen, or no grad mode). `plain` where some do and some do not, where a gradient hook must see
+    splits the output into theirs: LinearRows where every weight needs a gradient, LinearRows without weights where
+    none does (frozen, or no grad mode: only the input's gradient, if any). `plain` where some do and some do not, where a gradient hook must see
     the whole gradient, outside autocast, with a bias or a sharded weight, and while a forward hook waits."""
-    copy = CastWeights()
+    copy = CastWeights(packed=True)
 
     def project(x: Tensor) -> Any:
         weights = [m.weight for m in linears]
@@ -436,10 +453,10 @@ def cast_projection(plain: Callable[[Tensor], Any], linears: Sequence[nn.Linear]
             return plain(x)
         dtype = torch.get_autocast_dtype(x.device.type)
         needs = [torch.is_grad_enabled() and w.requires_grad for w in weights]
-        if not any(needs):
-            return split(F.linear(x.to(dtype), copy(weights, dtype)))
+        if not any(needs):  # frozen: the input's gradient alone, where the layers below need one
+            return split(LinearRows.apply(x.to(dtype), copy(weights, dtype), copy))
         if all(needs) and not any(w._backward_hooks for w in weights):
-            return split(LinearRows.apply(x.to(dtype), copy(weights, dtype), *weights))
+            return split(LinearRows.apply(x.to(dtype), copy(weights, dtype), copy, *weights))
         return plain(x)
     return project
 

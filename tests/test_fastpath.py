@@ -400,3 +400,49 @@ def test_fast_training_linears_under_autocast_give_autocasts_loss_and_gradients(
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-3, atol=1e-3)
     apart = sum((fast[1][n] - g).square().sum() for n, g in plain[1].items())
     assert (apart / sum(g.square().sum() for g in plain[1].values())).sqrt() < 0.02
+
+
+def test_cast_weights_multiply_by_their_packed_copy_as_f_linear_does_and_follow_a_changed_weight():
+    """The linears' bfloat16 stack is multiplied by a oneDNN-blocked copy of it: the same numbers as F.linear's, and
+    after an in-place write (an optimizer step) by a copy made again."""
+    from minisafe.fastpath import CastWeights, packable
+
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(24, 16, generator=g), torch.randn(8, 16, generator=g)]
+    x = torch.randn(3, 5, 16, generator=g).to(torch.bfloat16)
+    copy = CastWeights(packed=True)
+    for _ in range(2):
+        low = copy(weights, torch.bfloat16)
+        assert (copy.blocked is not None) == packable(low)
+        assert torch.equal(copy.linear(x, low), torch.nn.functional.linear(x, torch.cat(weights).to(torch.bfloat16)))
+        weights[1].mul_(-3.0)
+
+
+def test_a_frozen_layer_passes_the_gradient_down_under_autocast(tmp_path):
+    """SPPFT: the layers below a frozen one train on the gradient that crosses it. With the frozen layer's linears
+    multiplied by their packed copies (a kernel with no backward of its own), the gradients below it are still
+    autocast's; a layer frozen at the bottom gets none and passes none."""
+    from minisafe.fastpath import fast_training
+    from minisafe.objectives import IGNORE, sft_loss_sum
+
+    save_tiny(tmp_path, "llama")
+    model, _ = minisafe.load(tmp_path)
+    for p in model.layers[-1].parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[:, :3] = IGNORE
+
+    def grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sft_loss_sum(model(ids, skip_head=True), labels, model.logits)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.layers[0].named_parameters()}
+
+    plain = grads()
+    with fast_training(model):
+        fast = grads()
+    for name, grad in plain.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(fast[name], grad, rtol=3e-2, atol=1e-3, msg=name)

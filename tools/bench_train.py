@@ -8,9 +8,9 @@ Each is tokenized by train.py's encode (chat template, max_len 160) and cut into
 Every contender trains in bfloat16 autocast with float32 weights, clips the gradient norm at 1 and steps AdamW:
   minisafe         training.optimizer_step, as train.py runs it: micro-batches cut into passes by length under one
                    autocast block, the head only at labelled positions and its cross-entropy in float32 chunks
-                   (objectives.RowCrossEntropy), attention as two matmuls and the head's and the embedding's
-                   gradients added straight into .grad (fastpath.fast_training), the fused AdamW, gradients zeroed,
-                   not freed;
+                   (objectives.RowCrossEntropy), attention as two matmuls, the linears' bfloat16 weights kept
+                   prepacked between steps and the head's and the embedding's gradients added straight into .grad
+                   (fastpath.fast_training), the fused AdamW, gradients zeroed, not freed;
   minisafe-before  logits at every position, copied to float32 for the loss, and the unfused AdamW: train.py's
                    path before the training-speed change;
   transformers     AutoModelForCausalLM with labels (its own loss over all positions) and the fused AdamW.
