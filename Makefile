@@ -50,14 +50,15 @@ bench: setup-test
 
 # The generated documents: docs/results.md from the run directories that exist (the main job first, then the
 # locate, eval, mechanistic and synthetic runs by name, and the judge checks), keeping the sections it has of runs made
-# on another machine or still running (--keep: each marked as kept); docs/bench.md from runs/bench/*.json.
+# on another machine or still running (--keep: each marked as kept); docs/bench.md from runs/bench/*.json, keeping
+# the sections of files written on another machine.
 RESULT_RUNS = $(wildcard runs/demo runs/full runs/sweep) $(sort $(wildcard runs/sweep-*)) \
 	$(sort $(wildcard runs/locate-* runs/eval-* runs/mech-* runs/synthetic*)) \
 	$(wildcard runs/judge-check-report runs/judge-check-dev)
 docs: setup
 	$(PY) -m minisafe.report results --keep $(RESULT_RUNS) --out docs/results.md
 	$(if $(wildcard runs/demo/report.md),$(PY) -m minisafe.report headline runs/demo --out README.md)
-	$(if $(wildcard runs/bench/*.json),$(PY) -m minisafe.report bench runs/bench --out docs/bench.md,@echo "no runs/bench/*.json: make bench writes one")
+	$(if $(wildcard runs/bench/*.json),$(PY) -m minisafe.report bench --keep runs/bench --out docs/bench.md,@echo "no runs/bench/*.json: make bench writes one")
 
 # The refusal judges against the hand labels (minisafe/prompts/judge_labels.md): the keyword judge (the incumbent)
 # and keywords-plus, on the development half they were chosen on and on the report half that decides between them.

@@ -180,7 +180,8 @@ RUN_HEADING = re.compile(r"^## `([^`]+)`$", re.MULTILINE)
 
 
 def previous_sections(document: Path) -> dict[str, str]:
-    """The run sections of an earlier results.md, by run directory, in its order ({} if there is none)."""
+    """The sections of an earlier results.md (by run directory) or bench.md (by file name), in its order ({} if
+    there is none)."""
     if not document.is_file():
         return {}
     text = document.read_text(encoding="utf-8")
@@ -199,18 +200,22 @@ def merged_order(given: list[str], previous: list[str]) -> list[str]:
     return order
 
 
-KEPT_NOTE = "_Kept from the previous results document: "
+KEPT_NOTE = "_Kept from the previous "  # how every kept section's note begins, in results.md and in bench.md
 
 
-def kept_section(text: str, name: str) -> list[str]:
-    """An earlier section of a run with no finished report here, as it was, with a line saying so (once)."""
+def kept_section(text: str, note: str) -> list[str]:
+    """An earlier section as it was, under a note saying why it was kept (an earlier note gives way to this one)."""
     heading, _, rest = text.partition("\n")
     body = rest.strip()
-    if body.startswith(KEPT_NOTE):  # kept before: its old note gives way to this one
+    if body.startswith(KEPT_NOTE):
         body = body.partition("\n")[2].strip()
-    note = (f"{KEPT_NOTE}`{name}` has no finished report on the machine that wrote this one (gone with an earlier "
-            "machine, or still running), so its section is as that run's reports made it._")
     return [heading, "", note, "", body, ""]
+
+
+def kept_run_note(name: str) -> str:
+    """The note above a results.md section kept for a run with no finished report here."""
+    return (f"{KEPT_NOTE}results document: `{name}` has no finished report on the machine that wrote this one (gone "
+            "with an earlier machine, or still running), so its section is as that run's reports made it._")
 
 
 def results_document(runs: list[Path], out: Path, command: str, keep: bool = False) -> str:
@@ -231,7 +236,7 @@ def results_document(runs: list[Path], out: Path, command: str, keep: bool = Fal
              "Every table and figure below is copied from the run directories' own report.md files.", ""]
     lines += [f"- `{name}`" for name in order] + [""]
     for name in order:
-        lines += run_sections(given[name], out) if name in given else kept_section(earlier[name], name)
+        lines += run_sections(given[name], out) if name in given else kept_section(earlier[name], kept_run_note(name))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -370,13 +375,22 @@ def bench_section(path: Path) -> list[str]:
     return lines
 
 
-def bench_document(files: list[Path], command: str) -> str:
-    """bench.md: one section per benchmark JSON file, in file-name order within each source."""
+def bench_document(files: list[Path], command: str, earlier: dict[str, str] | None = None) -> str:
+    """bench.md: one section per benchmark JSON file, in file-name order within each source; the sections of
+    `earlier` (an earlier bench.md's, by file name) whose files are not given kept where they were."""
+    earlier = earlier or {}
+    given = {path.name: path for path in files}
     lines = [generated_header(command), "# Speed against transformers", "",
              "minisafe / transformers on the same checkpoint in the same process (`python -m tools.bench`); a ratio "
              "above 1 means minisafe is faster. Tokens/s count the tokens each side made.", ""]
-    for path in files:
-        lines += bench_section(path)
+    for name in merged_order(list(given), list(earlier)):
+        if name in given:
+            lines += bench_section(given[name])
+        else:
+            lines += kept_section(earlier[name], f"{KEPT_NOTE}bench document: `{name}` is not among the files this "
+                                  "one was made from (it was written on an earlier machine, whose files are gone), "
+                                  "so its section is as that file made it. Compare ratios, not times, across "
+                                  "machines._")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -398,6 +412,8 @@ class BenchCommand:
     """python -m minisafe.report bench: bench.md from benchmark JSON files written by python -m tools.bench."""
     sources: list[Path] = option(help="JSON files, or directories of them", type=Path, positional=True, nargs="+")
     out: Path = option(Path("docs/bench.md"), "the document to write", type=Path)
+    keep: bool = option(False, "keep the sections --out already has of files not given (written on another machine), "
+                        "each marked as kept, in their place")
 
 
 @dataclass
@@ -466,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, ResultsCommand):
         text = results_document(args.runs, args.out, command, keep=args.keep)
     elif isinstance(args, BenchCommand):
-        text = bench_document(bench_files(args.sources), command)
+        text = bench_document(bench_files(args.sources), command,
+                              previous_sections(args.out) if args.keep else None)
     else:
         run_command_of = recorded_command(args.run) or "a pipeline run"
         text = with_headline(args.out.read_text(encoding="utf-8"), headline_block(args.run, run_command_of), args.out)

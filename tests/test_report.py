@@ -128,6 +128,24 @@ def test_regenerating_bench_gives_identical_bytes(tmp_path, monkeypatch):
 
 
 
+def test_bench_keep_holds_the_sections_of_files_written_on_another_machine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_bench(tmp_path / "runs" / "bench")
+    (tmp_path / "runs" / "bench" / "a.json").write_bytes((tmp_path / "runs" / "bench" / "b.json").read_bytes())
+    main(["bench", "runs/bench", "--out", "docs/bench.md"])
+    (tmp_path / "runs" / "bench" / "a.json").unlink()  # the machine that wrote a.json is gone
+
+    assert main(["bench", "--keep", "runs/bench", "--out", "docs/bench.md"]) == 0
+    text = (tmp_path / "docs" / "bench.md").read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == ["## `a.json`", "## `b.json`"]
+    assert "## `a.json`\n\n_Kept from the previous bench document: `a.json` is not among the files" in text
+    assert text.count("| prefill | float32 | 300 | 200 | 1.50x | 84% |") == 2
+    main(["bench", "--keep", "runs/bench", "--out", "docs/bench.md"])
+    assert (tmp_path / "docs" / "bench.md").read_text() == text  # the note is not added twice
+    main(["bench", "runs/bench", "--out", "docs/bench.md"])  # without --keep, only what is given
+    assert "a.json" not in (tmp_path / "docs" / "bench.md").read_text()
+
+
 def test_no_run_directories_is_an_error_that_says_how_to_make_one(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["results", "--out", "docs/results.md"]) == 2
