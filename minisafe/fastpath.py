@@ -419,7 +419,7 @@ class LinearRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, low: Tensor, copy: CastWeights, *weights: Tensor) -> Tensor:
-        ctx.save_for_backward(x, low)
+        ctx.save_for_backward(x if weights else None, low)  # x only for the weights' gradient
         ctx.weights = weights
         return copy.linear(x, low)
 
@@ -442,8 +442,9 @@ def cast_projection(plain: Callable[[Tensor], Any], linears: Sequence[nn.Linear]
                     split: Callable[[Tensor], Any]) -> Callable[[Tensor], Any]:
     """A forward (or project) method that, under autocast, runs `linears` as one matmul by their CastWeights and
     splits the output into theirs: LinearRows where every weight needs a gradient, LinearRows without weights where
-    none does (frozen, or no grad mode: only the input's gradient, if any). `plain` where some do and some do not, where a gradient hook must see
-    the whole gradient, outside autocast, with a bias or a sharded weight, and while a forward hook waits."""
+    none does (frozen, or no grad mode: only the input's gradient, if any). `plain` where some do and some do not,
+    where a gradient hook must see the whole gradient, outside autocast, with a bias or a sharded weight, and while a
+    forward hook waits."""
     copy = CastWeights(packed=True)
 
     def project(x: Tensor) -> Any:

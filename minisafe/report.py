@@ -375,6 +375,13 @@ def bench_section(path: Path) -> list[str]:
     return lines
 
 
+def kept_file_note(name: str) -> str:
+    """The note above a bench.md section kept for a benchmark file that is not given here."""
+    return (f"{KEPT_NOTE}bench document: `{name}` is not among the files this one was made from (it was written on "
+            "an earlier machine, whose files are gone), so its section is as that file made it. Compare ratios, not "
+            "times, across machines._")
+
+
 def bench_document(files: list[Path], command: str, earlier: dict[str, str] | None = None) -> str:
     """bench.md: one section per benchmark JSON file, in file-name order within each source; the sections of
     `earlier` (an earlier bench.md's, by file name) whose files are not given kept where they were."""
@@ -387,10 +394,7 @@ def bench_document(files: list[Path], command: str, earlier: dict[str, str] | No
         if name in given:
             lines += bench_section(given[name])
         else:
-            lines += kept_section(earlier[name], f"{KEPT_NOTE}bench document: `{name}` is not among the files this "
-                                  "one was made from (it was written on an earlier machine, whose files are gone), "
-                                  "so its section is as that file made it. Compare ratios, not times, across "
-                                  "machines._")
+            lines += kept_section(earlier[name], kept_file_note(name))
     return "\n".join(lines).rstrip() + "\n"
 
 
