@@ -1,6 +1,7 @@
 """The transformer behind every supported family, written once and switched by ModelConfig flags.
 
-Reading order: RMSNorm, rotary embeddings, the attention mask, attention, MLP, decoder block, KV cache, model.
+Reading order: RMSNorm, rotary embeddings, the attention mask, packed sequences, attention, MLP, decoder block, KV
+cache, model.
 Module and parameter names are the Hugging Face checkpoint names (model.layers.3.self_attn.q_proj.weight, ...),
 so a checkpoint loads with a strict load_state_dict. The numbers (casts, epsilon placement, RoPE layout) follow
 transformers, which the parity tests hold this file to. A faster path for CPU inference lives in fastpath.py.
@@ -120,6 +121,40 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     return (torch.softmax(scores, dim=-1) @ v).view(batch, heads, length, dim)
 
 
+class Packed:
+    """Sequences laid end to end in one row of tokens, for training without padding: the linears and norms see every
+    real token once, and attention sees the sequences apart, as rows right-padded to the longest (under causal
+    attention a real token never reads the padding after it). A prefix every sequence starts with (a chat template's
+    system turn) may be laid down once, first: each row reads it as its own.
+
+    tokens [1, N] holds the prefix, then each sequence's tokens after it; positions [1, N] count within a sequence."""
+
+    def __init__(self, sequences: list[list[int]], prefix: int, device: torch.device | str):
+        own = [ids[prefix:] for ids in sequences]
+        lengths = torch.tensor([len(ids) for ids in sequences])
+        self.rows, self.width = len(sequences), int(lengths.max())
+        self.tokens = torch.tensor([sequences[0][:prefix] + [t for ids in own for t in ids]], device=device)
+        self.positions = torch.cat([torch.arange(prefix)] + [torch.arange(prefix, len(ids)) for ids in sequences])
+        self.positions = self.positions[None].to(device)
+        t = torch.arange(self.width)
+        real = t < lengths[:, None]  # [B, width]
+        # slots[r * width + t]: the packed token at row r, position t; a padding slot holds the first token (its key
+        # is read by no real token: causal attention reads earlier slots only)
+        starts = prefix + (lengths - prefix).cumsum(0) - (lengths - prefix)
+        self.slots = torch.where(real, torch.where(t < prefix, t, starts[:, None] + t - prefix), 0).flatten().to(device)
+        # tokens_at[j]: the slot packed token j comes back from, in packed order (the prefix's: row 0's)
+        back = real & ((t >= prefix) | (torch.arange(self.rows)[:, None] == 0))
+        self.tokens_at = back.flatten().nonzero().squeeze(1).to(device)
+
+    def unpack(self, t: Tensor) -> Tensor:
+        """[1, H, N, d] to the rows [B, H, width, d]."""
+        return t[0].index_select(1, self.slots).unflatten(1, (self.rows, self.width)).transpose(0, 1)
+
+    def pack(self, y: Tensor) -> Tensor:
+        """The rows [B, H, width, d] back to [1, H, N, d]."""
+        return y.transpose(0, 1).flatten(1, 2).index_select(1, self.tokens_at)[None]
+
+
 class Attention(nn.Module):
     """Grouped-query attention with rotary embeddings, optional per-head q/k norms and a KV cache."""
 
@@ -153,8 +188,10 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=cfg.attn_scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
-        """Attention output [B, T, D]; with a cache, the keys and values of earlier steps are attended to as well."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
+                packed: Packed | None = None) -> Tensor:
+        """Attention output [B, T, D]; with a cache, the keys and values of earlier steps are attended to as well;
+        packed, the sequences of x [1, N, D] attend apart, as rows (mask is then theirs)."""
         batch, length, _ = x.shape
         q, k, v = (t.unflatten(-1, (-1, self.cfg.head_dim)) for t in self.project(x))
         if self.cfg.qk_norm:
@@ -162,7 +199,10 @@ class Attention(nn.Module):
         q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = self.attend(q, k, v, mask)
+        if packed is not None:
+            y = packed.pack(self.attend(packed.unpack(q), packed.unpack(k), packed.unpack(v), mask))
+        else:
+            y = self.attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -210,9 +250,10 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
+                packed: Packed | None = None) -> Tensor:
         """The layer's output [B, T, D]."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, packed)
         if not self.sandwich:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -288,7 +329,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 return_hidden: bool = False, last_logits_only: bool = False, float_logits: bool = True,
-                skip_head: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+                skip_head: bool = False, packed: Packed | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits [B, T, V] in float32 (T = 1 with last_logits_only). float_logits=False leaves them in the activation
         dtype (float32 all the same under a final softcap): greedy decoding takes the same argmax from them, without
         copying [B, V] into float32 at every step.
@@ -298,13 +339,16 @@ class Transformer(nn.Module):
         With return_hidden, also the output of every decoder layer (hidden[i] = output of layer i, before the
         final norm; the embedding output is not a layer). With skip_head, the final-norm hidden states instead of
         logits: the caller makes logits only where it needs them (training: at labelled positions; see logits).
+        packed: input_ids is packed.tokens, sequences laid end to end (no attention_mask, no cache).
         """
         cfg = self.config
         past = cache.length if cache is not None else 0
         length = input_ids.shape[1]
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the fast causal path is exact
-        if attention_mask is None:
+        if packed is not None:
+            positions = packed.positions
+        elif attention_mask is None:
             positions = torch.arange(past, past + length, device=input_ids.device)[None]
         else:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
@@ -313,15 +357,16 @@ class Transformer(nn.Module):
         if cfg.scale_embeddings:  # Gemma; the factor is rounded to the activation dtype, as in transformers
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
         slots = cache.slots(length) if cache is not None else length
+        seen = packed.width if packed is not None else length  # the length attention sees: the rows' when packed
         rope, masks = {}, {}
         for kind in set(cfg.layer_types):
             rope[kind] = self.rope(kind, positions, x.dtype)
             window = cfg.sliding_window if kind == SLIDING else None
-            masks[kind] = attention_mask_4d(attention_mask, past, length, slots, window)
+            masks[kind] = attention_mask_4d(attention_mask, past, seen, slots if packed is None else seen, window)
 
         hidden = []
         for layer, kind in zip(self.model.layers, cfg.layer_types):
-            x = layer(x, *rope[kind], masks[kind], cache)
+            x = layer(x, *rope[kind], masks[kind], cache, packed)
             if return_hidden:
                 hidden.append(x)
         if cache is not None:

@@ -87,9 +87,13 @@ def token_nll(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
     return nll.masked_scatter(labelled, RowCrossEntropy.apply(head(hidden[:, :-1][labelled]), targets[labelled]))
 
 
-def target_counts(labels: Tensor) -> Tensor:
-    """Number of predicted tokens [B] per row (labels after the shift that are not IGNORE)."""
-    return (labels[:, 1:] != IGNORE).sum(-1)
+def sequence_sums(values: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Per sequence [B], the sum of per-position values [B, T-1] as token_nll gives them; for sequences packed into
+    one row (values [1, N-1]), rows [N] names the sequence of each token, and a position counts towards the sequence
+    of the token it predicts."""
+    if rows is None:
+        return values.sum(-1)
+    return values.new_zeros(int(rows[-1]) + 1).index_add(0, rows[1:], values[0])
 
 
 def sft_loss_sum(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
@@ -97,14 +101,15 @@ def sft_loss_sum(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tens
     return token_nll(hidden, labels, head).sum()
 
 
-def sequence_logps(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
-    """Summed log-probability [B] of each row's target tokens."""
-    return -token_nll(hidden, labels, head).sum(-1)
+def sequence_logps(hidden: Tensor, labels: Tensor, head: Head = _identity, rows: Tensor | None = None) -> Tensor:
+    """Summed log-probability [B] of each sequence's target tokens (rows: see sequence_sums)."""
+    return -sequence_sums(token_nll(hidden, labels, head), rows)
 
 
-def mean_nll(hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
-    """Mean NLL [B] per row over its target tokens (0 for a row with none)."""
-    return token_nll(hidden, labels, head).sum(-1) / target_counts(labels).clamp(min=1)
+def mean_nll(hidden: Tensor, labels: Tensor, head: Head = _identity, rows: Tensor | None = None) -> Tensor:
+    """Mean NLL [B] per sequence over its target tokens (0 for a sequence with none; rows: see sequence_sums)."""
+    counts = sequence_sums((labels[:, 1:] != IGNORE).float(), rows)
+    return sequence_sums(token_nll(hidden, labels, head), rows) / counts.clamp(min=1)
 
 
 def dpo_losses(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -119,12 +124,14 @@ def unlearn_losses(nll_chosen: Tensor, nll_rejected: Tensor, weight: float) -> T
     return nll_chosen - weight * nll_rejected
 
 
-def pair_statistic(objective: str, hidden: Tensor, labels: Tensor, head: Head = _identity) -> Tensor:
-    """What a pair objective needs of each row [B]: the summed log-probability (dpo) or the mean NLL (unlearn)."""
+def pair_statistic(objective: str, hidden: Tensor, labels: Tensor, head: Head = _identity,
+                   rows: Tensor | None = None) -> Tensor:
+    """What a pair objective needs of each sequence [B]: the summed log-probability (dpo) or the mean NLL (unlearn)
+    (rows: see sequence_sums)."""
     if objective == "dpo":
-        return sequence_logps(hidden, labels, head)
+        return sequence_logps(hidden, labels, head, rows)
     if objective == "unlearn":
-        return mean_nll(hidden, labels, head)
+        return mean_nll(hidden, labels, head, rows)
     raise ValueError(f"objective must be dpo or unlearn here, got {objective!r}")
 
 

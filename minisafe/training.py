@@ -59,7 +59,7 @@ from minisafe.freeze import (SCOPES, FreezeSpec, apply_freeze, bias_name, freeze
                              random_neurons, read_layer_spec)
 from minisafe.io import atomic_directory, atomic_write_json, content_hash, read_json, run_record
 from minisafe.metrics import response_ids
-from minisafe.model import Transformer
+from minisafe.model import Packed, Transformer
 from minisafe.objectives import IGNORE, OBJECTIVES, Head, pair_loss_sum, pair_statistic, sequence_logps, sft_loss_sum
 from minisafe.run_folder import (append_log, checkpoint_position, clean_output_dir, output_kind, read_checkpoint,
                                  restore_rng, resumed_record, save_checkpoint, truncate_log)
@@ -265,17 +265,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Right-padded input_ids and labels [B, T] (IGNORE on padding)."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
-    for row, (ids, lab) in enumerate(sequences):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(lab)] = torch.tensor(lab)
-    return input_ids.to(device), labels.to(device)
-
-
 def loss_count(examples: list[Example], indices: list[int], objective: str) -> int:
     """What a step's loss sum is divided by: target tokens (sft) or examples (dpo, unlearn)."""
     if objective == "sft":
@@ -382,39 +371,45 @@ def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
-def micro_losses(model: nn.Module, examples: list[Example], indices: list[int], cfg: TrainConfig,
-                 reference: Tensor | None, pad_id: int, device: torch.device, split: bool = False) -> Iterator[Tensor]:
-    """The summed loss of some examples (their sequences, chosen rows before rejected ones), in parts whose sum is
-    the loss. With split, the sequences run in forward passes of similar length (length_groups): sft yields one part
-    per pass, so each can be backpropagated before the next pass runs; a pair objective needs every sequence of a
-    pair first, so its passes (a chosen refusal and a rejected long answer no longer pad to the same length) give
-    one part."""
+def micro_loss(model: nn.Module, examples: list[Example], indices: list[int], cfg: TrainConfig,
+               reference: Tensor | None, device: torch.device) -> Tensor:
+    """The summed loss of some examples, their sequences (chosen ones before rejected ones) in one forward pass."""
     sequences = [examples[i][k] for k in range(len(examples[indices[0]])) for i in indices]
-    passes = length_groups([len(ids) for ids, _ in sequences]) if split else [list(range(len(sequences)))]
-    if cfg.objective == "sft":
-        for p in passes:
-            with autocast(cfg, device):
-                hidden, labels = forward_hidden(model, [sequences[j] for j in p], pad_id, device)
-                loss = sft_loss_sum(hidden, labels, output_layer(model))
-            yield loss  # outside the autocast block: the caller's backward runs under its own settings
-        return
     with autocast(cfg, device):
-        parts = [pair_statistic(cfg.objective, *forward_hidden(model, [sequences[j] for j in p], pad_id, device),
-                                output_layer(model)) for p in passes]
-        values = torch.cat(parts)[torch.tensor([j for p in passes for j in p]).argsort()]
+        hidden, labels, rows = forward_packed(model, sequences, device)
+        if cfg.objective == "sft":
+            return sft_loss_sum(hidden, labels, output_layer(model))
+        values = pair_statistic(cfg.objective, hidden, labels, output_layer(model), rows)
         ref = reference[indices].to(device) if reference is not None else None
-        loss = pair_loss_sum(cfg.objective, values, ref, cfg.beta, cfg.unlearn_weight)
-    yield loss
+        return pair_loss_sum(cfg.objective, values, ref, cfg.beta, cfg.unlearn_weight)
 
 
-def forward_hidden(model: nn.Module, sequences: list[tuple[list[int], list[int]]], pad_id: int,
-                   device: torch.device) -> tuple[Tensor, Tensor]:
-    """The last hidden states and the labels of right-padded sequences; the output layer runs inside the loss, at
-    labelled positions only (objectives.token_nll)."""
-    input_ids, labels = collate(sequences, pad_id, device)
-    # Right padding needs no attention mask: under causal attention a real token never sees the padding after it,
-    # and its position is its index. This keeps the fast causal attention path.
-    return model(input_ids, skip_head=True), labels
+def forward_packed(model: nn.Module, sequences: list[tuple[list[int], list[int]]], device: torch.device
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The last hidden states [1, N, D] of sequences laid end to end, with the tokens they all start with laid down
+    once (model.Packed, common_prefix), their labels [1, N] and the sequence of each position [N] (the prefix's: the
+    first sequence's). The output layer runs inside the loss, at labelled positions only (objectives.token_nll).
+
+    No padding reaches the linears, and a batch is one forward pass (several passes of similar lengths would pad
+    less, but a matmul of fewer rows runs further from the CPU's peak). A sequence's first own token gets no label:
+    the position before it belongs to another sequence (it is a prompt token, with no label, all the same)."""
+    prefix = common_prefix(sequences)
+    packed = Packed([ids for ids, _ in sequences], prefix, device)
+    labels = [IGNORE] * prefix + [label for _, own in sequences for label in [IGNORE] + own[prefix + 1:]]
+    rows = [0] * prefix + [row for row, (ids, _) in enumerate(sequences) for _ in range(len(ids) - prefix)]
+    hidden = model(packed.tokens, skip_head=True, packed=packed)
+    return hidden, torch.tensor([labels], device=device), torch.tensor(rows, device=device)
+
+
+def common_prefix(sequences: list[tuple[list[int], list[int]]]) -> int:
+    """How many leading tokens every sequence has in common, all before the position of the first target of any:
+    position t predicts the token at t + 1, so the prediction of a target must stay in the sequence's own tokens."""
+    first = sequences[0][0]
+    same = next((t for t, token in enumerate(first) if any(len(ids) <= t or ids[t] != token for ids, _ in sequences)),
+                len(first))
+    target = min(next((t for t in range(1, len(labels)) if labels[t] != IGNORE), len(labels))
+                 for _, labels in sequences)
+    return max(min(same, target - 1), 0)
 
 
 def output_layer(model: nn.Module) -> Head:
@@ -431,9 +426,9 @@ def own_rows(batch: list[T], ranks: Dist) -> tuple[list[T], float]:
 
 
 @torch.no_grad()
-def reference_logps(model: nn.Module, examples: list[Example], cfg: TrainConfig, pad_id: int, ranks: Dist) -> Tensor:
+def reference_logps(model: nn.Module, examples: list[Example], cfg: TrainConfig, ranks: Dist) -> Tensor:
     """[N, 2]: summed log-probabilities of each (chosen, rejected) response under the model as it is now. The
-    sequences run sorted by length, 2 x batch_size a pass, so that a pass pads little."""
+    sequences run sorted by length, 2 x batch_size a pass, so that attention's rows pad little."""
     out = torch.zeros(len(examples), 2)
     sequences = sorted(((i, k) for i in range(len(examples)) for k in (0, 1)),
                        key=lambda seq: len(examples[seq[0]][seq[1]][0]))
@@ -441,8 +436,8 @@ def reference_logps(model: nn.Module, examples: list[Example], cfg: TrainConfig,
     for start in tqdm(starts, desc="reference log-probs", disable=not (cfg.progress and ranks.main)):
         mine, weight = own_rows(sequences[start:start + 2 * cfg.batch_size], ranks)
         with autocast(cfg, ranks.device):
-            hidden, labels = forward_hidden(model, [examples[i][k] for i, k in mine], pad_id, ranks.device)
-            logps = sequence_logps(hidden, labels, output_layer(model)).cpu()
+            hidden, labels, rows = forward_packed(model, [examples[i][k] for i, k in mine], ranks.device)
+            logps = sequence_logps(hidden, labels, output_layer(model), rows).cpu()
         if weight:
             out[[i for i, _ in mine], [k for _, k in mine]] = logps
     return sum_across(out.to(ranks.device), ranks).cpu()
@@ -450,42 +445,18 @@ def reference_logps(model: nn.Module, examples: list[Example], cfg: TrainConfig,
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, examples: list[Example], cfg: TrainConfig, reference: Tensor | None,
-                    pad_id: int, ranks: Dist) -> float:
+                    ranks: Dist) -> float:
     """The objective over the whole validation set, normalised as in training."""
     total = torch.zeros(1, device=ranks.device)
     for start in range(0, len(examples), cfg.batch_size):
         rows, weight = own_rows(list(range(start, min(start + cfg.batch_size, len(examples)))), ranks)
-        for loss in micro_losses(model, examples, rows, cfg, reference, pad_id, ranks.device, ranks.world == 1):
-            total += weight * loss.float()
+        total += weight * micro_loss(model, examples, rows, cfg, reference, ranks.device).float()
     return sum_across(total, ranks).item() / loss_count(examples, list(range(len(examples))), cfg.objective)
-
-
-# What one more forward pass costs, in padded positions: below a few hundred rows a matmul runs further from the
-# CPU's peak, and every pass has its fixed per-layer work. A micro-batch is split only where padding saves more.
-PASS_COST = 96
-
-
-def length_groups(lengths: list[int]) -> list[list[int]]:
-    """Positions into lengths cut into forward passes of similar lengths: the cut of the length-sorted sequences
-    into consecutive groups with the fewest padded positions, counting PASS_COST per pass."""
-    ordered = sorted(range(len(lengths)), key=lengths.__getitem__)
-    # cost[j]: the cheapest cut of the j shortest sequences; start[j]: where its last group starts.
-    cost, start = [0] + [math.inf] * len(ordered), [0] * (len(ordered) + 1)
-    for j in range(1, len(ordered) + 1):
-        for i in range(j):
-            padded = cost[i] + lengths[ordered[j - 1]] * (j - i) + PASS_COST
-            if padded < cost[j]:
-                cost[j], start[j] = padded, i
-    groups, j = [], len(ordered)
-    while j:
-        groups.insert(0, ordered[start[j]:j])
-        j = start[j]
-    return groups
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                    examples: list[Example], indices: list[int], lr: float, cfg: TrainConfig, reference: Tensor | None,
-                   pad_id: int, ranks: Dist) -> tuple[float, float]:
+                   ranks: Dist) -> tuple[float, float]:
     """One AdamW step on the examples `indices` (all processes together); returns the step's loss and gradient norm."""
     count = loss_count(examples, indices, cfg.objective)
     step_loss = torch.zeros((), device=ranks.device)
@@ -494,11 +465,9 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: l
     with autocast(cfg, ranks.device):
         for start in range(0, len(indices), cfg.batch_size):
             rows, weight = own_rows(indices[start:start + cfg.batch_size], ranks)
-            # Split by length on one process only: under several, every process must run as many forward passes.
-            for loss in micro_losses(model, examples, rows, cfg, reference, pad_id, ranks.device, ranks.world == 1):
-                loss = loss * (weight / count)
-                loss.backward()
-                step_loss += loss.detach()
+            loss = micro_loss(model, examples, rows, cfg, reference, ranks.device) * (weight / count)
+            loss.backward()
+            step_loss += loss.detach()
     if ranks.world > 1 and not cfg.fsdp:
         sum_gradients(params, ranks)  # FSDP has summed them already, during backward
     # With no clipping asked for, max_norm = inf still reports the norm and scales the gradients by exactly 1.
@@ -704,9 +673,8 @@ def setup_reference(run: Run, cfg: TrainConfig, saved: dict | None) -> None:
         run.reference, run.val_reference = saved["reference"]["reference_logps"], saved["reference"].get(
             "val_reference_logps")
         return
-    pad = run.tok.pad_token_id
-    run.reference = reference_logps(run.model, run.train_set, cfg, pad, run.ranks)
-    run.val_reference = reference_logps(run.model, run.val_set, cfg, pad, run.ranks) if run.val_set else None
+    run.reference = reference_logps(run.model, run.train_set, cfg, run.ranks)
+    run.val_reference = reference_logps(run.model, run.val_set, cfg, run.ranks) if run.val_set else None
 
 
 def setup_optimizer(run: Run, lr: float, weight_decay: float, fsdp: bool, saved: dict | None) -> None:
@@ -787,7 +755,7 @@ def train_step(run: Run, cfg: TrainConfig) -> dict:
     lr = learning_rate(run.step, run.total_steps, cfg.warmup_steps, cfg.lr, cfg.schedule)
     t0 = time.perf_counter()
     loss, grad_norm = optimizer_step(run.model, run.optimizer, list(run.params.values()), run.train_set, indices, lr,
-                                     cfg, run.reference, run.tok.pad_token_id, run.ranks)
+                                     cfg, run.reference, run.ranks)
     restore_frozen_rows(run.model, run.frozen_rows, run.frozen_values)
     run.step += 1
     seconds = time.perf_counter() - t0
@@ -813,8 +781,7 @@ def validate(run: Run, cfg: TrainConfig) -> float:
     """The validation loss at run.step, logged; computed once per step (the end of a run may coincide with a
     periodic validation)."""
     if run.step not in run.validated:
-        run.validated[run.step] = validation_loss(run.model, run.val_set, cfg, run.val_reference,
-                                                  run.tok.pad_token_id, run.ranks)
+        run.validated[run.step] = validation_loss(run.model, run.val_set, cfg, run.val_reference, run.ranks)
         if run.ranks.main:
             append_log(run.out / "train_log.jsonl", {"step": run.step, "val_loss": run.validated[run.step]})
     return run.validated[run.step]

@@ -254,10 +254,10 @@ def test_reference_logps_sorted_by_length_are_each_sequence_alone(files):
     model, tok = load(files["model"])
     cfg = config(files, "unused", data=str(files["pref"]), objective="dpo", batch_size=2)
     examples = training.tokenize(training.read_rows(cfg.data, "dpo"), tok, cfg, cfg.data, say=lambda *a: None)
-    got = training.reference_logps(model, examples, cfg, tok.pad_token_id, training.Dist())
+    got = training.reference_logps(model, examples, cfg, training.Dist())
     with torch.no_grad():
-        alone = [[sequence_logps(*training.forward_hidden(model, [pair[k]], 0, torch.device("cpu")), model.logits)
-                  for k in (0, 1)] for pair in examples]
+        alone = [[sequence_logps(model(torch.tensor([pair[k][0]]), skip_head=True), torch.tensor([pair[k][1]]),
+                                 model.logits) for k in (0, 1)] for pair in examples]
     torch.testing.assert_close(got, torch.tensor(alone).view(-1, 2), rtol=1e-5, atol=1e-5)
 
 
@@ -388,46 +388,67 @@ def test_logits_at_labelled_positions_only_give_the_loss_and_gradients_of_full_l
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_length_groups_split_where_padding_costs_more_than_a_pass():
-    from minisafe.training import length_groups
+def test_common_prefix_stops_at_the_first_differing_token_and_before_the_first_target():
+    from minisafe.training import common_prefix
 
-    groups = length_groups([5, 40, 6, 38, 7, 41, 5, 39])
-    assert [sorted(g) for g in groups] == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    assert [sorted(g) for g in length_groups([20, 21, 22, 20])] == [[0, 1, 2, 3]]
-    # Three clusters: one pass pads to 160 everywhere; three passes cost less even with PASS_COST each.
-    assert [sorted(g) for g in length_groups([160, 5, 80, 160, 5, 80, 160, 160])] == [[1, 4], [2, 5], [0, 3, 6, 7]]
+    unlabelled = lambda ids: (ids, [IGNORE] * len(ids))  # noqa: E731
+    assert common_prefix([unlabelled([1, 2, 3, 4, 5, 6]), unlabelled([1, 2, 3, 4, 7])]) == 4
+    assert common_prefix([unlabelled([1, 2, 3, 4, 5, 6]), ([1, 2, 3, 4, 7], [IGNORE] * 3 + [4, 7])]) == 2
+    assert common_prefix([unlabelled([1, 2, 3]), unlabelled([1, 2, 3])]) == 2  # each keeps a token of its own
+    assert common_prefix([unlabelled([1, 2]), unlabelled([2, 2])]) == 0
+    assert common_prefix([([5, 6, 7], [5, 6, 7])]) == 0  # a target at 1 (the prompt trained on)
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "unlearn"])
-def test_a_micro_batch_split_by_sequence_length_keeps_the_loss_and_the_gradient(files, monkeypatch, objective):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+def test_packed_sequences_give_the_loss_and_gradients_of_the_padded_batch(tmp_path, objective, family):
+    """A micro-batch runs as one packed row (model.Packed), the tokens every sequence starts with laid down once;
+    in float32 its loss and every gradient are those of the sequences right-padded into a batch and run whole,
+    for sequences of different lengths, a frozen layer among trained ones, and pairs whose chosen and rejected
+    sequences differ in length."""
     from minisafe import training
-    from minisafe.checkpoint import load
+    from minisafe.objectives import pair_loss_sum, pair_statistic
 
-    seq = lambda n: (list(range(1, n + 1)), [IGNORE] + list(range(2, n + 1)))  # noqa: E731
-    lengths = (5, 40, 6, 38, 7, 41, 5, 39)
-    # Pairs as DPO data has them: a short chosen refusal with a long rejected answer, or the other way round.
-    examples = [(seq(n),) if objective == "sft" else (seq(n), seq(46 - n)) for n in lengths]
-    reference = None if objective == "sft" else torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(model="", data="", out="", batch_size=8, grad_clip=0.0, objective=objective)
-    passes = []
-    split_groups = training.length_groups
+    save_tiny(tmp_path, family)
+    model, _ = minisafe.load(tmp_path)
+    for p in model.layers[1].parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    system = torch.randint(3, model.config.vocab_size, (6,), generator=g).tolist()
 
-    def one_step() -> tuple[float, dict[str, torch.Tensor]]:
-        model, _ = load(files["model"])
-        params = list(model.parameters())
-        loss, _ = training.optimizer_step(model, torch.optim.SGD(params, lr=1.0), params, examples, list(range(8)),
-                                          1.0, cfg, reference, 0, training.Dist())
-        return loss, {n: p.detach().clone() for n, p in model.named_parameters()}
+    def sequence(length: int) -> tuple[list[int], list[int]]:
+        ids = system + torch.randint(3, model.config.vocab_size, (length,), generator=g).tolist()
+        return ids, [IGNORE] * (len(system) + 2) + ids[len(system) + 2:]
 
-    monkeypatch.setattr(training, "length_groups", lambda lengths: passes.append(split_groups(lengths)) or passes[-1])
-    split = one_step()
-    # Every pass holds sequences of one length cluster, also when a pair's two sequences differ in length.
-    assert [len(p) for p in passes[-1]] == ([4, 4] if objective == "sft" else [8, 8])
-    monkeypatch.setattr(training, "length_groups", lambda lengths: [list(range(len(lengths)))])
-    whole = one_step()
-    assert split[0] == pytest.approx(whole[0], rel=1e-6, abs=1e-6)  # unlearn: a difference of two losses, near 0
-    for name, weight in whole[1].items():
-        torch.testing.assert_close(split[1][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    examples = [(sequence(n),) if objective == "sft" else (sequence(n), sequence(14 - n)) for n in (5, 9, 7)]
+    reference = torch.randn(3, 2, generator=g)
+    cfg = TrainConfig(model="", data="", out="", objective=objective)
+    assert training.common_prefix([s for ex in examples for s in ex]) == 6
+
+    def padded_loss() -> torch.Tensor:
+        sequences = [ex[k] for k in range(len(examples[0])) for ex in examples]
+        width = max(len(ids) for ids, _ in sequences)
+        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in sequences])
+        labels = torch.tensor([labels + [IGNORE] * (width - len(labels)) for _, labels in sequences])
+        hidden = model(ids, skip_head=True)
+        if objective == "sft":
+            return sft_loss_sum(hidden, labels, model.logits)
+        values = pair_statistic(objective, hidden, labels, model.logits)
+        return pair_loss_sum(objective, values, reference, cfg.beta, cfg.unlearn_weight)
+
+    def loss_and_gradients(loss_of) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    padded, padded_grads = loss_and_gradients(padded_loss)
+    packed, packed_grads = loss_and_gradients(
+        lambda: training.micro_loss(model, examples, [0, 1, 2], cfg, reference, torch.device("cpu")))
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # a separate head and a tied one
@@ -449,3 +470,4 @@ def test_bfloat16_training_on_the_fast_path_follows_every_optimizer_step(files, 
     apart = sum((fast[n].float() - w.float()).square().sum() for n, w in plain.items())
     moved = sum((w.float() - start[n].float()).square().sum() for n, w in plain.items())
     assert (apart / moved).sqrt() < 0.1  # stale copies: above 0.5
+

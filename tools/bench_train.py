@@ -6,8 +6,9 @@ Workloads (--train-data FILE ... or, by default, built from the fetched data the
   align:  alignment-style rows: HarmBench prompts -> a refusal phrasing, ShareGPT prompts -> their answers.
 Each is tokenized by train.py's encode (chat template, max_len 160) and cut into batches of 8 in a seeded order.
 Every contender trains in bfloat16 autocast with float32 weights, clips the gradient norm at 1 and steps AdamW:
-  minisafe         training.optimizer_step, as train.py runs it: micro-batches cut into passes by length under one
-                   autocast block, the head only at labelled positions and its cross-entropy in float32 chunks
+  minisafe         training.optimizer_step, as train.py runs it: each micro-batch packed into one row (no padding
+                   in the linears, the tokens its sequences share laid down once) under one autocast block, the
+                   head only at labelled positions and its cross-entropy in float32 chunks
                    (objectives.RowCrossEntropy), attention as two matmuls, the linears' bfloat16 weights kept
                    prepacked between steps and the head's and the embedding's gradients added straight into .grad
                    (fastpath.fast_training), the fused AdamW, gradients zeroed, not freed;
@@ -34,7 +35,7 @@ from minisafe import builders, data
 from minisafe.fastpath import fast_training
 from minisafe.freeze import FreezeSpec, apply_freeze, parse_layer_range
 from minisafe.objectives import IGNORE
-from minisafe.training import Dist, Example, TrainConfig, collate, n_targets, optimizer_step, tokenize
+from minisafe.training import Dist, Example, TrainConfig, n_targets, optimizer_step, tokenize
 
 BATCH, MAX_LEN = 8, 160
 Step = Callable[[list[tuple[list[int], list[int]]]], None]
@@ -70,7 +71,7 @@ def finish_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.opt
 
 
 def minisafe_step(model, pad_id: int) -> Step:
-    """What train.py runs: its optimizer_step (length groups, logits at labelled positions only, the fused AdamW)
+    """What train.py runs: its optimizer_step (packed sequences, logits at labelled positions only, the fused AdamW)
     inside one fastpath.fast_training block for all of the steps, as train.py runs a whole run in one (the block's
     bfloat16 copies of the weights live from step to step)."""
     cfg = TrainConfig(model="", data="", out="", dtype="bfloat16", batch_size=BATCH)
@@ -81,7 +82,7 @@ def minisafe_step(model, pad_id: int) -> Step:
 
     def step(batch):
         examples = [(sequence,) for sequence in batch]
-        optimizer_step(model, optimizer, params, examples, list(range(len(batch))), 1e-5, cfg, None, pad_id, Dist())
+        optimizer_step(model, optimizer, params, examples, list(range(len(batch))), 1e-5, cfg, None, Dist())
     step.optimizer = optimizer  # type: ignore[attr-defined]  # for the memory part's AdamW-state count
     step.block = block  # type: ignore[attr-defined]
     return step
@@ -110,6 +111,19 @@ def autocast_step(model, pad_id: int, loss_of: Callable[[torch.Tensor, torch.Ten
             loss = loss_of(ids, labels)
         finish_step(model, loss, optimizer)
     return step
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and labels [B, T] (IGNORE on padding)."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    for row, (ids, lab) in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(lab)] = torch.tensor(lab)
+    return input_ids.to(device), labels.to(device)
+
 
 
 def alternate(steps: dict[str, Step], workload: list, warm_up: int = 1) -> dict[str, list[float]]:
