@@ -6,7 +6,8 @@ train(cfg), top to bottom, in three parts (as torchtune's recipes: setup, loop, 
   1. setup: load the model, freeze (minisafe.freeze), tokenize; for dpo, the reference log-probabilities of every
      example with the model as loaded (that IS the frozen reference, so no second copy stays in memory);
   2. the loop: an optimizer step takes batch_size * grad_accum examples of a seeded per-epoch permutation, in
-     grad_accum micro-batches; each micro-batch is split across processes (rows rank, rank + world, ...). Losses
+     grad_accum micro-batches; each micro-batch is split across processes (rows rank, rank + world, ...), and a
+     process's sequences run as one forward pass, packed end to end without padding (forward_packed). Losses
      are sums divided by the count of the whole step (target tokens for sft, examples for dpo/unlearn), and
      gradients are summed across processes, so the update does not depend on grad_accum or on the number of
      processes. AdamW over the trainable parameters only, linear warm-up then cosine or linear decay to 0. The
