@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minisafe.fastpath import fast_inference
-from minisafe.model import Transformer
+from minisafe.generate import shared_prefix
+from minisafe.model import Packed, Transformer
 from minisafe.tokenizer import Tokenizer
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -85,9 +86,10 @@ def response_nlls(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[st
     """Per response, in the order given: the summed negative log-likelihood (nats) of its tokens (+ EOS) given its
     prompt, and their count (a perplexity's interval resamples these pairs).
 
-    Batched with left padding; batches group examples of similar length, and hold at most batch_size examples and
-    LOGITS_BUDGET logits' worth of tokens (a 262k-word vocabulary makes [B, T, V] float32 logits gigabytes at an
-    ordinary batch size); the head runs at the response positions only.
+    Batches group examples of similar length, and hold at most batch_size examples and LOGITS_BUDGET logits' worth
+    of tokens (a 262k-word vocabulary makes [B, T, V] float32 logits gigabytes at an ordinary batch size); a batch
+    runs packed end to end, the leading tokens its prompts share laid down once (model.Packed), and the head runs
+    at the response positions only.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -100,16 +102,15 @@ def response_nlls(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[st
         batches = length_batches(widths, batch_size, LOGITS_BUDGET // model.config.vocab_size)
         for rows in tqdm(batches, desc="perplexity", disable=not progress):
             batch = [examples[order[i]] for i in rows]
-            input_ids, mask = tokenizer.pad_left([p + r for p, r in batch])
-            input_ids = input_ids.to(device)
-            hidden = model(input_ids, mask.to(device), skip_head=True)
-            # Left padding: a row's response is its last n tokens (none for an empty response and a tokenizer
-            # without EOS), each predicted from the position before it; logits are made at those positions only.
-            scored = torch.zeros_like(input_ids, dtype=torch.bool)
-            for row, (_, response) in enumerate(batch):
-                scored[row, scored.shape[1] - len(response):] = True
-            logits = model.logits(hidden[:, :-1][scored[:, 1:]])
-            nll = F.cross_entropy(logits, input_ids[scored], reduction="none").double()
+            prefix = len(shared_prefix([p for p, _ in batch]))  # each prompt keeps a token of its own
+            packed = Packed([p + r for p, r in batch], prefix, device)
+            hidden = model(packed.tokens, skip_head=True, packed=packed)
+            # A response is the last n tokens of its sequence's stretch of the packed row (none for an empty response
+            # and a tokenizer without EOS), each predicted from the position before it, a token of the same sequence.
+            ends = (torch.tensor([len(p) + len(r) - prefix for p, r in batch]).cumsum(0) + prefix).tolist()
+            scored = torch.cat([torch.arange(end - len(r), end) for end, (_, r) in zip(ends, batch)]).to(device)
+            logits = model.logits(hidden[0, scored - 1])
+            nll = F.cross_entropy(logits, packed.tokens[0, scored], reduction="none").double()
             for i, row_nll in zip(rows, nll.split([len(response) for _, response in batch])):
                 scores[order[i]] = (float(row_nll.sum()), len(row_nll))
     return scores
