@@ -392,11 +392,11 @@ def forward_packed(model: nn.Module, sequences: list[tuple[list[int], list[int]]
     first sequence's). The output layer runs inside the loss, at labelled positions only (objectives.token_nll).
 
     No padding reaches the linears, and a batch is one forward pass (several passes of similar lengths would pad
-    less, but a matmul of fewer rows runs further from the CPU's peak). A sequence's first own token gets no label:
-    the position before it belongs to another sequence (it is a prompt token, with no label, all the same)."""
+    less, but a matmul of fewer rows runs further from the CPU's peak). A sequence's first own token gets no label,
+    as the packed position before it is another sequence's; common_prefix keeps every target after it."""
     prefix = common_prefix(sequences)
     packed = Packed([ids for ids, _ in sequences], prefix, device)
-    labels = [IGNORE] * prefix + [label for _, own in sequences for label in [IGNORE] + own[prefix + 1:]]
+    labels = [IGNORE] * prefix + [label for _, targets in sequences for label in [IGNORE] + targets[prefix + 1:]]
     rows = [0] * prefix + [row for row, (ids, _) in enumerate(sequences) for _ in range(len(ids) - prefix)]
     hidden = model(packed.tokens, skip_head=True, packed=packed)
     return hidden, torch.tensor([labels], device=device), torch.tensor(rows, device=device)
