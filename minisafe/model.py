@@ -356,13 +356,13 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if cfg.scale_embeddings:  # Gemma; the factor is rounded to the activation dtype, as in transformers
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
-        slots = cache.slots(length) if cache is not None else length
-        seen = packed.width if packed is not None else length  # the length attention sees: the rows' when packed
+        seen = packed.width if packed is not None else length  # the queries attention sees: a row's when packed
+        slots = cache.slots(length) if cache is not None else seen
         rope, masks = {}, {}
         for kind in set(cfg.layer_types):
             rope[kind] = self.rope(kind, positions, x.dtype)
             window = cfg.sliding_window if kind == SLIDING else None
-            masks[kind] = attention_mask_4d(attention_mask, past, seen, slots if packed is None else seen, window)
+            masks[kind] = attention_mask_4d(attention_mask, past, seen, slots, window)
 
         hidden = []
         for layer, kind in zip(self.model.layers, cfg.layer_types):

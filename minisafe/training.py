@@ -59,6 +59,7 @@ from minisafe.fastpath import fast_training
 from minisafe.freeze import (SCOPES, FreezeSpec, apply_freeze, bias_name, freeze_rows, freeze_table, neuron_count,
                              random_neurons, read_layer_spec)
 from minisafe.io import atomic_directory, atomic_write_json, content_hash, read_json, run_record
+from minisafe.generate import shared_prefix
 from minisafe.metrics import response_ids
 from minisafe.model import Packed, Transformer
 from minisafe.objectives import IGNORE, OBJECTIVES, Head, pair_loss_sum, pair_statistic, sequence_logps, sft_loss_sum
@@ -403,11 +404,10 @@ def forward_packed(model: nn.Module, sequences: list[tuple[list[int], list[int]]
 
 
 def common_prefix(sequences: list[tuple[list[int], list[int]]]) -> int:
-    """How many leading tokens every sequence has in common, all before the position of the first target of any:
-    position t predicts the token at t + 1, so the prediction of a target must stay in the sequence's own tokens."""
-    first = sequences[0][0]
-    same = next((t for t, token in enumerate(first) if any(len(ids) <= t or ids[t] != token for ids, _ in sequences)),
-                len(first))
+    """How many leading tokens every sequence has in common (generate.shared_prefix: each keeps one of its own), all
+    before the position of the first target of any: position t predicts the token at t + 1, so the prediction of a
+    target must stay in the sequence's own tokens."""
+    same = len(shared_prefix([ids for ids, _ in sequences]))
     target = min(next((t for t in range(1, len(labels)) if labels[t] != IGNORE), len(labels))
                  for _, labels in sequences)
     return max(min(same, target - 1), 0)

@@ -125,7 +125,6 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device: t
     return input_ids.to(device), labels.to(device)
 
 
-
 def alternate(steps: dict[str, Step], workload: list, warm_up: int = 1) -> dict[str, list[float]]:
     """Seconds of every step of each contender, the contenders stepping in turn on each batch."""
     for batch in workload[:warm_up]:
