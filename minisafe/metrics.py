@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minisafe.fastpath import fast_inference
-from minisafe.generate import shared_prefix
 from minisafe.model import Packed, Transformer
 from minisafe.tokenizer import Tokenizer
 
@@ -102,15 +101,14 @@ def response_nlls(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[st
         batches = length_batches(widths, batch_size, LOGITS_BUDGET // model.config.vocab_size)
         for rows in tqdm(batches, desc="perplexity", disable=not progress):
             batch = [examples[order[i]] for i in rows]
-            prefix = len(shared_prefix([p for p, _ in batch]))  # each prompt keeps a token of its own
-            packed = Packed([p + r for p, r in batch], prefix, device)
+            packed = Packed([p + r for p, r in batch], [len(p) for p, _ in batch], device)
             hidden = model(packed.tokens, skip_head=True, packed=packed)
-            # A response is the last n tokens of its sequence's stretch of the packed row (none for an empty response
-            # and a tokenizer without EOS), each predicted from the position before it, a token of the same sequence.
-            ends = (torch.tensor([len(p) + len(r) - prefix for p, r in batch]).cumsum(0) + prefix).tolist()
-            scored = torch.cat([torch.arange(end - len(r), end) for end, (_, r) in zip(ends, batch)]).to(device)
-            logits = model.logits(hidden[0, scored - 1])
-            nll = F.cross_entropy(logits, packed.tokens[0, scored], reduction="none").double()
+            # A response's tokens are predicted from the positions before them, wherever the packed row holds those
+            # (none for an empty response and a tokenizer without EOS).
+            before = torch.cat([packed.slots[row, len(p) - 1:len(p) + len(r) - 1] for row, (p, r) in enumerate(batch)])
+            targets = torch.tensor([token for _, r in batch for token in r], device=device)
+            logits = model.logits(hidden[0, before])
+            nll = F.cross_entropy(logits, targets, reduction="none").double()
             for i, row_nll in zip(rows, nll.split([len(response) for _, response in batch])):
                 scores[order[i]] = (float(row_nll.sum()), len(row_nll))
     return scores

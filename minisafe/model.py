@@ -124,31 +124,44 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
 class Packed:
     """Sequences laid end to end in one row of tokens, for training without padding: the linears and norms see every
     real token once, and attention sees the sequences apart, as rows right-padded to the longest (under causal
-    attention a real token never reads the padding after it). A prefix every sequence starts with (a chat template's
-    system turn) may be laid down once, first: each row reads it as its own.
+    attention a real token never reads the padding after it).
 
-    tokens [1, N] holds the prefix, then each sequence's tokens after it; positions [1, N] count within a sequence."""
+    Leading tokens a sequence has in common with an earlier one (a chat template's system turn, a preference pair's
+    prompt) are laid down once, by the first, and read by the others as their own: a token's keys and values depend
+    only on it and the tokens before it. shareable[i] caps how many of sequence i's leading tokens may be taken from
+    or left to another sequence (a position whose output one sequence trains on must stay its own).
 
-    def __init__(self, sequences: list[list[int]], prefix: int, device: torch.device | str):
-        own = [ids[prefix:] for ids in sequences]
-        lengths = torch.tensor([len(ids) for ids in sequences])
-        self.rows, self.width = len(sequences), int(lengths.max())
-        self.tokens = torch.tensor([sequences[0][:prefix] + [t for ids in own for t in ids]], device=device)
-        self.positions = torch.cat([torch.arange(prefix)] + [torch.arange(prefix, len(ids)) for ids in sequences])
-        self.positions = self.positions[None].to(device)
-        t = torch.arange(self.width)
-        real = t < lengths[:, None]  # [B, width]
-        # slots[r * width + t]: the packed token at row r, position t; a padding slot holds the first token (its key
-        # is read by no real token: causal attention reads earlier slots only)
-        starts = prefix + (lengths - prefix).cumsum(0) - (lengths - prefix)
-        self.slots = torch.where(real, torch.where(t < prefix, t, starts[:, None] + t - prefix), 0).flatten().to(device)
-        # tokens_at[j]: the slot packed token j comes back from, in packed order (the prefix's: row 0's)
-        back = real & ((t >= prefix) | (torch.arange(self.rows)[:, None] == 0))
-        self.tokens_at = back.flatten().nonzero().squeeze(1).to(device)
+    tokens [1, N] and positions [1, N] (counted within a sequence); slots [B, width], the packed token at each row's
+    position (a padding slot holds token 0, read by no real token: causal attention reads earlier slots only); a
+    sequence's tokens after the first it lays down itself follow one another in the packed row."""
+
+    def __init__(self, sequences: list[list[int]], shareable: list[int], device: torch.device | str):
+        self.rows, self.width = len(sequences), max(len(ids) for ids in sequences)
+        tokens: list[int] = []
+        positions: list[int] = []
+        back: list[int] = []  # the slot each packed token comes back from: its first sequence's
+        slots = [[0] * self.width for _ in sequences]
+        laid: dict[tuple[int, int], int] = {}  # (packed token before, or -1; token) -> packed token, for sharing
+        for row, (ids, cap) in enumerate(zip(sequences, shareable)):
+            before = -1
+            for t, token in enumerate(ids):
+                at = laid.get((before, token), -1) if t < cap else -1
+                if at < 0:
+                    at = len(tokens)
+                    tokens.append(token)
+                    positions.append(t)
+                    back.append(row * self.width + t)
+                    if t < cap:
+                        laid[(before, token)] = at
+                slots[row][t] = before = at
+        self.tokens = torch.tensor([tokens], device=device)
+        self.positions = torch.tensor([positions], device=device)
+        self.slots = torch.tensor(slots, device=device)
+        self.tokens_at = torch.tensor(back, device=device)
 
     def unpack(self, t: Tensor) -> Tensor:
         """[1, H, N, d] to the rows [B, H, width, d]."""
-        return t[0].index_select(1, self.slots).unflatten(1, (self.rows, self.width)).transpose(0, 1)
+        return t[0].index_select(1, self.slots.flatten()).unflatten(1, (self.rows, self.width)).transpose(0, 1)
 
     def pack(self, y: Tensor) -> Tensor:
         """The rows [B, H, width, d] back to [1, H, N, d]."""

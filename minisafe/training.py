@@ -59,7 +59,6 @@ from minisafe.fastpath import fast_training
 from minisafe.freeze import (SCOPES, FreezeSpec, apply_freeze, bias_name, freeze_rows, freeze_table, neuron_count,
                              random_neurons, read_layer_spec)
 from minisafe.io import atomic_directory, atomic_write_json, content_hash, read_json, run_record
-from minisafe.generate import shared_prefix
 from minisafe.metrics import response_ids
 from minisafe.model import Packed, Transformer
 from minisafe.objectives import IGNORE, OBJECTIVES, Head, pair_loss_sum, pair_statistic, sequence_logps, sft_loss_sum
@@ -388,29 +387,27 @@ def micro_loss(model: nn.Module, examples: list[Example], indices: list[int], cf
 
 def forward_packed(model: nn.Module, sequences: list[tuple[list[int], list[int]]], device: torch.device
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """The last hidden states [1, N, D] of sequences laid end to end, with the tokens they all start with laid down
-    once (model.Packed, common_prefix), their labels [1, N] and the sequence of each position [N] (the prefix's: the
-    first sequence's). The output layer runs inside the loss, at labelled positions only (objectives.token_nll).
+    """The last hidden states [1, N, D] of sequences laid end to end, the leading tokens they share laid down once
+    (model.Packed, shareable_tokens), their labels [1, N] and the sequence of each position [N] (a shared token's:
+    the first sequence's). The output layer runs inside the loss, at labelled positions only (objectives.token_nll).
 
     No padding reaches the linears, and a batch is one forward pass (several passes of similar lengths would pad
-    less, but a matmul of fewer rows runs further from the CPU's peak). A sequence's first own token gets no label,
-    as the packed position before it is another sequence's; common_prefix keeps every target after it."""
-    prefix = common_prefix(sequences)
-    packed = Packed([ids for ids, _ in sequences], prefix, device)
-    labels = [IGNORE] * prefix + [label for _, targets in sequences for label in [IGNORE] + targets[prefix + 1:]]
-    rows = [0] * prefix + [row for row, (ids, _) in enumerate(sequences) for _ in range(len(ids) - prefix)]
+    less, but a matmul of fewer rows runs further from the CPU's peak). A position predicts the packed token after
+    it: wherever that token is a target, it is the next token of the same sequence, since shareable_tokens keeps a
+    target and the token before it its sequence's own, and a sequence's own tokens follow one another."""
+    packed = Packed([ids for ids, _ in sequences], [shareable_tokens(labels) for _, labels in sequences], device)
+    # the rows' labels, right-padded; a first token is never a target (no position before it predicts it)
+    rows = [[IGNORE] + labels[1:] + [IGNORE] * (packed.width - len(labels)) for _, labels in sequences]
+    labels = torch.tensor(rows, device=device).flatten()[packed.tokens_at]
     hidden = model(packed.tokens, skip_head=True, packed=packed)
-    return hidden, torch.tensor([labels], device=device), torch.tensor(rows, device=device)
+    return hidden, labels[None], packed.tokens_at // packed.width
 
 
-def common_prefix(sequences: list[tuple[list[int], list[int]]]) -> int:
-    """How many leading tokens every sequence has in common (generate.shared_prefix: each keeps one of its own), all
-    before the position of the first target of any: position t predicts the token at t + 1, so the prediction of a
-    target must stay in the sequence's own tokens."""
-    same = len(shared_prefix([ids for ids, _ in sequences]))
-    target = min(next((t for t in range(1, len(labels)) if labels[t] != IGNORE), len(labels))
-                 for _, labels in sequences)
-    return max(min(same, target - 1), 0)
+def shareable_tokens(labels: list[int]) -> int:
+    """How many leading tokens of a sequence may be shared with others (model.Packed): those before the position that
+    predicts its first target (position t predicts the token at t + 1), and never its last token."""
+    first_target = next((t for t in range(1, len(labels)) if labels[t] != IGNORE), len(labels))
+    return first_target - 1
 
 
 def output_layer(model: nn.Module) -> Head:

@@ -388,25 +388,41 @@ def test_logits_at_labelled_positions_only_give_the_loss_and_gradients_of_full_l
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_common_prefix_stops_at_the_first_differing_token_and_before_the_first_target():
-    from minisafe.training import common_prefix
+def test_a_sequence_shares_its_leading_tokens_up_to_the_one_that_predicts_its_first_target():
+    from minisafe.training import shareable_tokens
 
-    unlabelled = lambda ids: (ids, [IGNORE] * len(ids))  # noqa: E731
-    assert common_prefix([unlabelled([1, 2, 3, 4, 5, 6]), unlabelled([1, 2, 3, 4, 7])]) == 4
-    assert common_prefix([unlabelled([1, 2, 3, 4, 5, 6]), ([1, 2, 3, 4, 7], [IGNORE] * 3 + [4, 7])]) == 2
-    assert common_prefix([unlabelled([1, 2, 3]), unlabelled([1, 2, 3])]) == 2  # each keeps a token of its own
-    assert common_prefix([unlabelled([1, 2]), unlabelled([2, 2])]) == 0
-    assert common_prefix([([5, 6, 7], [5, 6, 7])]) == 0  # a target at 1 (the prompt trained on)
+    assert shareable_tokens([IGNORE] * 3) == 2  # no target: all but its last token
+    assert shareable_tokens([IGNORE] * 3 + [4, 7]) == 2  # position 2 predicts the first target
+    assert shareable_tokens([5, 6, 7]) == 0  # the prompt trained on: a target at 1
+
+
+def test_packed_lays_each_shared_leading_token_down_once_and_reads_every_row_whole():
+    from minisafe.model import Packed
+
+    sequences = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9], [1, 2, 3, 4, 6]]
+    packed = Packed(sequences, [3, 3, 3, 3], "cpu")
+    # row 1 takes 1 2 3 from row 0; row 2 takes 1 2 and lays 9; row 3 takes 1 2 3 but not 4 (position 3 is its own)
+    assert packed.tokens.tolist() == [[1, 2, 3, 4, 5, 9, 4, 6]]
+    assert packed.positions.tolist() == [[0, 1, 2, 3, 3, 2, 3, 4]]
+    assert packed.slots.tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 4, 0], [0, 1, 5, 0, 0], [0, 1, 2, 6, 7]]
+    rows = packed.tokens[0][packed.slots]
+    for ids, row in zip(sequences, rows.tolist()):
+        assert row[:len(ids)] == ids
+    assert packed.tokens_at.tolist() == [0, 1, 2, 3, 8, 12, 18, 19]  # each token back from its first row
+    x = torch.randn(1, 2, 8, 3)
+    torch.testing.assert_close(packed.pack(packed.unpack(x)), x, rtol=0, atol=0)
+    assert Packed(sequences, [0, 0, 0, 0], "cpu").tokens.shape[1] == sum(map(len, sequences))
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "unlearn"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
 def test_packed_sequences_give_the_loss_and_gradients_of_the_padded_batch(tmp_path, objective, family):
-    """A micro-batch runs as one packed row (model.Packed), the tokens every sequence starts with laid down once;
-    in float32 its loss and every gradient are those of the sequences right-padded into a batch and run whole,
-    for sequences of different lengths, a frozen layer among trained ones, and pairs whose chosen and rejected
-    sequences differ in length."""
+    """A micro-batch runs as one packed row (model.Packed), the leading tokens sequences share laid down once (the
+    system turn; a pair's prompt); in float32 its loss and every gradient are those of the sequences right-padded into
+    a batch and run whole, for sequences of different lengths, a frozen layer among trained ones, and pairs whose
+    chosen and rejected answers differ in length."""
     from minisafe import training
+    from minisafe.model import Packed
     from minisafe.objectives import pair_loss_sum, pair_statistic
 
     save_tiny(tmp_path, family)
@@ -414,16 +430,23 @@ def test_packed_sequences_give_the_loss_and_gradients_of_the_padded_batch(tmp_pa
     for p in model.layers[1].parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    system = torch.randint(3, model.config.vocab_size, (6,), generator=g).tolist()
+    tokens = lambda n: torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    system = tokens(6)
 
-    def sequence(length: int) -> tuple[list[int], list[int]]:
-        ids = system + torch.randint(3, model.config.vocab_size, (length,), generator=g).tolist()
-        return ids, [IGNORE] * (len(system) + 2) + ids[len(system) + 2:]
+    def example(n: int) -> tuple[tuple[list[int], list[int]], ...]:
+        prompt = system + tokens(3)
+        sequence = lambda ids: (ids, [IGNORE] * len(prompt) + ids[len(prompt):])  # noqa: E731
+        return (sequence(prompt + tokens(n)),) if objective == "sft" else \
+            (sequence(prompt + tokens(n)), sequence(prompt + tokens(14 - n)))
 
-    examples = [(sequence(n),) if objective == "sft" else (sequence(n), sequence(14 - n)) for n in (5, 9, 7)]
+    examples = [example(n) for n in (5, 9, 7)]
     reference = torch.randn(3, 2, generator=g)
     cfg = TrainConfig(model="", data="", out="", objective=objective)
-    assert training.common_prefix([s for ex in examples for s in ex]) == 6
+    # laid down once: the system turn; and a pair's prompt but its last token, which predicts each answer's first
+    sequences = [s for ex in examples for s in ex]
+    packed = Packed([ids for ids, _ in sequences], [training.shareable_tokens(l) for _, l in sequences], "cpu")
+    shared = 6 * (len(sequences) - 1) + (0 if objective == "sft" else 2 * len(examples))
+    assert packed.tokens.shape[1] == sum(len(ids) for ids, _ in sequences) - shared
 
     def padded_loss() -> torch.Tensor:
         sequences = [ex[k] for k in range(len(examples[0])) for ex in examples]
