@@ -274,10 +274,10 @@ def train_apart(cfg: TrainConfig) -> dict:
     """train(cfg) in fresh Python processes, SAVE_EVERY steps each, resuming from the checkpoint the last one saved
     (bit-identical to one run, as every resume); the last summary, or an exception.
 
-    A training step ran measurably slower the longer its process had trained. One cause, oneDNN's kernel cache, is
-    widened in minisafe/__init__.py; whether restarts still pay since has not been measured, so a fine-tune still
-    starts clean and starts again at every checkpoint. Ctrl-C reaches both processes: the
-    child saves its checkpoint and returns 'interrupted' before this one goes on."""
+    A training step runs measurably slower the longer its process has trained, even with oneDNN's kernel cache
+    widened (minisafe/__init__.py): steps 101-200 of the alignment SFT ran slower in the process that had run steps
+    1-100 than in a fresh one resumed from its checkpoint, by more than the restart costs. Ctrl-C reaches both
+    processes: the child saves its checkpoint and returns 'interrupted' before this one goes on."""
     limit = cfg.max_steps  # the caller's own stop, if any
     while True:
         done = read_json(Path(cfg.out) / "checkpoint" / "state.json")["step"] if cfg.resume else 0
