@@ -106,7 +106,7 @@ def response_nlls(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[st
             # A response's tokens are predicted from the positions before them, wherever the packed row holds those
             # (none for an empty response and a tokenizer without EOS).
             before = torch.cat([packed.slots[row, len(p) - 1:len(p) + len(r) - 1] for row, (p, r) in enumerate(batch)])
-            targets = torch.tensor([token for _, r in batch for token in r], device=device)
+            targets = torch.tensor([token for _, r in batch for token in r], dtype=torch.long, device=device)
             logits = model.logits(hidden[0, before])
             nll = F.cross_entropy(logits, targets, reduction="none").double()
             for i, row_nll in zip(rows, nll.split([len(response) for _, response in batch])):

@@ -94,6 +94,14 @@ def test_each_responses_nll_is_its_own_teacher_forced_sum_in_the_order_given(tin
     assert len({count for _, count in scores}) == len(scores)  # distinct lengths: a mixed-up order would show
 
 
+def test_responses_to_one_prompt_share_it_in_the_packed_row_and_score_as_alone(tiny):
+    model, tok = tiny
+    prompts, responses = [PROMPTS[0]] * 3, RESPONSES  # the whole prompt laid down once, read by three responses
+    for (nll, count), response in zip(response_nlls(model, tok, prompts, responses, "chat", 3, False), responses):
+        alone, alone_count = response_nll(model, tok, [prompts[0]], [response], "chat", batch_size=1, progress=False)
+        assert count == alone_count and nll == pytest.approx(alone, rel=1e-5)
+
+
 def test_perplexity_counts_every_response_token_and_the_eos(tiny):
     model, tok = tiny
     _, count = response_nll(model, tok, PROMPTS, RESPONSES, "chat", batch_size=2, progress=False)
