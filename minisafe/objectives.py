@@ -93,6 +93,8 @@ def sequence_sums(values: Tensor, rows: Tensor | None = None) -> Tensor:
     of the token it predicts."""
     if rows is None:
         return values.sum(-1)
+    # The last token names the last sequence: every sequence lays down at least its own last token, since
+    # training.shareable_tokens never shares a position that predicts a target.
     return values.new_zeros(int(rows[-1]) + 1).index_add(0, rows[1:], values[0])
 
 

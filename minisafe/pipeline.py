@@ -265,32 +265,22 @@ def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epo
                       template="chat", save_every=SAVE_EVERY, snapshots=tuple(snapshots),
                       resume=(out / "checkpoint").is_dir(), progress=False,
                       command=["python", "-m", "minisafe.pipeline", "--profile", p.name])
-    summary = train_apart(cfg)
+    summary = train_in_child(cfg)
     if summary["stopped"] != "completed":  # Ctrl-C: the checkpoint is saved; the step must not count as done
         raise KeyboardInterrupt(f"{out}: training stopped at step {summary['step']}; rerun to continue")
 
 
-def train_apart(cfg: TrainConfig) -> dict:
-    """train(cfg) in fresh Python processes, SAVE_EVERY steps each, resuming from the checkpoint the last one saved
-    (bit-identical to one run, as every resume); the last summary, or an exception.
-
-    A training step runs measurably slower the longer its process has trained, even with oneDNN's kernel cache
-    widened (minisafe/__init__.py): steps 101-200 of the alignment SFT ran slower in the process that had run steps
-    1-100 than in a fresh one resumed from its checkpoint, by more than the restart costs. Ctrl-C reaches both
-    processes: the child saves its checkpoint and returns 'interrupted' before this one goes on."""
-    limit = cfg.max_steps  # the caller's own stop, if any
-    while True:
-        done = read_json(Path(cfg.out) / "checkpoint" / "state.json")["step"] if cfg.resume else 0
-        stop = done + SAVE_EVERY if limit is None else min(done + SAVE_EVERY, limit)
-        summary = train_in_child(replace(cfg, max_steps=stop))
-        if summary["stopped"] != "max_steps" or summary["step"] == limit:
-            return summary
-        cfg = replace(cfg, resume=True)
-
-
 def train_in_child(cfg: TrainConfig) -> dict:
-    """train(cfg) in a spawned Python process with this one's torch thread count."""
-    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+    """train(cfg) in a fresh Python process with this one's torch thread count, so that each fine-tune starts on a
+    fresh heap; Ctrl-C reaches both processes: the child saves its checkpoint and returns 'interrupted' before this
+    one goes on. The process is forked from a server that has imported this module (and so torch) once, so that no
+    fine-tune imports torch again; the server only imports, so a child starts with no threads, as a spawned one would.
+
+    One process trains the whole run: a process resumed from a checkpoint ran its steps no faster than the one that
+    had trained up to it, and its first step took several times a usual one, so restarting only costs time."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["minisafe.pipeline"])
+    with ProcessPoolExecutor(1, context, initializer=torch.set_num_threads,
                              initargs=(torch.get_num_threads(),)) as child:
         summary = child.submit(train, cfg)
         while True:

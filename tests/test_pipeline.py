@@ -218,7 +218,7 @@ def test_freeze_spec_of_each_method():
 
 
 def test_an_interrupted_fine_tune_is_not_recorded_as_a_finished_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "train_apart", lambda cfg: {"stopped": "interrupted", "step": 3})
+    monkeypatch.setattr(pipeline, "train_in_child", lambda cfg: {"stopped": "interrupted", "step": 3})
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_step("attack-x", tmp_path / "attack-x", {}, {"a": 1},
                           lambda o: pipeline.fine_tune("model", tmp_path / "d.jsonl", o, TINY, 1, 1e-3, None),
@@ -226,29 +226,21 @@ def test_an_interrupted_fine_tune_is_not_recorded_as_a_finished_step(tmp_path, m
     assert not (tmp_path / "attack-x" / "step.json").exists()
 
 
-def test_a_fine_tune_in_fresh_processes_every_save_every_steps_ends_as_one_run(tmp_path, monkeypatch):
+def test_a_fine_tune_in_a_child_process_ends_as_in_this_one(tmp_path):
     from safetensors.torch import load_file
 
     from minisafe.training import TrainConfig, train
     from train_inputs import write_inputs
 
-    root = write_inputs(tmp_path, n_rows=14)  # 7 steps of 2 rows: children of 3, 3 and 1 steps
-    cfg = TrainConfig(model=str(root / "model"), data=str(root / "data.jsonl"), out=str(tmp_path / "whole"),
+    root = write_inputs(tmp_path, n_rows=14)
+    cfg = TrainConfig(model=str(root / "model"), data=str(root / "data.jsonl"), out=str(tmp_path / "here"),
                       epochs=1, batch_size=2, warmup_steps=1, lr=1e-3, dtype="bfloat16", progress=False, save_every=3)
     train(cfg)
-    stops = []
-    child = pipeline.train_in_child
-    monkeypatch.setattr(pipeline, "SAVE_EVERY", 3)
-    monkeypatch.setattr(pipeline, "train_in_child", lambda c: stops.append(child(c)) or stops[-1])
-    summary = pipeline.train_apart(replace(cfg, out=str(tmp_path / "apart")))
-    assert [(s["stopped"], s["step"]) for s in stops] == [("max_steps", 3), ("max_steps", 6), ("completed", 7)]
-    assert summary is stops[-1]
-    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "apart" / "model.safetensors")
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert not (tmp_path / "apart" / "checkpoint").exists()
-    stops.clear()  # a caller's own --max-steps is where the children stop, not the next SAVE_EVERY boundary
-    pipeline.train_apart(replace(cfg, out=str(tmp_path / "limited"), max_steps=4))
-    assert [(s["stopped"], s["step"]) for s in stops] == [("max_steps", 3), ("max_steps", 4)]
+    summary = pipeline.train_in_child(replace(cfg, out=str(tmp_path / "child")))
+    assert (summary["stopped"], summary["step"]) == ("completed", 7)
+    a, b = load_file(tmp_path / "here" / "model.safetensors"), load_file(tmp_path / "child" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert not (tmp_path / "child" / "checkpoint").exists()
 
 
 def test_alignment_only_stops_after_the_aligned_models_evaluation_and_reports_its_table(run, tmp_path):
