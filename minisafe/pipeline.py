@@ -276,10 +276,10 @@ def train_in_child(cfg: TrainConfig) -> dict:
     one goes on. The process is forked from a server that has imported this module (and so torch) once, so that no
     fine-tune imports torch again; the server only imports, so a child starts with no threads, as a spawned one would.
 
-    One process trains the whole run. Its steps do slow down as it ages (glibc malloc tunables, THP and oneDNN's
-    kernel cache did not change that), and a process resumed from a checkpoint starts fast again; but a restart
-    costs about as much as it saves (setup, the checkpoint read back, a slow first step), and the alignment
-    fine-tune took as long restarted every SAVE_EVERY steps as in one process, so the simpler way stays."""
+    One process trains the whole run. Its steps slow down as it ages: oneDNN's widened kernel cache
+    (minisafe/__init__.py) does not prevent that, nor did glibc malloc tunables or THP. A process resumed from a
+    checkpoint starts fast again, but a restart costs about as much as it saves (setup, the checkpoint read back, a
+    slow first step): the alignment fine-tune took as long restarted every SAVE_EVERY steps as in one process."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["minisafe.pipeline"])
     with ProcessPoolExecutor(1, context, initializer=torch.set_num_threads,
