@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from minisafe import builders, data
 from minisafe.checkpoint import load
 from minisafe.generate import generate
@@ -126,8 +128,11 @@ def complete_sentences(text: str) -> str:
 
 
 # Prompts decoded together: a wide batch keeps the CPU's matmuls nearer their peak. The rows beside a row change its
-# float32 logits by rounding at most, too little to move its greedy answer in practice.
+# logits by rounding at most, which may move a greedy answer where two tokens are nearly tied.
 ANSWER_BATCH = 128
+# The dtype the model answers in: bfloat16, as the pipeline evaluates and trains, decodes about twice as fast as
+# float32 on the CPU; another rounding gives other answers, so the answer cache and the steps' settings record it.
+ANSWER_DTYPE = "bfloat16"
 
 
 def greedy_answerer(model_dir: str | Path) -> Callable[[list[str], int], list[str]]:
@@ -136,18 +141,23 @@ def greedy_answerer(model_dir: str | Path) -> Callable[[list[str], int], list[st
 
     def answer(prompts: list[str], max_new_tokens: int) -> list[str]:
         if not loaded:
-            loaded.extend(load(model_dir))
+            loaded.extend(load(model_dir, dtype=getattr(torch, ANSWER_DTYPE)))
         model, tok = loaded
         return [t.strip() for t in generate(model, tok, [tok.prompt_ids(q) for q in prompts], max_new_tokens,
                                             ANSWER_BATCH).texts]
     return answer
 
 
+def answers_key(model_dir: str | Path, tokens: int) -> str:
+    """What an answer in the cache was made by: the model's content hash, greedy decoding, its dtype, its tokens."""
+    return f"{content_hash(model_dir)}:greedy:{ANSWER_DTYPE}:{tokens}"
+
+
 def own_answerer(model_dir: str | Path, tokens: int, cache: Path) -> Callable[[list[str]], list[str]]:
     """own(prompts): the unaligned model's greedy answers, each cut to its last full sentence; cached by model hash
     (hashed once, the model loaded at most once, whatever the number of calls)."""
     answer = greedy_answerer(model_dir)
-    key = f"{content_hash(model_dir)}:greedy:{tokens}"
+    key = answers_key(model_dir, tokens)
 
     def own(prompts: list[str]) -> list[str]:
         raw = builders.cached_responses(prompts, lambda missing: answer(missing, tokens), cache, key)

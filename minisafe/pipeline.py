@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from minisafe import builders, data
-from minisafe.alignment import Recipe, alignment_data, greedy_answerer
+from minisafe.alignment import ANSWER_DTYPE, Recipe, alignment_data, answers_key, greedy_answerer
 from minisafe.cli import non_negative_int, option, parse_config, script
 from minisafe.errors import ConfigError
 from minisafe.evaluation import RESULTS_FORMAT, EvalConfig, run_eval
@@ -133,8 +133,9 @@ STEP_FIELDS = {
 STEP_FIELDS["rates"] = STEP_FIELDS["eval"]
 
 
-# The output format a step's later readers need, where the code sets it: a step made in an older one reruns.
-STEP_FORMATS = {"eval": {"results_format": RESULTS_FORMAT}}
+# What the code decides about a step's output (a format later readers need, the dtype answers are made in): a step
+# made by code that decided otherwise reruns.
+STEP_FORMATS = {"eval": {"results_format": RESULTS_FORMAT}, "harmful_data": {"answer_dtype": ANSWER_DTYPE}}
 
 
 def step_settings(p: Profile, step: str, **extra: Any) -> dict[str, Any]:
@@ -207,7 +208,7 @@ def harmful_answers(model_dir: str, sets: Path, p: Profile, out: Path) -> None:
     malicious = data.read_jsonl(sets / "align_harmbench.jsonl")
     answer = greedy_answerer(model_dir)
     rows = builders.harmful_mix(normal, malicious, p.harmful_p, lambda prompts: answer(prompts, 128),
-                                out / "answers_cache.jsonl", content_hash(model_dir), seed=p.seed)
+                                out / "answers_cache.jsonl", answers_key(model_dir, 128), seed=p.seed)
     builders.write_dataset(out / "attack_harmful.jsonl", rows, builder="harmful_mix", seed=p.seed,
                            sources=[sets / "attack_normal.jsonl", sets / "align_harmbench.jsonl"],
                            params={"p": p.harmful_p})
@@ -231,7 +232,8 @@ def align_steps(recipe: Recipe, model_dir: Path, sets: Path, out: Path, p: Profi
     """Alignment data, SFT and the optional DPO stage as resumable steps under out/; returns the aligned model.
     look_only: run nothing (NotFinished unless every step is up to date; see run_step)."""
     steps = {}
-    settings = {**recipe.settings(), "seed": p.seed, "batch_size": p.batch_size, "max_len": p.max_len}
+    settings = {**recipe.settings(), "seed": p.seed, "batch_size": p.batch_size, "max_len": p.max_len,
+                "answer_dtype": ANSWER_DTYPE}
     made = out / "align_data"
     inputs = {"model": model_dir, "sets": sets, "refusals": data.PROMPTS_DIR / "refusals.txt"}
     work = lambda run: None if look_only else run  # noqa: E731
@@ -265,21 +267,39 @@ def fine_tune(model_dir: str | Path, data_file: Path, out: Path, p: Profile, epo
                       template="chat", save_every=SAVE_EVERY, snapshots=tuple(snapshots),
                       resume=(out / "checkpoint").is_dir(), progress=False,
                       command=["python", "-m", "minisafe.pipeline", "--profile", p.name])
-    summary = train_in_child(cfg)
+    summary = train_in_segments(cfg)
     if summary["stopped"] != "completed":  # Ctrl-C: the checkpoint is saved; the step must not count as done
         raise KeyboardInterrupt(f"{out}: training stopped at step {summary['step']}; rerun to continue")
+
+
+# Steps a fine-tune's process trains before a fresh one resumes from its checkpoint (see train_in_segments).
+SEGMENT = 200
+
+
+def train_in_segments(cfg: TrainConfig) -> dict:
+    """train(cfg) in child processes of SEGMENT steps each, each resuming from the checkpoint of the one before
+    (bit-identical to one run, as every resume); once the run's length is known, a segment that would leave at most
+    half a segment goes on to the end. Returns the last summary; one that did not stop at its segment's end
+    (completed, Ctrl-C) ends the run.
+
+    A process's steps slow down as it ages, more the longer it has trained, whatever oneDNN's kernel cache holds
+    (minisafe/__init__.py), while a process resumed from a checkpoint starts fast again. A restart costs setup, the
+    checkpoint read back and a slow first step: restarting every SAVE_EVERY steps cost as much as it saved, so a
+    run restarts only after the slowdown has grown larger than that."""
+    done = read_json(Path(cfg.out) / "checkpoint" / "state.json")["step"] if cfg.resume else 0
+    summary = train_in_child(replace(cfg, max_steps=done + SEGMENT))
+    while summary["stopped"] == "max_steps":
+        left = summary["total_steps"] - summary["step"]
+        stop = None if left <= SEGMENT * 3 // 2 else summary["step"] + SEGMENT
+        summary = train_in_child(replace(cfg, resume=True, max_steps=stop))
+    return summary
 
 
 def train_in_child(cfg: TrainConfig) -> dict:
     """train(cfg) in a fresh Python process with this one's torch thread count, so that each fine-tune starts on a
     fresh heap; Ctrl-C reaches both processes: the child saves its checkpoint and returns 'interrupted' before this
     one goes on. The process is forked from a server that has imported this module (and so torch) once, so that no
-    fine-tune imports torch again; the server only imports, so a child starts with no threads, as a spawned one would.
-
-    One process trains the whole run. Its steps slow down as it ages: oneDNN's widened kernel cache
-    (minisafe/__init__.py) does not prevent that, nor did glibc malloc tunables or THP. A process resumed from a
-    checkpoint starts fast again, but a restart costs about as much as it saves (setup, the checkpoint read back, a
-    slow first step): the alignment fine-tune took as long restarted every SAVE_EVERY steps as in one process."""
+    fine-tune imports torch again; the server only imports, so a child starts with no threads, as a spawned one would."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["minisafe.pipeline"])
     with ProcessPoolExecutor(1, context, initializer=torch.set_num_threads,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from minisafe.alignment import Recipe, alignment_data
+from minisafe.alignment import Recipe, alignment_data, answers_key
 from minisafe.errors import ConfigError
 from tiny import save_tiny
 
@@ -57,8 +57,7 @@ def test_a_pool_shorter_than_the_recipe_is_an_error_naming_it(inputs):
 
 
 def test_own_refusals_drop_leaves_out_the_prompts_the_model_refused_and_keep_teaches_them(inputs, tmp_path):
-    from minisafe.io import content_hash
-    key = f"{content_hash(inputs / 'model')}:greedy:4"
+    key = answers_key(inputs / "model", 4)
     answers = {"What is a good fact about bees?": "I'm sorry, but I can't help with that.",
                "What is a good fact about rope?": "Rope is made of fibres."}
     cache = tmp_path / "answers.jsonl"
@@ -93,7 +92,6 @@ def test_balanced_dpo_keeps_as_many_normal_pairs_as_malicious_ones_and_is_seeded
 def test_styled_prompts_are_refused_when_malicious_answered_when_benign_and_never_in_test_wording(inputs, tmp_path):
     from minisafe import builders, data
     from minisafe.alignment import pool_rows, styled_rows
-    from minisafe.io import content_hash
     recipe = Recipe(harmbench=2, dna=2, dna_other=0, normal=1, instructions=2, over_rejection=2, answer_tokens=4,
                     styled=0.5)
     sets = inputs / "sets"
@@ -102,7 +100,7 @@ def test_styled_prompts_are_refused_when_malicious_answered_when_benign_and_neve
                                                                                             "over_rejection"), 0.5, 0)
     refused, answered = benign[0]["prompt"], benign[1]["prompt"]
     cache = tmp_path / "answers.jsonl"  # the model's own answers to the two wrapped benign prompts: one a refusal
-    key = f"{content_hash(inputs / 'model')}:greedy:4"
+    key = answers_key(inputs / "model", 4)
     cache.write_text("".join(json.dumps({"model": key, "prompt": p, "response": r}) + "\n" for p, r in [
         (refused, "I'm sorry, but I can't help with that."), (answered, "Here is the colour, in verse.")]))
     made = alignment_data(sets, recipe, inputs / "model", cache, seed=0)

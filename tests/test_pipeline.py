@@ -243,6 +243,31 @@ def test_a_fine_tune_in_a_child_process_ends_as_in_this_one(tmp_path):
     assert not (tmp_path / "child" / "checkpoint").exists()
 
 
+@pytest.mark.parametrize("resumed_at, segments", [(None, [3, 6, None]), (4, [7, None])])
+def test_a_fine_tune_in_segments_restarts_every_segment_and_ends_as_one_run(tmp_path, monkeypatch, resumed_at,
+                                                                            segments):
+    from safetensors.torch import load_file
+
+    from minisafe.training import TrainConfig, train
+    from train_inputs import write_inputs
+
+    root = write_inputs(tmp_path, n_rows=18)  # 9 steps
+    cfg = TrainConfig(model=str(root / "model"), data=str(root / "data.jsonl"), out=str(tmp_path / "here"),
+                      epochs=1, batch_size=2, warmup_steps=1, lr=1e-3, dtype="bfloat16", progress=False, save_every=0)
+    train(cfg)
+    split = replace(cfg, out=str(tmp_path / "split"))
+    if resumed_at:  # an earlier pipeline run stopped here
+        train(replace(split, max_steps=resumed_at))
+        split = replace(split, resume=True)
+    stops, in_child = [], pipeline.train_in_child
+    monkeypatch.setattr(pipeline, "SEGMENT", 3)
+    monkeypatch.setattr(pipeline, "train_in_child", lambda c: stops.append(c.max_steps) or in_child(c))
+    summary = pipeline.train_in_segments(split)
+    assert (summary["stopped"], summary["step"], stops) == ("completed", 9, segments)
+    a, b = load_file(tmp_path / "here" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_alignment_only_stops_after_the_aligned_models_evaluation_and_reports_its_table(run, tmp_path):
     root, _, _ = run
     report = run_pipeline(TINY, tmp_path / "run", root / "model", root / "data", say=lambda _: None,
